@@ -1,0 +1,135 @@
+"""The `skinlesion` command: parse arguments, call one stage, print its summary.
+
+Stage modules are imported only when their subcommand runs, so `skinlesion synth --help` does not
+pay for importing torch. A `UserError` from any stage is printed as one line (no traceback) and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from skinlesion import __version__
+from skinlesion.errors import UserError
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from skinlesion.data.synthetic import generate
+
+    generate(args.dir, n_images=args.images, seed=args.seed)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from skinlesion.data.prepare import PrepareOptions, prepare
+
+    prepare(
+        PrepareOptions(
+            metadata=args.metadata,
+            images=tuple(args.images),
+            out=args.out,
+            samples_per_class=args.samples_per_class,
+            image_size=args.image_size,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            keep_incomplete=args.keep_incomplete,
+            on_bad_image=args.on_bad_image,
+            overwrite=args.overwrite,
+            samples_per_shard=args.samples_per_shard,
+            min_shards=args.min_shards,
+            workers=args.workers,
+        )
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from skinlesion.config import load_config
+    from skinlesion.train import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from skinlesion.evaluate import evaluate_command
+
+    return evaluate_command(args.checkpoint, args.shards, split=args.split, out=args.out, tta=args.tta)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from skinlesion.predict import predict_command
+
+    return predict_command(args.checkpoint, args.images, top_k=args.top_k, as_json=args.json, tta=args.tta)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinlesion",
+        description="Distributed training harness for dermoscopic skin-lesion classification (HAM10000).",
+    )
+    parser.add_argument("--version", action="version", version=f"skinlesion {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic HAM10000-style dataset (metadata CSV + JPEGs)")
+    p.add_argument("dir", type=Path, help="output folder")
+    p.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("prepare", help="metadata + image folders -> clean, split, balanced WebDataset shards")
+    p.add_argument("--metadata", type=Path, required=True, help="HAM10000_metadata.csv")
+    p.add_argument("--images", type=Path, action="append", required=True, help="image folder (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("shards"), help="output folder (default shards/)")
+    p.add_argument("--samples-per-class", type=int, default=None, help="resample each train class to N")
+    p.add_argument("--image-size", type=int, default=256, help="shorter side in px; 0 keeps original bytes")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-incomplete", action="store_true", help="keep rows with null age or 'unknown'")
+    p.add_argument("--on-bad-image", choices=("skip", "error"), default="skip")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.add_argument("--samples-per-shard", type=int, default=None, help="cap on samples per shard")
+    p.add_argument(
+        "--min-shards", type=int, default=32, help="least shards per split (ranks x workers; default 32)"
+    )
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train a classifier (also under accelerate launch / torchrun)")
+    p.add_argument("--config", type=Path, required=True, help="YAML recipe, e.g. configs/smoke.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="clinical metrics, predictions.csv and plots for a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.pt or best.pt")
+    p.add_argument("--shards", type=Path, required=True, help="folder written by `skinlesion prepare`")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the checkpoint)")
+    p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="diagnostic suggestions for images (decision support)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.pt or best.pt")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    p.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

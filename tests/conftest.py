@@ -1,0 +1,51 @@
+"""Shared fixtures: one small synthetic HAM10000-style dataset and its shards per test session.
+
+Building them once keeps the suite fast; tests that change data make their own copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SAMPLE = REPO.parent / "shared" / "data" / "ham10000-sample"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic dataset: HAM10000_metadata.csv + HAM10000_images_part_{1,2}/ (400 images)."""
+    from skinlesion.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate(out, n_images=400, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of `synthetic_dir` at 48 px (shorter side), train balanced to 40 per class, 4+ shards a split."""
+    from skinlesion.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    prepare(
+        PrepareOptions(
+            metadata=synthetic_dir / "HAM10000_metadata.csv",
+            images=(synthetic_dir / "HAM10000_images_part_1", synthetic_dir / "HAM10000_images_part_2"),
+            out=out,
+            samples_per_class=40,
+            image_size=48,
+            min_shards=4,
+            seed=0,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_sample() -> Path:
+    """The real HAM10000 metadata and 150 images in ../shared; tests using it skip when it is absent."""
+    if not (SHARED_SAMPLE / "HAM10000_metadata.csv").is_file():
+        pytest.skip("../shared/data/ham10000-sample is not present")
+    return SHARED_SAMPLE
