@@ -1,0 +1,163 @@
+"""Diagnostic suggestions for individual images: `skinlesion predict --checkpoint FILE IMAGE...`.
+
+The model is loaded once (`model.load_for_inference`, which refuses checkpoints that would run code
+when unpickled) and the images go through it in batches, preprocessed exactly as in evaluation
+(`data.transforms.eval_transform`). One unreadable image does not stop the others: it gets an error
+entry and the command exits with status 1.
+
+This module also owns `class_probabilities`, the single place where logits become probabilities
+(with optional test-time augmentation), so that `evaluate` and `predict` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+from skinlesion.errors import UserError
+from skinlesion.labels import CLASSES, MALIGNANT, NAMES, NUM_CLASSES
+from skinlesion.model import LoadedModel, load_for_inference
+
+BATCH_SIZE = 32
+DISCLAIMER = (
+    "Decision support only, not a diagnosis: these are a model's probabilities for 7 dermoscopic "
+    "categories. The diagnosis rests with a clinician (and, for suspicious lesions, histopathology)."
+)
+_MALIGNANT_INDEX = [CLASSES.index(dx) for dx in MALIGNANT]
+
+
+def dihedral_views(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The 8 symmetries of a square [B, C, H, W] batch: 4 rotations by 90 degrees, each with and without a flip.
+
+    Dermoscopy has no canonical orientation, so all 8 views are equally valid inputs; vertical flips
+    are rotations of the horizontal flip and need no separate view.
+    """
+    for flipped in (images, images.flip(-1)):
+        for k in range(4):
+            yield torch.rot90(flipped, k, dims=(-2, -1))
+
+
+@torch.inference_mode()
+def class_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities [B, 7] in float32; with `tta`, the mean over the 8 dihedral views."""
+    if not tta:
+        return model(images).float().softmax(dim=1)
+    # One view at a time: peak memory stays that of a plain batch.
+    total = sum(model(view).float().softmax(dim=1) for view in dihedral_views(images))
+    return total / 8
+
+
+def load_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """Decode `path` (any format Pillow reads), apply EXIF orientation as `prepare` does, then `transform`.
+
+    Raises ValueError with a message that names the problem (missing, not an image, truncated, ...).
+    """
+    if not path.exists():
+        raise ValueError("file not found")
+    if not path.is_file():
+        raise ValueError("not a file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image (Pillow cannot identify the format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"corrupt or truncated image ({exc})") from None
+    return transform(rgb)
+
+
+def predict_images(
+    loaded: LoadedModel,
+    paths: Sequence[Path],
+    top_k: int = 3,
+    tta: bool = False,
+    batch_size: int = BATCH_SIZE,
+    device: torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """One entry per path, in order: {image, predictions, malignant_probability} or {image, error}."""
+    from skinlesion.data.transforms import eval_transform
+
+    if not 1 <= top_k <= NUM_CLASSES:
+        raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
+    device = device or next(loaded.model.parameters()).device
+    transform = eval_transform(loaded.image_size)
+    entries: list[dict[str, Any]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        tensors: list[torch.Tensor] = []
+        chunk_entries: list[dict[str, Any]] = []
+        for path in chunk:
+            try:
+                tensors.append(load_image(Path(path), transform))
+                chunk_entries.append({"image": str(path)})
+            except ValueError as exc:
+                chunk_entries.append({"image": str(path), "error": f"{path}: {exc}"})
+        if tensors:
+            probs = class_probabilities(loaded.model, torch.stack(tensors).to(device), tta=tta).cpu()
+            ok = iter(probs)
+            for entry in chunk_entries:
+                if "error" not in entry:
+                    entry.update(_describe(next(ok), top_k))
+        entries.extend(chunk_entries)
+    return entries
+
+
+def _describe(probs: torch.Tensor, top_k: int) -> dict[str, Any]:
+    """Top-k diagnoses with full names, and the malignant probability (mel + bcc + akiec)."""
+    values, indices = probs.topk(top_k)
+    return {
+        "predictions": [
+            {"dx": CLASSES[i], "name": NAMES[CLASSES[i]], "probability": float(p)}
+            for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ],
+        "malignant_probability": float(probs[_MALIGNANT_INDEX].sum()),
+    }
+
+
+def format_text(entries: Sequence[dict[str, Any]]) -> str:
+    """Human-readable report: one block per image, the disclaimer last."""
+    lines: list[str] = []
+    for entry in entries:
+        lines.append(entry["image"])
+        if "error" in entry:
+            lines.append(f"  error: {entry['error']}")
+        else:
+            for rank, pred in enumerate(entry["predictions"], start=1):
+                label = f"{pred['dx']}: {pred['name']}"
+                lines.append(f"  {rank}. {label:<72} {pred['probability']:6.1%}")
+            malignant = " + ".join(MALIGNANT)
+            lines.append(f"  malignant ({malignant}): {entry['malignant_probability']:.1%}")
+        lines.append("")
+    lines.append(DISCLAIMER)
+    return "\n".join(lines)
+
+
+def predict_command(
+    checkpoint: Path, images: Sequence[Path], top_k: int = 3, as_json: bool = False, tta: bool = False
+) -> int:
+    """CLI entry: print suggestions for `images`; 0 when all were predicted, 1 when any failed."""
+    if not 1 <= top_k <= NUM_CLASSES:
+        raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_for_inference(Path(checkpoint))
+    loaded.model.to(device)
+    entries = predict_images(loaded, [Path(p) for p in images], top_k=top_k, tta=tta, device=device)
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        print(DISCLAIMER, file=sys.stderr)
+    else:
+        print(format_text(entries))
+    failed = sum("error" in e for e in entries)
+    if failed:
+        print(f"error: {failed} of {len(entries)} images could not be read (see their entries)", file=sys.stderr)
+    return 1 if failed else 0
