@@ -1,0 +1,140 @@
+"""Checkpoints that survive a kill at any moment, resume that picks the newest complete one, and exports.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step-00001234`` holding Accelerate's save_state
+(model, optimizer, grad scaler, every rank's RNG) plus ``trainer_state.json`` (epoch, step, batches
+already trained in the epoch, W&B run id, best metric). It is written under a temporary name and
+renamed only after the ``COMPLETE`` marker is in place, so a run killed while saving leaves a
+``.tmp-*`` folder that resume ignores. Resume also skips (with a warning) a folder that fails to load.
+
+Exports for inference: ``model.pt`` is the bare torchvision state_dict (no DDP/compile prefixes, the
+seed's format) and ``best.pt`` the best model with its metadata; both contain only tensors and plain
+types, so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from skinlesion.errors import UserError
+from skinlesion.labels import CLASSES
+from skinlesion.model import strip_wrapper_prefixes
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Where training is; saved with every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (or about to start)
+    step: int = 0  # optimizer steps done since the start of the run
+    batches_in_epoch: int = 0  # batches of `epoch` already trained on (per rank): resume skips them
+    wandb_run_id: str | None = None
+    best_metric: float | None = None  # best val_balanced_accuracy so far
+    best_epoch: int | None = None
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep: int) -> Path:
+    """Collective: every rank writes its part into a temporary folder, rank 0 seals it and renames it."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        (tmp / MARKER).write_text("")
+        if final.exists():  # the same step saved again (e.g. after a resume): the new one wins
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(output_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Sealed checkpoint folders, newest first; half-written ones (no marker) are skipped with a warning."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    for folder in sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []:
+        if (folder / MARKER).is_file() and (folder / STATE_FILE).is_file():
+            found.append(folder)
+        else:
+            log.warning("skipping checkpoint %s: it was not completely written", folder)
+    return found
+
+
+def load_checkpoint(accelerator: Accelerator, resume: str, output_dir: Path) -> tuple[TrainerState, Path] | None:
+    """Restore model, optimizer and RNG from the checkpoint `resume` names; None when there is none.
+
+    ``auto`` tries the complete checkpoints newest first and skips any that fail to load (with a
+    warning); a path must load or the run stops.
+    """
+    if resume == "never":
+        return None
+    candidates = complete_checkpoints(output_dir) if resume == "auto" else [Path(resume)]
+    for folder in candidates:
+        try:
+            state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+            accelerator.load_state(str(folder))
+        except Exception as exc:  # a corrupt file surfaces as any of safetensors/torch/json's errors
+            if resume != "auto":
+                raise UserError(f"cannot resume from {folder}: {exc}") from exc
+            log.warning("skipping checkpoint %s: it does not load (%s)", folder, exc)
+            continue
+        return state, folder
+    return None
+
+
+def bare_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The torchvision model's own state_dict on CPU, without DDP ("module.") or compile prefixes."""
+    state = accelerator.get_state_dict(model)
+    return {k: v.detach().cpu().clone() for k, v in strip_wrapper_prefixes(state).items()}
+
+
+def export_model(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """model.pt: loadable by ``resnetXX(num_classes=7).load_state_dict(torch.load(path, weights_only=True))``."""
+    _atomic_save(state_dict, path)
+
+
+def export_best(
+    state_dict: dict[str, torch.Tensor], path: Path, *, arch: str, image_size: int, epoch: int, step: int, metric: dict
+) -> None:
+    """best.pt: the model plus what inference needs to use it (arch, classes, image size) and why it is best."""
+    payload: dict[str, Any] = {
+        "model": state_dict,
+        "arch": arch,
+        "classes": list(CLASSES),
+        "image_size": image_size,
+        "epoch": epoch,
+        "step": step,
+        "metric": {"name": str(metric["name"]), "value": float(metric["value"])},
+    }
+    _atomic_save(payload, path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)

@@ -1,0 +1,209 @@
+"""The typed training config: a YAML recipe plus dotted ``key=value`` overrides -> validated dataclasses.
+
+One strict schema instead of a free-form dict, because a typo in a recipe (``train.lr_rate``) that is
+silently ignored costs a whole cluster run. Every key is checked against the dataclasses below: an
+unknown key, a value of the wrong type or a value outside its allowed set is a `UserError` naming the
+key (and the closest valid key, when the name looks mistyped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from skinlesion.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    shards: Path = Path("shards")  # folder written by `skinlesion prepare` (holds manifest.json)
+    image_size: int = 224  # training crop / eval centre-crop side, px
+    batch_size: int = 64  # per process
+    eval_batch_size: int = 128  # per process, validation
+    num_workers: int = 4  # loader processes per training process
+    shuffle_buffer: int = 1000  # samples held for the in-stream shuffle
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # any torchvision ResNet
+    pretrained: str = "none"  # none | imagenet | path to a state_dict file
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to min_lr_ratio * lr (per step)
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "auto"  # auto (launcher's choice, else bf16 on a bf16 GPU) | no | bf16 | fp16
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    output_dir: Path = Path("runs/ham10000")
+    resume: str = "auto"  # auto | never | path to a checkpoint folder
+    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = only at epoch ends
+    keep_checkpoints: int = 3  # newest K complete checkpoints are kept
+    log_every_steps: int = 10
+    dist_timeout_s: int = 1800  # process-group timeout: a dead rank fails the others instead of hanging them
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "skinlesion"
+    entity: str | None = None
+    name: str | None = None  # run name; default: the output folder's name
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-friendly dict (paths as strings)."""
+        return {
+            name: {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(section).items()}
+            for name, section in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        }
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+# Keys whose value must be > 0 (or >= 0 for the second set).
+POSITIVE = {"data.image_size", "data.batch_size", "data.eval_batch_size", "data.shuffle_buffer", "train.epochs"}
+POSITIVE |= {"train.lr", "train.grad_accum", "train.keep_checkpoints", "train.log_every_steps", "train.dist_timeout_s"}
+NON_NEGATIVE = {"data.num_workers", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.seed"}
+NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr_ratio"}
+
+
+def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read the YAML recipe at `path` (None: defaults only), apply ``section.key=value`` overrides, validate.
+
+    Override values are parsed as YAML scalars, so ``train.lr=3e-4`` is a float, ``train.compile=true``
+    a bool and ``wandb.name=null`` None.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass e.g. --config configs/smoke.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise UserError(f"{path} must hold a mapping of sections (data, model, train, wandb)")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.epochs=3)")
+        section, _, name = key.strip().partition(".")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise UserError(f"override {item!r}: cannot parse the value ({exc})") from exc
+        current = raw.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise UserError(f"override {item!r}: section {section!r} is not a mapping in the recipe")
+        current[name] = value
+    return _build(raw, source=str(path) if path else "defaults")
+
+
+def _build(raw: dict[str, Any], source: str) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise UserError(f"{source}: unknown config section {section!r}{_suggest(section, sections)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping of keys, got {values!r}")
+        cls = typing.get_type_hints(Config)[section]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in hints:
+                known = [f"{section}.{k}" for k in hints]
+                raise UserError(f"{source}: unknown config key {dotted!r}{_suggest(dotted, known)}")
+            kwargs[key] = _coerce(dotted, value, hints[key])
+        built[section] = cls(**kwargs)
+    cfg = Config(**built)
+    _check_values(cfg)
+    return cfg
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the field's type; accept ints for floats and strings for paths."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        Path: isinstance(value, str) and value != "",
+    }[hint]
+    if not ok:
+        raise UserError(f"config key {key!r} must be {_type_name(hint)}, got {value!r}")
+    if hint is Path:
+        return Path(value)
+    return hint(value)
+
+
+def _check_values(cfg: Config) -> None:
+    for key in POSITIVE | NON_NEGATIVE | set(CHOICES):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"config key {key!r} is {value!r}; choose one of {', '.join(CHOICES[key])}")
+        if key in POSITIVE and not value > 0:
+            raise UserError(f"config key {key!r} must be > 0, got {value!r}")
+        if key in NON_NEGATIVE and not value >= 0:
+            raise UserError(f"config key {key!r} must be >= 0, got {value!r}")
+    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
+        raise UserError(
+            f"train.resume={cfg.train.resume!r}: no such checkpoint folder; use auto, never, "
+            f"or a folder under <output_dir>/checkpoints/"
+        )
+
+
+def _suggest(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    choices = ", ".join(sorted(known))
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {choices})"
+
+
+def _type_name(hint: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}[hint]
+
+
+def save_config(cfg: Config, path: Path, runtime: dict[str, Any]) -> None:
+    """Write the resolved config plus a ``runtime`` section (world size, device, versions) atomically."""
+    data = cfg.to_dict() | {"runtime": runtime}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,318 @@
+"""The training loop: one Accelerate DDP loop from a laptop CPU to a SLURM cluster.
+
+Read `train` top to bottom: set up (process group, model, optimizer, resume), then per epoch
+`train_epoch` (the optimizer step fits on one screen) and `validate`, then exports. Every rank runs
+the same number of steps (the loader guarantees it), agrees at each step whether to stop (preemption
+signal) or fail (non-finite loss), and only the main process writes files other than checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from skinlesion import __version__, tracking
+from skinlesion.checkpoint import (
+    TrainerState,
+    bare_state_dict,
+    complete_checkpoints,
+    export_best,
+    export_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from skinlesion.config import Config, TrainConfig, save_config
+from skinlesion.data.pipeline import batches_per_rank, eval_loader, read_manifest, train_loader
+from skinlesion.distributed import StopSignal, any_rank, launch_info, make_accelerator, signal_name
+from skinlesion.errors import UserError
+from skinlesion.model import build_model
+
+
+@dataclass
+class Run:
+    """What the epoch functions share: the prepared objects and the fixed geometry of an epoch."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    stop: StopSignal
+    batches: int  # per rank per epoch
+    total_steps: int
+    warmup_steps: int
+
+
+def train(cfg: Config) -> Path:
+    """Train per `cfg`; returns the output folder (model.pt, best.pt, metrics.jsonl, config.yaml, checkpoints/)."""
+    out = Path(cfg.train.output_dir)
+    manifest = read_manifest(cfg.data.shards)  # fail fast, before any process group exists
+    train_samples = manifest["splits"]["train"]["samples"]
+    accelerator = make_accelerator(
+        cfg.train.mixed_precision, cfg.train.dist_timeout_s, tracking.log_with(cfg), project_dir=str(out)
+    )
+    world = accelerator.num_processes
+    batches = batches_per_rank(train_samples, cfg.data.batch_size, world, cfg.train.grad_accum)
+    if batches == 0:
+        raise UserError(
+            f"{cfg.data.shards} has {train_samples} train samples: too few for data.batch_size={cfg.data.batch_size} "
+            f"x {world} processes x train.grad_accum={cfg.train.grad_accum}; lower data.batch_size"
+        )
+    if cfg.train.resume == "never" and complete_checkpoints(out):
+        raise UserError(f"{out} already holds checkpoints; pass train.resume=auto or another train.output_dir")
+
+    set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model.name, cfg.model.pretrained)
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    steps_per_epoch = batches // cfg.train.grad_accum
+    run = Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+        stop=StopSignal(),
+        batches=batches,
+        total_steps=steps_per_epoch * cfg.train.epochs,
+        warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
+    )
+    run.stop.install()
+
+    resumed = load_checkpoint(accelerator, cfg.train.resume, out)
+    state = resumed[0] if resumed else TrainerState()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            accelerator.print(f"resuming from {resumed[1]} (epoch {state.epoch}, step {state.step})")
+        _keep_metrics_before(out / "metrics.jsonl", state.epoch)
+        state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
+        save_config(cfg, out / "config.yaml", runtime_info(accelerator))
+    tracking.start_run(accelerator, cfg, state.wandb_run_id, cfg.to_dict() | {"runtime": runtime_info(accelerator)})
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        state.epoch = epoch
+        epoch_stats = train_epoch(run, state)
+        if epoch_stats is None:  # preempted: checkpoint written, every rank leaves cleanly
+            accelerator.end_training()
+            return out
+        val = validate(accelerator, model, cfg)
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        record = {"epoch": epoch, "step": state.step, **epoch_stats, **val}
+        if accelerator.is_main_process:
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        accelerator.log(
+            {f"val/{k.removeprefix('val_')}": v for k, v in val.items()} | {"epoch": epoch}, step=state.step
+        )
+        if state.best_metric is None or val["val_balanced_accuracy"] > state.best_metric:
+            state.best_metric, state.best_epoch = val["val_balanced_accuracy"], epoch
+            if accelerator.is_main_process:
+                metric = {"name": "val_balanced_accuracy", "value": state.best_metric}
+                export_best(
+                    bare_state_dict(accelerator, model),
+                    out / "best.pt",
+                    arch=cfg.model.name,
+                    image_size=cfg.data.image_size,
+                    epoch=epoch,
+                    step=state.step,
+                    metric=metric,
+                )
+        save_checkpoint(accelerator, out, state, cfg.train.keep_checkpoints)
+
+    if accelerator.is_main_process:
+        export_model(bare_state_dict(accelerator, model), out / "model.pt")
+        (out / "preempted").unlink(missing_ok=True)
+        accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
+    accelerator.end_training()
+    return out
+
+
+def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
+    """Train the rest of `state.epoch`; per-epoch stats, or None when the ranks agreed to stop (preempted)."""
+    cfg, accelerator, model, accum = run.cfg, run.accelerator, run.model, run.cfg.train.grad_accum
+    loader = train_loader(
+        cfg.data.shards, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        seed=cfg.train.seed, epoch=state.epoch, batches=run.batches, skip_batches=state.batches_in_epoch,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # fmt: skip
+    batches = iter(loader)
+    steps = (run.batches - state.batches_in_epoch) // accum
+    bar = tqdm(total=run.batches // accum, initial=run.batches // accum - steps, desc=f"epoch {state.epoch}",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
+    loss_sum = torch.zeros(2, device=accelerator.device)  # (sum of sample losses, samples) on this rank
+    images, started = 0, time.perf_counter()
+    model.train()
+    for _ in range(steps):
+        lr = lr_at(state.step, run.total_steps, run.warmup_steps, cfg.train)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(accum):
+            batch = next(batches)
+            x = batch["image"].to(accelerator.device, non_blocking=True)
+            y = batch["label"].to(accelerator.device, non_blocking=True)
+            if accelerator.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                loss = run.criterion(model(x), y)
+                accelerator.backward(loss / accum)
+            step_loss += loss.detach() / accum
+            loss_sum += torch.stack([loss.detach() * len(y), torch.tensor(len(y), device=loss.device)])
+            images += len(y)
+        stop_signal, diverged = any_rank(accelerator, run.stop.received, int(not torch.isfinite(step_loss)))
+        if diverged:
+            last = complete_checkpoints(cfg.train.output_dir)
+            raise UserError(
+                f"the loss became {step_loss.item()} at epoch {state.epoch}, step {state.step} (lr {lr:.3g}); "
+                f"stopped without updating the weights. Last good checkpoint: {last[0] if last else 'none'}. "
+                f"Lower train.lr, keep train.grad_clip > 0, or try train.mixed_precision=no"
+            )
+        if cfg.train.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batches_in_epoch += accum
+
+        throughput = images * accelerator.num_processes / (time.perf_counter() - started)
+        bar.update()
+        if state.step % cfg.train.log_every_steps == 0 or stop_signal:
+            loss_value = step_loss.item()
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{throughput:.0f}")
+            accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/images_per_second": throughput},
+                            step=state.step)  # fmt: skip
+        every = cfg.train.checkpoint_every_steps
+        if stop_signal or (every and state.step % every == 0 and state.batches_in_epoch < run.batches):
+            save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
+        if stop_signal:
+            bar.close()
+            _write_preempted(accelerator, Path(cfg.train.output_dir), state, stop_signal)
+            return None
+    bar.close()
+    total = accelerator.reduce(loss_sum, reduction="sum")
+    return {
+        "train_loss": (total[0] / total[1].clamp(min=1)).item(),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_second": images * accelerator.num_processes / (time.perf_counter() - started),
+    }
+
+
+@torch.no_grad()
+def validate(accelerator: Accelerator, model: nn.Module, cfg: Config, split: str = "val") -> dict[str, float]:
+    """Loss, accuracy and balanced accuracy over every sample of `split`, computed exactly across ranks.
+
+    Each rank scores its share of the split (shares may differ in size, so no collective runs inside
+    the loop), then the per-sample results are gathered with gather_object and every rank computes the
+    same metrics. The lead swaps the evaluation engineer's metrics in here.
+    """
+    net = accelerator.unwrap_model(model)  # bare forward: DDP's buffer broadcast would hang on unequal batches
+    _sync_buffers(accelerator, net)
+    net.eval()
+    rows: list[tuple[int, float, list[float]]] = []
+    loader = eval_loader(cfg.data.shards, split, cfg.data.image_size, cfg.data.eval_batch_size,
+                         cfg.data.num_workers, accelerator.process_index, accelerator.num_processes)  # fmt: skip
+    for batch in loader:
+        x = batch["image"].to(accelerator.device, non_blocking=True)
+        y = batch["label"].to(accelerator.device)
+        logits = net(x).float()
+        losses = nn.functional.cross_entropy(logits, y, reduction="none")
+        rows += zip(y.tolist(), losses.tolist(), logits.softmax(1).tolist(), strict=True)
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+    net.train()
+    if not rows:
+        raise UserError(f"{cfg.data.shards} has no {split} samples to validate on; prepare with --val-fraction > 0")
+    labels = np.array([r[0] for r in rows])
+    predictions = np.array([r[2] for r in rows]).argmax(1)
+    return {
+        "val_loss": float(np.mean([r[1] for r in rows])),
+        "val_accuracy": float((predictions == labels).mean()),
+        "val_balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "val_samples": len(rows),
+    }
+
+
+def _sync_buffers(accelerator: Accelerator, net: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics (DDP broadcasts them only at the next forward)."""
+    if accelerator.num_processes > 1:
+        for buffer in net.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD; weight decay on weights only (not on BatchNorm parameters or biases)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=cfg.lr)
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over `warmup` steps, then cosine decay to cfg.min_lr_ratio * cfg.lr at `total`."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def runtime_info(accelerator: Accelerator) -> dict[str, Any]:
+    import accelerate
+    import torchvision
+    import webdataset
+
+    return {
+        "world_size": accelerator.num_processes,
+        "launcher": launch_info().launcher,
+        "device": str(accelerator.device.type),
+        "distributed_type": str(accelerator.distributed_type.value),
+        "mixed_precision": accelerator.mixed_precision,
+        "versions": {
+            "skinlesion": __version__,
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+            "accelerate": accelerate.__version__,
+            "webdataset": webdataset.__version__,
+        },
+    }
+
+
+def _write_preempted(accelerator: Accelerator, out: Path, state: TrainerState, signum: int) -> None:
+    """The file the sbatch script looks for to requeue the job."""
+    if accelerator.is_main_process:
+        path = out / "preempted"
+        tmp = path.with_name(".preempted.tmp")
+        tmp.write_text(json.dumps({"step": state.step, "epoch": state.epoch, "signal": signal_name(signum)}))
+        tmp.replace(path)
+        accelerator.print(f"stopped by {signal_name(signum)} at step {state.step}; checkpoint saved, resume to go on")
+
+
+def _keep_metrics_before(path: Path, epoch: int) -> None:
+    """On resume, drop lines of epochs that will be trained again, so each epoch appears once."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < epoch]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
