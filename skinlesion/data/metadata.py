@@ -1,0 +1,178 @@
+"""Read and validate the metadata CSV, match each row to one image file, clean as the seed did.
+
+The seed's notebook copied HAM10000_images_part_1 and _part_2 into one folder (combine_folders),
+then dropped rows with a null age or an 'unknown' value. Here the folders are indexed instead of
+copied (one scan each), and every row that does not make it is recorded with its reason, so that
+rows in == rows kept + rows rejected always holds and nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from skinlesion.errors import UserError
+from skinlesion.labels import CLASSES
+
+COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
+REQUIRED = ("lesion_id", "image_id", "dx")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_NULLS = {"", "nan", "null", "none", "na", "n/a"}
+
+# Row faults (always rejected), in the order they are checked; the first that applies is recorded.
+MISSING_IMAGE_ID = "missing image_id"
+DUPLICATE = "duplicate image_id"
+INVALID_DX = "dx not one of the 7 classes"
+MISSING_LESION_ID = "missing lesion_id"
+MISSING_IMAGE = "missing image"
+CONFLICTING_COPIES = "different files with the same image_id"
+INVALID_AGE = "invalid age"
+# Cleaning (the seed's rules; kept with --keep-incomplete): "null age" and "unknown <column>".
+NULL_AGE = "null age"
+
+
+def unknown(column: str) -> str:
+    return f"unknown {column}"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    image_id: str
+    reason: str
+
+
+@dataclass
+class Metadata:
+    """The outcome of reading and cleaning: kept rows (with their image path) and rejections."""
+
+    kept: pd.DataFrame  # the CSV's known columns as text, plus `path`
+    rejected: list[Rejection]
+    n_input: int
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """The CSV as text columns (empty string for blanks), or a UserError saying what is wrong with it."""
+    path = Path(path)
+    hint = "pass HAM10000_metadata.csv with --metadata"
+    if not path.exists():
+        raise UserError(f"metadata CSV {path} does not exist; {hint}")
+    if path.is_dir():
+        raise UserError(f"metadata CSV {path} is a folder, not a file; {hint}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+    except PermissionError as exc:
+        raise UserError(f"cannot read metadata CSV {path} ({exc.strerror}); check its permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"metadata CSV {path} is not UTF-8 text ({exc.reason}); {hint}") from exc
+    except pd.errors.EmptyDataError as exc:
+        raise UserError(f"metadata CSV {path} is empty; {hint}") from exc
+    except (pd.errors.ParserError, OSError) as exc:
+        raise UserError(f"cannot parse metadata CSV {path}: {exc}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise UserError(
+            f"metadata CSV {path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}); "
+            f"a HAM10000 metadata CSV has the header {','.join(COLUMNS)}"
+        )
+    known = [c for c in COLUMNS if c in df.columns]
+    return df[known].apply(lambda col: col.str.strip())
+
+
+def index_images(folders: Iterable[Path]) -> dict[str, list[Path]]:
+    """Image files under the folders by name without extension: one scan per folder, no copying."""
+    index: dict[str, list[Path]] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise UserError(f"image folder {folder} {what}; pass folders of <image_id>.jpg files with --images")
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                    index.setdefault(stem, []).append(Path(root, name))
+    return index
+
+
+def _pick(paths: list[Path]) -> Path | None:
+    """The one file behind an image_id, or None when copies in several places differ.
+
+    The same file reached twice (a folder passed twice, a symlink) or byte-identical copies are
+    fine, as in combine_folders where a later copy overwrote an identical one.
+    """
+    unique: list[Path] = []
+    for p in paths:
+        if not any(os.path.samefile(p, q) for q in unique):
+            unique.append(p)
+    if len(unique) == 1:
+        return unique[0]
+    if len({p.stat().st_size for p in unique}) > 1:
+        return None
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in unique}
+    return unique[0] if len(digests) == 1 else None
+
+
+def _age_fault(age: str) -> str | None:
+    if age.lower() in _NULLS:
+        return NULL_AGE
+    try:
+        value = float(age)
+    except ValueError:
+        return INVALID_AGE
+    return INVALID_AGE if not 0 <= value <= 150 else None
+
+
+def load(csv: Path, folders: Iterable[Path], keep_incomplete: bool = False) -> Metadata:
+    """Read csv, match its rows to files in folders and apply the cleaning rules."""
+    index = index_images(folders)  # first, so a wrong --images fails before any work
+    df = read_csv(csv)
+    df["dx"] = df["dx"].str.lower()
+    seen: set[str] = set()
+    keep, paths, rejected = [], [], []
+    for row in df.itertuples(index=False):
+        r = row._asdict()
+        image_id = r["image_id"]
+        path: Path | None = None
+        if not image_id:
+            reason: str | None = MISSING_IMAGE_ID
+        elif image_id in seen:
+            reason = DUPLICATE
+        elif r["dx"] not in CLASSES:
+            reason = INVALID_DX
+        elif not r["lesion_id"]:
+            reason = MISSING_LESION_ID
+        elif image_id not in index:
+            reason = MISSING_IMAGE
+        elif (path := _pick(index[image_id])) is None:
+            reason = CONFLICTING_COPIES
+        else:
+            reason = _age_fault(r["age"]) if "age" in r else None
+            if reason == NULL_AGE and keep_incomplete:
+                reason = None
+            if reason is None and not keep_incomplete:
+                reason = next((unknown(c) for c, v in r.items() if v.lower() == "unknown"), None)
+        seen.add(image_id)
+        keep.append(reason is None)
+        if reason is None:
+            paths.append(str(path))
+        else:
+            rejected.append(Rejection(image_id, reason))
+    kept = df[keep].reset_index(drop=True)
+    kept["path"] = paths
+    return Metadata(kept=kept, rejected=rejected, n_input=len(df))
+
+
+def sample_metadata(row: Mapping[str, str]) -> dict[str, str | float | None]:
+    """The metadata row as stored in a shard's `json`: known columns present, age as a number or null."""
+    meta: dict[str, str | float | None] = {c: row[c] for c in COLUMNS if c in row}
+    if "age" in meta:
+        age = str(meta["age"])
+        meta["age"] = None if age.lower() in _NULLS else float(age)
+    return meta

@@ -1,0 +1,254 @@
+"""`skinlesion prepare`: metadata + image folders -> clean, lesion-grouped, train-balanced shards.
+
+    read + validate + clean (metadata.py) -> decode every kept image once, in worker processes
+    (images.py) -> split by lesion (split.py) -> balance train -> write shards, rejected.csv,
+    manifest.json (shards.py)
+
+Images are decoded before the split so that a file that turns out to be corrupt is never
+resampled into train. Worker processes return JPEG bytes that the main process appends to a spool
+file in the build folder, so memory stays flat whatever the dataset and image size; a resampled
+image is read back from the spool, never decoded twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from skinlesion import __version__
+from skinlesion.data import images, metadata, shards
+from skinlesion.data.split import SPLITS, balance, split_by_lesion
+from skinlesion.errors import UserError
+from skinlesion.labels import CLASS_TO_INDEX, CLASSES
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """The arguments of `skinlesion prepare` (see `skinlesion prepare --help`)."""
+
+    metadata: Path
+    images: tuple[Path, ...]
+    out: Path = Path("shards")
+    samples_per_class: int | None = None
+    image_size: int = 256
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    keep_incomplete: bool = False
+    on_bad_image: str = "skip"
+    overwrite: bool = False
+    samples_per_shard: int | None = None
+    min_shards: int = 32
+    workers: int | None = None
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    out: Path
+    manifest: dict
+
+
+def _check(opts: PrepareOptions) -> None:
+    problems = []
+    if opts.image_size < 0:
+        problems.append(f"--image-size {opts.image_size} must be >= 0 (0 keeps the original bytes)")
+    if not (0 <= opts.val_fraction < 1 and 0 <= opts.test_fraction < 1 and opts.val_fraction + opts.test_fraction < 1):
+        problems.append(f"--val-fraction {opts.val_fraction} and --test-fraction {opts.test_fraction} must be >= 0 "
+                        "and add up to less than 1")  # fmt: skip
+    if opts.samples_per_class is not None and opts.samples_per_class < 1:
+        problems.append(f"--samples-per-class {opts.samples_per_class} must be >= 1")
+    if opts.samples_per_shard is not None and opts.samples_per_shard < 1:
+        problems.append(f"--samples-per-shard {opts.samples_per_shard} must be >= 1")
+    if opts.min_shards < 1:
+        problems.append(f"--min-shards {opts.min_shards} must be >= 1")
+    if opts.workers is not None and opts.workers < 1:
+        problems.append(f"--workers {opts.workers} must be >= 1")
+    if opts.on_bad_image not in ("skip", "error"):
+        problems.append(f"--on-bad-image {opts.on_bad_image!r} must be skip or error")
+    if not opts.images:
+        problems.append("pass at least one --images folder")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def _encode(task: tuple[int, str, int]) -> tuple[int, bytes | None, str | None]:
+    """Worker: (row, path, size) -> (row, JPEG bytes or None, rejection reason or None)."""
+    i, path, size = task
+    try:
+        return i, images.process(path, size), None
+    except images.BadImage as exc:
+        return i, None, exc.reason
+
+
+def _encode_all(
+    kept: pd.DataFrame, opts: PrepareOptions, spool: BinaryIO
+) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """Decode every kept row's image once; returns spool (offset, length) per good row, reason per bad row."""
+    tasks = [(i, path, opts.image_size) for i, path in enumerate(kept["path"])]
+    workers = min(opts.workers or os.cpu_count() or 1, max(1, len(tasks)))
+    where: dict[int, tuple[int, int]] = {}
+    bad: dict[int, str] = {}
+    bar = tqdm(total=len(tasks), desc="images", unit="img", dynamic_ncols=True, file=sys.stderr)
+    with Pool(workers) if workers > 1 else _Inline() as pool:
+        chunk = max(1, min(32, len(tasks) // (workers * 8)))
+        for i, data, reason in pool.imap_unordered(_encode, tasks, chunksize=chunk):
+            bar.update()
+            if data is None:
+                if opts.on_bad_image == "error":
+                    bar.close()
+                    raise UserError(
+                        f"image {kept['path'].iloc[i]} (image_id {kept['image_id'].iloc[i]}): {reason}; "
+                        "stopped by --on-bad-image error (nothing written). Fix or remove the file, or pass "
+                        "--on-bad-image skip to record it in rejected.csv and go on"
+                    )
+                bad[i] = str(reason)
+                continue
+            where[i] = (spool.tell(), len(data))
+            spool.write(data)
+    bar.close()
+    return where, bad
+
+
+class _Inline:
+    """A stand-in for Pool with one worker: no process start-up for tiny jobs and easy debugging."""
+
+    def imap_unordered(self, fn: Callable[[T], R], tasks: Iterable[T], chunksize: int = 1) -> Iterator[R]:
+        return map(fn, tasks)
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _keys(rows: pd.DataFrame) -> list[str]:
+    """`__key__` per row: the image_id (dots would split a WebDataset key), `_r<n>` for the n-th repeat."""
+    base = rows["image_id"].str.replace(".", "_", regex=False)
+    copies = rows["copy"].to_numpy()
+    keys = [k if c == 0 else f"{k}_r{c}" for k, c in zip(base, copies, strict=True)]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, n in Counter(keys).items() if n > 1)
+        raise UserError(f"two samples would share the key {dup!r}; rename the image_id(s) behind it")
+    return keys
+
+
+def _samples(rows: pd.DataFrame, where: dict[int, tuple[int, int]], spool: BinaryIO) -> Iterator[shards.Sample]:
+    records = rows.to_dict("records")
+    for key, row in zip(_keys(rows), records, strict=True):
+        offset, length = where[row["row"]]
+        spool.seek(offset)
+        yield shards.Sample(key, spool.read(length), CLASS_TO_INDEX[row["dx"]], metadata.sample_metadata(row))
+
+
+def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> dict[str, pd.DataFrame]:
+    """Rows per split in the order they go into shards (shuffled: each shard a random mix of classes)."""
+    assignment = split_by_lesion(good, opts.val_fraction, opts.test_fraction, opts.seed)
+    rng = np.random.default_rng([opts.seed, 1])
+    out = {}
+    for split in SPLITS:
+        rows = good[assignment == split].reset_index(drop=True)
+        if split == "train" and opts.samples_per_class is not None:
+            rows = balance(rows, opts.samples_per_class, seed=opts.seed)
+        else:
+            rows = rows.iloc[rng.permutation(len(rows))].reset_index(drop=True).assign(copy=0)
+        out[split] = rows
+    return out
+
+
+def prepare(opts: PrepareOptions) -> PrepareResult:
+    """Run the whole preparation; print a summary table; return OUT and its manifest."""
+    _check(opts)
+    started = time.perf_counter()
+    out = Path(opts.out)
+    shards.check_destination(out, opts.overwrite)
+    meta = metadata.load(opts.metadata, opts.images, opts.keep_incomplete)
+    if meta.kept.empty:
+        reasons = Counter(r.reason for r in meta.rejected).most_common()
+        raise UserError(f"no usable rows in {opts.metadata} (rejected: {dict(reasons)}); check --images and the CSV")
+
+    with shards.Build(out) as build, (build.path / ".spool").open("w+b") as spool:
+        where, bad = _encode_all(meta.kept, opts, spool)
+        rejected = [(r.image_id, r.reason) for r in meta.rejected]
+        rejected += [(meta.kept["image_id"].iloc[i], reason) for i, reason in sorted(bad.items())]
+        good = meta.kept.assign(row=np.arange(len(meta.kept)))
+        good = good[good["row"].isin(list(where))].reset_index(drop=True)
+        if good.empty:
+            raise UserError(f"none of the {len(meta.kept)} images could be decoded (reasons: {Counter(bad.values())})")
+        split_rows = _split_rows(good, opts)
+
+        manifest_splits = {}
+        for split, rows in split_rows.items():
+            sizes = shards.shard_sizes(len(rows), opts.min_shards, opts.samples_per_shard)
+            files = shards.write_split(build.path, split, _samples(rows, where, spool), sizes)
+            counts = rows["dx"].value_counts()
+            manifest_splits[split] = {
+                "samples": len(rows),
+                "shards": len(files),
+                "files": files,
+                "shard_samples": sizes,
+                "class_counts": {dx: int(counts.get(dx, 0)) for dx in CLASSES},
+                "images": int(rows["image_id"].nunique()),
+                "lesions": int(rows["lesion_id"].nunique()),
+            }
+        manifest = {
+            "classes": list(CLASSES),
+            "rows": {"input": meta.n_input, "kept": len(good), "rejected": len(rejected)},
+            "rejected_by_reason": dict(Counter(reason for _, reason in rejected).most_common()),
+            "splits": manifest_splits,
+            "image_size": opts.image_size,
+            "args": {k: _plain(v) for k, v in dataclasses.asdict(opts).items()},
+            "seed": opts.seed,
+            "version": __version__,
+        }
+        assert manifest["rows"]["input"] == manifest["rows"]["kept"] + manifest["rows"]["rejected"]
+        summary = format_summary(manifest)
+        shards.write_rejected(build.path / shards.REJECTED, rejected)
+        (build.path / shards.SUMMARY).write_text(summary + "\n", encoding="utf-8")
+        spool.close()
+        (build.path / ".spool").unlink()
+        shards.write_json(build.path / shards.MANIFEST, manifest)  # last: its presence means complete
+        build.commit()
+
+    elapsed = time.perf_counter() - started
+    print(summary)
+    print(f"wrote {out} in {elapsed:.1f} s ({len(meta.kept) / elapsed:.0f} images/s)")
+    return PrepareResult(out=out, manifest=manifest)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def format_summary(manifest: dict) -> str:
+    """The closing table: rows in, dropped by reason, per-split class counts."""
+    rows = manifest["rows"]
+    lines = [f"rows: {rows['input']} in, {rows['kept']} kept, {rows['rejected']} rejected"]
+    for reason, n in manifest["rejected_by_reason"].items():
+        lines.append(f"  {reason:<40} {n:>6}")
+    header = ["split", *CLASSES, "total", "images", "lesions", "shards"]
+    lines.append("".join(f"{h:>8}" if i else f"{h:<6}" for i, h in enumerate(header)))
+    for split, info in manifest["splits"].items():
+        cells = [*(info["class_counts"][dx] for dx in CLASSES), info["samples"], info["images"]]
+        cells += [info["lesions"], info["shards"]]
+        lines.append(f"{split:<6}" + "".join(f"{c:>8}" for c in cells))
+    return "\n".join(lines)
