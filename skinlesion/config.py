@@ -8,6 +8,7 @@ key (and the closest valid key, when the name looks mistyped).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -160,6 +161,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -192,7 +196,8 @@ def _check_values(cfg: Config) -> None:
 
 
 def _suggest(name: str, known: Any) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    close.sort(key=lambda k: not (name.startswith(k) or k.startswith(name)))  # 'lr_rate' means 'lr'
     choices = ", ".join(sorted(known))
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {choices})"
 

@@ -1,0 +1,64 @@
+"""The typed config: recipes load, overrides apply with YAML types, and every mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from skinlesion.config import Config, load_config
+from skinlesion.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", ["smoke.yaml", "ham10000.yaml"])
+def test_the_shipped_recipes_load(recipe: str) -> None:
+    cfg = load_config(REPO / "configs" / recipe)
+    assert isinstance(cfg, Config) and cfg.data.batch_size > 0
+
+
+def test_ham10000_recipe_is_the_real_one() -> None:
+    cfg = load_config(REPO / "configs" / "ham10000.yaml")
+    assert (cfg.model.name, cfg.model.pretrained, cfg.data.image_size) == ("resnet50", "imagenet", 224)
+
+
+def test_overrides_are_parsed_as_yaml_scalars() -> None:
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["train.lr=3e-4", "train.epochs=3", "train.compile=true",
+                                                          "wandb.name=null", "data.shards=/x/y"])  # fmt: skip
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.compile, cfg.wandb.name) == (3e-4, 3, True, None)
+    assert cfg.data.shards == Path("/x/y")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr_rate=1", r"unknown config key 'train.lr_rate' \(did you mean 'train.lr'\?\)"),
+        ("trian.lr=1", r"unknown config section 'trian' \(did you mean 'train'\?\)"),
+        ("train.epochs=three", r"'train.epochs' must be an integer, got 'three'"),
+        ("train.epochs=2.5", r"'train.epochs' must be an integer"),
+        ("train.compile=1", r"'train.compile' must be true or false"),
+        ("train.optimizer=lamb", r"'train.optimizer' is 'lamb'; choose one of adamw, adam, sgd"),
+        ("train.mixed_precision=fp8", r"train.mixed_precision"),
+        ("data.batch_size=0", r"'data.batch_size' must be > 0"),
+        ("train.lr=-1", r"'train.lr' must be > 0"),
+        ("wandb.mode=loud", r"'wandb.mode'"),
+        ("train.resume=/no/such/checkpoint", r"train.resume=.*no such checkpoint folder"),
+        ("epochs=3", r"section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        load_config(REPO / "configs" / "smoke.yaml", [override])
+
+
+def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  nmae: resnet18\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown config key 'model.nmae' \(did you mean 'model.name'\?\)"):
+        load_config(recipe)
+
+
+def test_missing_recipe_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,103 @@
+"""Training end to end on tiny colour-coded shards: outputs per the contract, loss falls, clear failures.
+
+Runs go through `python -m skinlesion train` in a subprocess, as a user would run them; `run_train`
+and `tiny_shards` are shared with the resume and DDP tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchvision.models import resnet18
+
+from skinlesion.model import load_for_inference
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
+        "data.shuffle_buffer=16", "model.name=resnet18", "train.epochs=2", "train.warmup_epochs=0.5",
+        "train.log_every_steps=1", "wandb.mode=disabled"]  # fmt: skip
+
+
+def tiny_shards(out: Path) -> Path:
+    from test_pipeline import write_shards
+
+    return write_shards(out, {"train": [14, 14, 14, 14], "val": [7, 7], "test": [7]}, size=36)
+
+
+def env(**extra: str) -> dict[str, str]:
+    """One thread per process (2 shared cores) and no W&B network access."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"} | extra
+
+
+def run_train(out: Path, shards: Path, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
+           f"data.shards={shards}", f"train.output_dir={out}", *TINY, *overrides]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=out.parent)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_shards(tmp_path_factory.mktemp("tiny") / "shards")
+
+
+@pytest.mark.slow
+def test_training_writes_the_contract_outputs_and_the_loss_falls(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run_train(out, shards, "train.epochs=3")
+    assert done.returncode == 0, done.stderr
+    lines = metrics(out)
+    assert [m["epoch"] for m in lines] == [0, 1, 2]
+    assert {
+        "step",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_balanced_accuracy",
+        "lr",
+        "images_per_second",
+    } <= set(lines[0])
+    assert lines[-1]["train_loss"] < 0.8 * lines[0]["train_loss"]
+    assert lines[-1]["val_samples"] == 14  # every val sample scored once
+
+    model = resnet18(num_classes=7)  # the seed's way of loading model.pt
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["arch"] == "resnet18" and best["image_size"] == 32 and best["metric"]["name"] == "val_balanced_accuracy"
+    assert best["metric"]["value"] == max(m["val_balanced_accuracy"] for m in lines)
+    assert load_for_inference(out / "best.pt").arch == "resnet18"
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data"]["image_size"] == 32 and config["runtime"]["world_size"] == 1
+    assert set(config["runtime"]["versions"]) >= {"torch", "torchvision", "accelerate", "webdataset"}
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints in smoke.yaml
+    assert not list((out / "checkpoints").glob(".tmp*"))
+
+
+@pytest.mark.slow
+def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run_train(out, shards, "train.lr=1e30", "train.grad_clip=0", "train.checkpoint_every_steps=1")
+    assert done.returncode == 2
+    assert "error: the loss became" in done.stderr and "Last good checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (out / "model.pt").exists()
+    assert list((out / "checkpoints").glob("step-*/COMPLETE"))
+
+
+def test_missing_shards_and_bad_keys_are_clear_errors(tmp_path: Path) -> None:
+    done = run_train(tmp_path / "run", tmp_path / "no-shards")
+    assert done.returncode == 2 and "error: data.shards=" in done.stderr and "skinlesion prepare" in done.stderr
+    done = run_train(tmp_path / "run", tmp_path, "train.epochz=3")
+    assert done.returncode == 2 and "did you mean 'train.epochs'?" in done.stderr
+    assert "Traceback" not in done.stderr
