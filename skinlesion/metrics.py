@@ -119,6 +119,11 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     return float(np.sum(bins["count"][filled] / bins["count"].sum() * gap))
 
 
+def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (the validation loss, without label smoothing)."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(y_true.size), y_true], 1e-12, None))))
+
+
 def sensitivity_at_specificity(
     positive: np.ndarray, scores: np.ndarray, specificity: float
 ) -> tuple[float, float] | None:
@@ -174,6 +179,7 @@ def compute_metrics(
     return {
         "n_samples": int(y_true.size),
         "accuracy": float(tp.sum() / max(y_true.size, 1)),
+        "log_loss": log_loss(y_true, probs) if y_true.size else None,
         "balanced_accuracy": _or_none(balanced_accuracy(cm)) if y_true.size else None,
         "balanced_accuracy_ci95": [_or_none(low), _or_none(high)],
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "unit": "group" if groups is not None else "image"},

@@ -34,9 +34,9 @@ def plot_confusion_matrix(cm: np.ndarray, out: Path, title: str = "") -> Path:
         image = ax.imshow(data, cmap="Blues", vmin=0, vmax=np.nanmax(data) if np.isfinite(data).any() else 1)
         fig.colorbar(image, ax=ax, shrink=0.8, label=label)
         ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
-        ax.set_yticks(range(len(CLASSES)), CLASSES)
+        ax.set_yticks(range(len(CLASSES)), [f"{dx} ({n})" for dx, n in zip(CLASSES, support[:, 0], strict=True)])
         ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ax.set_ylabel("true (support)")
         threshold = np.nanmax(data) / 2 if np.isfinite(data).any() else 0
         for (i, j), value in np.ndenumerate(data):
             if np.isfinite(value):
@@ -76,19 +76,13 @@ def plot_reliability(y_true: np.ndarray, probs: np.ndarray, out: Path, title: st
     fig = Figure(figsize=(6, 7), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     top.bar(centres[filled], bins["accuracy"][filled], width=width, edgecolor="black", label="accuracy")
-    top.bar(
-        centres[filled],
-        bins["confidence"][filled] - bins["accuracy"][filled],
-        bottom=bins["accuracy"][filled],
-        width=width,
-        color="red",
-        alpha=0.3,
-        label="gap to confidence",
+    top.plot(
+        centres[filled], bins["confidence"][filled], "o", color="red", label="mean confidence (gap = miscalibration)"
     )
     top.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.legend(loc="upper left")
+    top.legend(loc="upper left", framealpha=0.9)
     top.set_title(title or f"Reliability (ECE {expected_calibration_error(y_true, probs):.3f}, {ECE_BINS} bins)")
     bottom.bar(centres, bins["count"], width=width, edgecolor="black", color="grey")
     bottom.set_xlim(0, 1)

@@ -1,0 +1,297 @@
+"""A model + a split of the shards -> clinical metrics, ISIC predictions.csv, report and plots.
+
+The core (`evaluate`) is shared by `skinlesion evaluate` and by the trainer's per-epoch validation,
+so best.pt is chosen by exactly the numbers the user later reads. It runs on every rank: each reads
+its own shards through `pipeline.eval_loader` (every sample exactly once across ranks, no padding),
+and `gather_object` hands every rank the complete, unpadded list of predictions. Samples are then
+sorted by key, so 1, 2 or 8 processes produce the same confusion matrix and byte-identical files.
+Metrics are computed on every rank (cheap, and every rank then agrees on "best"); files are written
+by the main process only, each atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from sklearn.metrics import classification_report
+from torch import nn
+from tqdm.auto import tqdm
+
+from skinlesion.errors import UserError
+from skinlesion.labels import CLASSES, ISIC_ORDER
+from skinlesion.metrics import compute_metrics
+from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
+from skinlesion.predict import class_probabilities
+
+ISIC_HEADER: tuple[str, ...] = ("image", *(dx.upper() for dx in ISIC_ORDER))
+_ISIC_COLUMNS = [CLASSES.index(dx) for dx in ISIC_ORDER]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Every sample of a split, sorted by key: identical whatever the number of processes."""
+
+    keys: list[str]
+    image_ids: list[str]
+    lesion_ids: list[str | None]
+    labels: np.ndarray  # [N] class indices (labels.CLASSES order)
+    probs: np.ndarray  # [N, 7] float64 softmax probabilities
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, Any]
+    predictions: Predictions
+    files: dict[str, Path]  # empty unless outputs were written (main process, `out` given)
+
+
+def collect_predictions(
+    model: nn.Module,
+    accelerator: Accelerator,
+    shards: Path,
+    split: str,
+    image_size: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    tta: bool = False,
+) -> Predictions:
+    """Run `model` over `split` on every rank and gather all predictions on every rank.
+
+    Must be called on all ranks together (gather_object is a collective). The model is unwrapped
+    (no DDP forward, hence no collective per batch: ranks may hold different numbers of batches).
+    """
+    from skinlesion.data.pipeline import eval_loader, read_manifest
+
+    expected = int(read_manifest(shards)["splits"][split]["samples"])
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    loader = eval_loader(
+        shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes
+    )
+    keys: list[str] = []
+    metas: list[dict[str, Any]] = []
+    labels: list[torch.Tensor] = []
+    probs: list[torch.Tensor] = []
+    bar = tqdm(
+        total=expected if accelerator.num_processes == 1 else None,
+        desc=f"evaluate {split}"
+        + (f" (rank 0 of {accelerator.num_processes})" if accelerator.num_processes > 1 else ""),
+        unit="img",
+        disable=not accelerator.is_main_process,
+        leave=False,
+    )
+    try:
+        for batch in loader:
+            images = batch["image"].to(accelerator.device, non_blocking=True)
+            with accelerator.autocast():
+                probs.append(class_probabilities(net, images, tta=tta).cpu())
+            labels.append(batch["label"])
+            keys.extend(batch["key"])
+            metas.extend(batch["meta"])
+            bar.update(len(batch["key"]))
+    finally:
+        bar.close()
+        net.train(was_training)
+
+    local = {
+        "keys": keys,
+        "image_ids": [str(m.get("image_id", k)) for k, m in zip(keys, metas, strict=True)],
+        "lesion_ids": [m.get("lesion_id") for m in metas],
+        "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
+        "probs": torch.cat(probs).double().numpy() if probs else np.zeros((0, len(CLASSES))),
+    }
+    parts = gather_object([local])  # one dict per rank, in rank order, on every rank
+    return _merge(parts, expected, f"{shards}/manifest.json", split)
+
+
+def _merge(parts: list[dict[str, Any]], expected: int, manifest: str, split: str) -> Predictions:
+    """Concatenate the ranks' parts, sort by key, and check that each sample was seen exactly once."""
+    keys = [k for p in parts for k in p["keys"]]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    keys = [keys[i] for i in order]
+    duplicates = {a for a, b in itertools.pairwise(keys) if a == b}
+    if duplicates or len(keys) != expected:
+        raise UserError(
+            f"read {len(keys)} samples of the {split!r} split ({len(duplicates)} duplicate keys, e.g. "
+            f"{sorted(duplicates)[:3]}) but {manifest} lists {expected}; the shards changed after prepare: "
+            f"rerun `skinlesion prepare --overwrite`"
+        )
+    image_ids = [i for p in parts for i in p["image_ids"]]
+    lesion_ids = [i for p in parts for i in p["lesion_ids"]]
+    return Predictions(
+        keys=keys,
+        image_ids=[image_ids[i] for i in order],
+        lesion_ids=[lesion_ids[i] for i in order],
+        labels=np.concatenate([p["labels"] for p in parts]).astype(np.int64)[order],
+        probs=np.concatenate([p["probs"] for p in parts])[order],
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    accelerator: Accelerator,
+    shards: Path,
+    split: str,
+    image_size: int,
+    out: Path | None = None,
+    checkpoint: Path | str | None = None,
+    tta: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    n_bootstrap: int = 1000,
+    plots: bool = True,
+) -> EvalResult:
+    """Predict `split` on all ranks, compute metrics on all ranks, write files to `out` on the main one.
+
+    Call it on every rank. `n_bootstrap=0` skips the confidence interval (e.g. per-epoch validation
+    where only the point estimate is logged); `plots=False` skips the PNGs.
+    """
+    preds = collect_predictions(model, accelerator, shards, split, image_size, batch_size, num_workers, tta)
+    groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
+    metrics = compute_metrics(preds.labels, preds.probs, groups=groups, n_bootstrap=n_bootstrap)
+    metrics.update(
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        split=split,
+        shards=str(shards),
+        image_size=image_size,
+        tta=tta,
+        processes=accelerator.num_processes,
+    )
+    files: dict[str, Path] = {}
+    if out is not None and accelerator.is_main_process:
+        files = write_outputs(Path(out), preds, metrics, plots=plots)
+    return EvalResult(metrics=metrics, predictions=preds, files=files)
+
+
+def write_outputs(out: Path, preds: Predictions, metrics: dict[str, Any], plots: bool = True) -> dict[str, Path]:
+    """metrics.json, predictions.csv (ISIC 2018 Task 3), classification_report.txt and the three plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{metrics.get('split')} split, n={metrics['n_samples']}"
+    files = {
+        "metrics": _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n"),
+        "predictions": _write_text(out / "predictions.csv", isic_csv(preds)),
+        "report": _write_text(out / "classification_report.txt", _report(preds, metrics)),
+    }
+    if plots:
+        cm = np.asarray(metrics["confusion_matrix"])
+        files["confusion_matrix"] = plot_confusion_matrix(
+            cm, out / "confusion_matrix.png", f"Confusion matrix, {title}"
+        )
+        files["roc"] = plot_roc(preds.labels, preds.probs, out / "roc.png", f"ROC one vs rest, {title}")
+        files["reliability"] = plot_reliability(preds.labels, preds.probs, out / "reliability.png")
+    return files
+
+
+def isic_csv(preds: Predictions) -> str:
+    """ISIC 2018 Task 3 submission: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC; one row per image_id.
+
+    Probabilities are written in positional notation with a decimal point and enough digits to
+    read back the exact float64, so the official scorer sees the numbers our metrics used. Resampled
+    copies of one image (train split only) carry identical predictions; the first is kept.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(ISIC_HEADER)
+    seen: set[str] = set()
+    for image_id, row in sorted(zip(preds.image_ids, preds.probs, strict=True), key=lambda r: r[0]):
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        writer.writerow([image_id, *(np.format_float_positional(row[c], trim="0") for c in _ISIC_COLUMNS)])
+    return buffer.getvalue()
+
+
+def _report(preds: Predictions, metrics: dict[str, Any]) -> str:
+    """scikit-learn's classification report (as in the seed notebook) under a header naming the run."""
+    report = classification_report(
+        preds.labels,
+        preds.probs.argmax(axis=1),
+        labels=list(range(len(CLASSES))),
+        target_names=list(CLASSES),
+        digits=3,
+        zero_division=0,
+    )
+    return f"checkpoint: {metrics.get('checkpoint')}\nsplit: {metrics.get('split')}\n\n{report}"
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def format_summary(metrics: dict[str, Any], files: dict[str, Path] | None = None) -> str:
+    """The few lines a user reads after an evaluation: balanced accuracy with its CI, recalls, melanoma."""
+
+    def num(value: float | None, fmt: str = ".3f") -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    low, high = metrics["balanced_accuracy_ci95"]
+    unit = "lesions" if metrics.get("bootstrap", {}).get("unit") == "group" else "images"
+    mel = metrics["melanoma"]
+    lines = [
+        f"{metrics.get('split')} split: {metrics['n_samples']} images, checkpoint {metrics.get('checkpoint')}"
+        + (", TTA x8" if metrics.get("tta") else ""),
+        f"  balanced accuracy {num(metrics['balanced_accuracy'])}"
+        + (f"  (95% CI {num(low)}-{num(high)}, bootstrap over {unit})" if low is not None else ""),
+        f"  accuracy {num(metrics['accuracy'])}   AUC macro {num(metrics['auc_macro'])}   ECE {num(metrics['ece'])}",
+        "  recall    " + "  ".join(f"{dx} {num(v['recall'], '.2f')}" for dx, v in metrics["per_class"].items()),
+        "  support   " + "  ".join(f"{dx} {v['support']}" for dx, v in metrics["per_class"].items()),
+        f"  melanoma  sensitivity {num(mel['sensitivity_at_argmax'])} (argmax), "
+        f"{num(mel['sensitivity_at_specificity_0.8'])} at specificity 0.8, "
+        f"{num(mel['sensitivity_at_specificity_0.9'])} at 0.9; AUC {num(mel['auc'])}",
+    ]
+    if files:
+        folder = next(iter(files.values())).parent
+        lines.append(f"  wrote {folder}/: " + ", ".join(p.name for p in files.values()))
+    return "\n".join(lines)
+
+
+def evaluate_command(
+    checkpoint: Path, shards: Path, split: str = "test", out: Path | None = None, tta: bool = False
+) -> int:
+    """CLI entry: evaluate `checkpoint` on `split` of `shards`; outputs go to <checkpoint dir>/eval-<split>."""
+    from skinlesion.data.pipeline import read_manifest
+    from skinlesion.distributed import make_accelerator
+    from skinlesion.model import load_for_inference
+
+    checkpoint, shards = Path(checkpoint), Path(shards)
+    manifest = read_manifest(shards)
+    if split not in manifest.get("splits", {}):
+        raise UserError(f"{shards}/manifest.json has no {split!r} split (it has {sorted(manifest['splits'])})")
+    # A bare state_dict without a config.yaml beside it does not say its input size: use the shards'.
+    stored = int(manifest.get("image_size") or 0)
+    loaded = load_for_inference(checkpoint, default_image_size=min(224, stored) if stored else 224)
+    # The trainer's helper: gloo DDP on CPU, and an error if the launcher's ranks did not all join.
+    accelerator = make_accelerator("auto", timeout_s=1800)
+    model = loaded.model.to(accelerator.device)
+    out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
+    workers = 4 if torch.cuda.is_available() else 0  # on CPU, loader workers only steal the model's cores
+    result = evaluate(
+        model,
+        accelerator,
+        shards,
+        split,
+        loaded.image_size,
+        out=out,
+        checkpoint=checkpoint,
+        tta=tta,
+        num_workers=workers,
+    )
+    if accelerator.is_main_process:
+        print(format_summary(result.metrics, result.files))
+    accelerator.end_training()
+    return 0

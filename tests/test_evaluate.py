@@ -1,0 +1,126 @@
+"""`skinlesion evaluate`: outputs and formats, and exactness across process counts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision import models
+
+from skinlesion.cli import main
+from skinlesion.errors import UserError
+from skinlesion.evaluate import _merge
+
+OUTPUTS = (
+    "metrics.json",
+    "predictions.csv",
+    "classification_report.txt",
+    "confusion_matrix.png",
+    "roc.png",
+    "reliability.png",
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random ResNet-18 model.pt with a config.yaml beside it (32-px crops), as training leaves it."""
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=7)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # spread the logits: no argmax decided by rounding noise
+    torch.save(model.state_dict(), out / "model.pt")
+    (out / "config.yaml").write_text("data:\n  image_size: 32\n")
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint: Path, shards_dir: Path) -> Path:
+    """One-process evaluation of the test split, in the default output folder."""
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards_dir)]) == 0
+    return checkpoint.parent / "eval-test"
+
+
+def test_writes_every_output_with_metrics_for_the_whole_split(single, checkpoint, shards_dir):
+    assert all((single / name).is_file() and (single / name).stat().st_size > 0 for name in OUTPUTS)
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    expected = manifest["splits"]["test"]["samples"]
+    metrics = json.loads((single / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(checkpoint) and metrics["split"] == "test"
+    assert metrics["n_samples"] == expected
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (7, 7) and cm.sum() == expected
+    counts = manifest["splits"]["test"]["class_counts"]
+    assert cm.sum(axis=1).tolist() == [counts.get(dx, 0) for dx in metrics["classes"]]  # rows = true class
+    low, high = metrics["balanced_accuracy_ci95"]
+    assert low <= metrics["balanced_accuracy"] <= high
+    assert set(metrics["per_class"]["mel"]) == {"precision", "recall", "f1", "support", "auc"}
+    assert {"ece", "auc_macro", "accuracy", "melanoma"} <= set(metrics)
+    assert "sensitivity_at_specificity_0.8" in metrics["melanoma"]
+    assert "akiec" in (single / "classification_report.txt").read_text()
+
+
+def test_predictions_csv_is_isic_2018_task3_format(single, shards_dir):
+    rows = list(csv.reader((single / "predictions.csv").open()))
+    assert rows[0] == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    body = rows[1:]
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    assert len(body) == manifest["splits"]["test"]["samples"]  # val/test hold each image once
+    assert len({r[0] for r in body}) == len(body) and all(r[0].startswith("ISIC_") for r in body)
+    for row in body:
+        assert all("." in v for v in row[1:])  # floats with a decimal point, never "1" or "1e-05"
+        assert sum(float(v) for v in row[1:]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_results_as_one(single, checkpoint, shards_dir, tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU: same confusion matrix, same predictions.csv."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "skinlesion", "evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards_dir), "--out", str(out),
+    ]  # fmt: skip
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "balanced accuracy" in result.stdout and result.stdout.count("balanced accuracy") == 1  # main only
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, out))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["n_samples"] == one["n_samples"]
+    a, b = ((d / "predictions.csv").read_text().splitlines() for d in (single, out))
+    assert [r.split(",")[0] for r in a] == [r.split(",")[0] for r in b]
+    np.testing.assert_allclose(
+        [[float(v) for v in r.split(",")[1:]] for r in a[1:]],
+        [[float(v) for v in r.split(",")[1:]] for r in b[1:]],
+        atol=1e-5,
+    )
+
+
+def test_a_sample_seen_twice_or_missing_is_an_error():
+    part = {"keys": ["a", "b"], "image_ids": ["a", "b"], "lesion_ids": [None, None],
+            "labels": np.array([0, 1]), "probs": np.full((2, 7), 1 / 7)}  # fmt: skip
+    assert _merge([part], 2, "m.json", "test").keys == ["a", "b"]
+    with pytest.raises(UserError, match="duplicate"):
+        _merge([part, part], 4, "m.json", "test")  # e.g. padding by a distributed sampler
+    with pytest.raises(UserError, match="lists 3"):
+        _merge([part], 3, "m.json", "test")  # e.g. a dropped remainder
+
+
+def test_unknown_split_and_missing_shards_are_clear_errors(checkpoint, shards_dir, tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--shards", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--shards", str(shards_dir)]) == 2
+    assert "missing.pt" in capsys.readouterr().err
