@@ -21,7 +21,6 @@ MAX_PIXELS = 89_478_485
 # Reasons, as written to rejected.csv.
 EMPTY = "empty file"
 UNREADABLE = "unreadable file"
-NOT_AN_IMAGE = "not an image"
 CORRUPT = "corrupt image"
 TRUNCATED = "truncated image"
 BOMB = "decompression bomb"
@@ -65,9 +64,9 @@ def process_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> bytes
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage(BOMB, str(exc)) from exc
         except UnidentifiedImageError as exc:
-            raise BadImage(NOT_AN_IMAGE) from exc
+            raise BadImage(CORRUPT, "no image format recognised") from exc
         except OSError as exc:
-            reason = TRUNCATED if "truncated" in str(exc) else CORRUPT
+            reason = TRUNCATED if "truncated" in str(exc).lower() else CORRUPT
             raise BadImage(reason, str(exc)) from exc
         except (SyntaxError, ValueError, TypeError, IndexError, EOFError) as exc:  # PIL's plugins raise all of these
             raise BadImage(CORRUPT, str(exc)) from exc

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import webdataset as wds
-
 from skinlesion.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -63,6 +61,8 @@ def shard_sizes(n_samples: int, min_shards: int, samples_per_shard: int | None =
 
 def write_split(folder: Path, split: str, samples: Iterable[Sample], sizes: list[int]) -> list[str]:
     """Write samples into shards `<split>-000000.tar`, ... of the given sizes; returns the file names."""
+    import webdataset as wds  # here, not at the top: it imports torch, which bad-input errors need not wait for
+
     names = [f"{split}-{i:06d}.tar" for i in range(len(sizes))]
     it: Iterator[Sample] = iter(samples)
     for name, size in zip(names, sizes, strict=True):
