@@ -29,7 +29,9 @@ def split_by_lesion(
     fractions = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
     rng = np.random.default_rng(seed)
     # A lesion's class is its most frequent dx (HAM10000 has one per lesion; ties go alphabetically).
-    lesion_dx = rows.groupby("lesion_id")["dx"].agg(lambda s: s.value_counts().sort_index().idxmax())
+    pairs = rows.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
+    pairs = pairs.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True], kind="stable")
+    lesion_dx = pairs.drop_duplicates("lesion_id").set_index("lesion_id")["dx"]
     lesion_size = rows.groupby("lesion_id").size()
     assignment: dict[str, str] = {}
     for dx in sorted(lesion_dx.unique()):
