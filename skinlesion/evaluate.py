@@ -233,6 +233,24 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
+def flat_scalars(metrics: dict[str, Any], prefix: str = "val") -> dict[str, float]:
+    """The numbers of `metrics` as flat "prefix/name" scalars for a tracker (W&B); undefined ones left out."""
+    mel = metrics["melanoma"]
+    values: dict[str, float | None] = {
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "accuracy": metrics["accuracy"],
+        "loss": metrics["log_loss"],
+        "auc_macro": metrics["auc_macro"],
+        "ece": metrics["ece"],
+        "mel_sensitivity_at_spec_0.8": mel["sensitivity_at_specificity_0.8"],
+        "mel_sensitivity_at_spec_0.9": mel["sensitivity_at_specificity_0.9"],
+    }
+    for dx, per_class in metrics["per_class"].items():
+        values[f"recall/{dx}"] = per_class["recall"]
+        values[f"auc/{dx}"] = per_class["auc"]
+    return {f"{prefix}/{name}": float(v) for name, v in values.items() if v is not None}
+
+
 def format_summary(metrics: dict[str, Any], files: dict[str, Path] | None = None) -> str:
     """The few lines a user reads after an evaluation: balanced accuracy with its CI, recalls, melanoma."""
 

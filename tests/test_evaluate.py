@@ -124,3 +124,13 @@ def test_unknown_split_and_missing_shards_are_clear_errors(checkpoint, shards_di
     assert "nope" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--shards", str(shards_dir)]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_flat_scalars_for_wandb_hold_per_class_recall(single):
+    from skinlesion.evaluate import flat_scalars
+
+    metrics = json.loads((single / "metrics.json").read_text())
+    scalars = flat_scalars(metrics, "val")
+    assert scalars["val/balanced_accuracy"] == metrics["balanced_accuracy"]
+    assert scalars["val/recall/mel"] == metrics["per_class"]["mel"]["recall"]
+    assert all(isinstance(v, float) for v in scalars.values())
