@@ -1,0 +1,175 @@
+"""slurm/train.sbatch and slurm/prepare.sbatch on a real SLURM cluster (`slurm/local-cluster.sh start --nodes 2`).
+
+What a cluster user relies on: CPU DDP inside a job really forms one process group; USR1 before the time
+limit leads to checkpoint -> requeue -> resume with every epoch trained once; `--nodes 2` runs one process
+per node with distinct machine ranks; a bad config fails at once with a readable message. Skipped when no
+cluster answers `sinfo`. Jobs are 1-node unless the test needs 2, so the tests pass on a 1- or 2-node cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=32", "data.num_workers=0",
+        "model.name=resnet18", "train.log_every_steps=1"]  # fmt: skip
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def cluster_nodes() -> int:
+    """Nodes of the default partition that can run jobs; 0 when no cluster answers."""
+    if shutil.which("sinfo") is None:
+        return 0
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    states = dict(line.split() for line in done.stdout.splitlines() if line.strip()) if done.returncode == 0 else {}
+    return sum(state.rstrip("*") in ("idle", "mixed", "allocated", "completing") for state in states.values())
+
+
+@pytest.fixture(scope="module")
+def nodes() -> int:
+    n = cluster_nodes()
+    if n == 0:
+        pytest.skip("no SLURM cluster answers `sinfo` (start one: slurm/local-cluster.sh start --nodes 2)")
+    return n
+
+
+def job_info(job_id: int) -> dict[str, str]:
+    done = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, timeout=20)
+    return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def sbatch(nodes: int, tmp_path: Path) -> Iterator[Callable[..., tuple[int, subprocess.CompletedProcess]]]:
+    """Submit from the repository root with the job log in tmp_path; cancels leftover jobs at teardown."""
+    jobs: list[int] = []
+
+    def submit(
+        *args: str, env: dict[str, str] | None = None, wait: bool = False
+    ) -> tuple[int, subprocess.CompletedProcess]:
+        # The job inherits this environment (sbatch --export=ALL): the venv's python and accelerate come first.
+        job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+        job_env.pop("WANDB_MODE", None)  # the script's default (offline) is under test
+        cmd = ["sbatch", "--parsable", "--time=10", f"--output={tmp_path}/%x-%j.out", *(["--wait"] if wait else []),
+               *args]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=job_env | (env or {}))
+        job_id = int(done.stdout.split()[0].split(";")[0]) if done.stdout.strip() else -1
+        jobs.append(job_id)
+        return job_id, done
+
+    yield submit
+    for job_id in jobs:
+        if job_id > 0 and job_info(job_id).get("JobState") not in FINISHED:
+            subprocess.run(["scancel", str(job_id)], timeout=20)
+
+
+def job_log(tmp_path: Path, job_id: int) -> str:
+    return "".join(p.read_text(errors="replace") for p in tmp_path.glob(f"*-{job_id}.out"))
+
+
+def epochs(out: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_args(shards: Path, out: Path, *overrides: str) -> list[str]:
+    return ["slurm/train.sbatch", "configs/smoke.yaml", f"data.shards={shards}", f"train.output_dir={out}", *TINY,
+            *overrides]  # fmt: skip
+
+
+def test_one_node_trains_with_two_cpu_processes(sbatch: Callable, shards_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    job, done = sbatch(
+        "--nodes=1", *train_args(shards_dir, out, "train.epochs=1"), env={"NPROC_PER_NODE": "2"}, wait=True
+    )
+    log = job_log(tmp_path, job)
+    assert done.returncode == 0, log[-4000:]
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["world_size"] == 2
+    assert epochs(out) == [0] and (out / "model.pt").is_file()
+    assert "2 process(es) of 2 on CPU" in log
+    # W&B defaults to offline on the cluster, and the log says how to upload the run afterwards.
+    offline = sorted((out / "wandb").glob("offline-run-*"))
+    assert offline and f"wandb sync {offline[0]}" in log
+
+
+def test_usr1_checkpoints_requeues_and_resumes(sbatch: Callable, shards_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    n_epochs = 4
+    job, done = sbatch("--nodes=1", *train_args(shards_dir, out, f"train.epochs={n_epochs}", "wandb.mode=disabled"),
+                       env={"NPROC_PER_NODE": "2"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # After the first epoch is recorded the run is mid-training with epochs to go: preempt it now, as SLURM's
+    # --signal=B:USR1@<lead> would before the time limit.
+    wait_for(lambda: (out / "metrics.jsonl").is_file(), 300, f"epoch 0 of job {job}")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=20)
+
+    wait_for(lambda: int(job_info(job).get("Restarts", 0)) >= 1, 180, f"job {job} to requeue itself")
+    assert job_info(job)["JobState"] in ("PENDING", "REQUEUED"), job_log(tmp_path, job)[-4000:]
+    # SLURM holds a requeued job ~2 min (BeginTime). Releasing it within the second of the requeue gets the new
+    # launch refused ("Job credential revoked"), so give the revocation a moment to age first.
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=20)
+    wait_for(lambda: job_info(job).get("JobState") in FINISHED, 420, f"job {job} to finish after the requeue")
+
+    log = job_log(tmp_path, job)
+    assert job_info(job)["JobState"] == "COMPLETED", log[-4000:]
+    assert "got SIGUSR1" in log and "requeueing job" in log and "(restart 1)" in log
+    assert re.search(r"resuming from \S+", log), log[-4000:]
+    assert epochs(out) == list(range(n_epochs))  # every epoch exactly once across both attempts
+    assert not (out / "preempted").exists()
+
+
+def test_two_nodes_one_process_each(sbatch: Callable, nodes: int, shards_dir: Path, tmp_path: Path) -> None:
+    if nodes < 2:
+        pytest.skip("needs a 2-node cluster: slurm/local-cluster.sh start --nodes 2")
+    out = tmp_path / "run"
+    job, done = sbatch("--nodes=2", *train_args(shards_dir, out, "train.epochs=1", "wandb.mode=disabled"),
+                       env={"NPROC_PER_NODE": "1"}, wait=True)  # fmt: skip
+    log = job_log(tmp_path, job)
+    assert done.returncode == 0, log[-4000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["world_size"] == 2
+    # Each node evaluated its own $SLURM_NODEID (an unescaped one makes both machine rank 0 and hangs).
+    assert re.search(r"node 0 \(\S+\): 1 process\(es\) of 2", log) and re.search(r"node 1 \(\S+\): 1 process", log)
+
+
+def test_bad_config_fails_before_any_node_starts(sbatch: Callable, tmp_path: Path) -> None:
+    job, done = sbatch("--nodes=1", "slurm/train.sbatch", "configs/smoke.yaml", "train.epochz=3", wait=True)
+    log = job_log(tmp_path, job)
+    assert done.returncode != 0
+    assert "unknown config key 'train.epochz'" in log and "did you mean 'train.epochs'" in log
+    assert "accelerate launch" not in log and "Traceback" not in log
+
+
+def test_prepare_job_writes_shards(sbatch: Callable, synthetic_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    meta, images = synthetic_dir / "HAM10000_metadata.csv", synthetic_dir / "HAM10000_images_part_{}"
+    args = ["--metadata", str(meta), "--images", str(images).format(1), "--images", str(images).format(2)]
+    job, done = sbatch("--cpus-per-task=2", "slurm/prepare.sbatch", *args, "--out", str(out), "--image-size", "32",
+                       "--min-shards", "2", wait=True)  # fmt: skip
+    log = job_log(tmp_path, job)
+    assert done.returncode == 0, log[-4000:]
+    assert "with 2 workers" in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"]["input"] == 400 and manifest["splits"]["train"]["shards"] >= 2
