@@ -1,13 +1,13 @@
 """`skinlesion prepare`: metadata + image folders -> clean, lesion-grouped, train-balanced shards.
 
     read + validate + clean (metadata.py) -> decode every kept image once, in worker processes
-    (images.py) -> split by lesion (split.py) -> balance train -> write shards, rejected.csv,
-    manifest.json (shards.py)
+    (images.py) -> split by lesion (split.py) -> balance train -> write shards in worker processes,
+    then rejected.csv and manifest.json (shards.py)
 
 Images are decoded before the split so that a file that turns out to be corrupt is never
-resampled into train. Worker processes return JPEG bytes that the main process appends to a spool
-file in the build folder, so memory stays flat whatever the dataset and image size; a resampled
-image is read back from the spool, never decoded twice.
+resampled into train. Workers return JPEG bytes that the main process appends to a spool file in
+the build folder, so memory stays flat whatever the dataset and image size; shard writers read the
+bytes back from the spool, so a resampled image is never decoded twice.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -95,37 +95,12 @@ def _encode(task: tuple[int, str, int]) -> tuple[int, bytes | None, str | None]:
         return i, None, exc.reason
 
 
-def _encode_all(
-    kept: pd.DataFrame, opts: PrepareOptions, spool: BinaryIO
-) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
-    """Decode every kept row's image once; returns spool (offset, length) per good row, reason per bad row."""
-    tasks = [(i, path, opts.image_size) for i, path in enumerate(kept["path"])]
-    workers = min(opts.workers or os.cpu_count() or 1, max(1, len(tasks)))
-    where: dict[int, tuple[int, int]] = {}
-    bad: dict[int, str] = {}
-    bar = tqdm(total=len(tasks), desc="images", unit="img", dynamic_ncols=True, file=sys.stderr)
-    with Pool(workers) if workers > 1 else _Inline() as pool:
-        chunk = max(1, min(32, len(tasks) // (workers * 8)))
-        for i, data, reason in pool.imap_unordered(_encode, tasks, chunksize=chunk):
-            bar.update()
-            if data is None:
-                if opts.on_bad_image == "error":
-                    bar.close()
-                    raise UserError(
-                        f"image {kept['path'].iloc[i]} (image_id {kept['image_id'].iloc[i]}): {reason}; "
-                        "stopped by --on-bad-image error (nothing written). Fix or remove the file, or pass "
-                        "--on-bad-image skip to record it in rejected.csv and go on"
-                    )
-                bad[i] = str(reason)
-                continue
-            where[i] = (spool.tell(), len(data))
-            spool.write(data)
-    bar.close()
-    return where, bad
+def _write_shard(task: tuple[Path, Path, list[shards.Entry]]) -> int:
+    return shards.write_shard(*task)
 
 
 class _Inline:
-    """A stand-in for Pool with one worker: no process start-up for tiny jobs and easy debugging."""
+    """A stand-in for Pool with one worker: no process start-up for tiny jobs, and easy debugging."""
 
     def imap_unordered(self, fn: Callable[[T], R], tasks: Iterable[T], chunksize: int = 1) -> Iterator[R]:
         return map(fn, tasks)
@@ -137,23 +112,29 @@ class _Inline:
         return None
 
 
-def _keys(rows: pd.DataFrame) -> list[str]:
-    """`__key__` per row: the image_id (dots would split a WebDataset key), `_r<n>` for the n-th repeat."""
-    base = rows["image_id"].str.replace(".", "_", regex=False)
-    copies = rows["copy"].to_numpy()
-    keys = [k if c == 0 else f"{k}_r{c}" for k, c in zip(base, copies, strict=True)]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k, n in Counter(keys).items() if n > 1)
-        raise UserError(f"two samples would share the key {dup!r}; rename the image_id(s) behind it")
-    return keys
-
-
-def _samples(rows: pd.DataFrame, where: dict[int, tuple[int, int]], spool: BinaryIO) -> Iterator[shards.Sample]:
-    records = rows.to_dict("records")
-    for key, row in zip(_keys(rows), records, strict=True):
-        offset, length = where[row["row"]]
-        spool.seek(offset)
-        yield shards.Sample(key, spool.read(length), CLASS_TO_INDEX[row["dx"]], metadata.sample_metadata(row))
+def _encode_all(
+    pool: Pool | _Inline, workers: int, kept: pd.DataFrame, opts: PrepareOptions, spool: Path
+) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """Decode every kept row's image once; returns spool (offset, length) per good row, reason per bad row."""
+    tasks = [(i, path, opts.image_size) for i, path in enumerate(kept["path"])]
+    where: dict[int, tuple[int, int]] = {}
+    bad: dict[int, str] = {}
+    chunk = max(1, min(32, len(tasks) // (workers * 8)))
+    with spool.open("wb") as f, tqdm(total=len(tasks), desc="images", unit="img", file=sys.stderr) as bar:
+        for i, data, reason in pool.imap_unordered(_encode, tasks, chunksize=chunk):
+            bar.update()
+            if data is None:
+                if opts.on_bad_image == "error":
+                    raise UserError(
+                        f"image {kept['path'].iloc[i]} (image_id {kept['image_id'].iloc[i]}): {reason}; "
+                        "stopped by --on-bad-image error (nothing written). Fix or remove the file, or pass "
+                        "--on-bad-image skip to record it in rejected.csv and go on"
+                    )
+                bad[i] = str(reason)
+                continue
+            where[i] = (f.tell(), len(data))
+            f.write(data)
+    return where, bad
 
 
 def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> dict[str, pd.DataFrame]:
@@ -171,6 +152,37 @@ def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> dict[str, pd.DataFr
     return out
 
 
+def _keys(rows: pd.DataFrame) -> list[str]:
+    """`__key__` per row: the image_id (dots would split a WebDataset key), `_r<n>` for the n-th repeat."""
+    base = rows["image_id"].str.replace(".", "_", regex=False)
+    keys = [k if c == 0 else f"{k}_r{c}" for k, c in zip(base, rows["copy"], strict=True)]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, n in Counter(keys).items() if n > 1)
+        raise UserError(f"two samples would share the key {dup!r}; rename the image_id(s) behind it")
+    return keys
+
+
+def _entries(rows: pd.DataFrame, where: dict[int, tuple[int, int]]) -> list[shards.Entry]:
+    records = rows.to_dict("records")
+    return [
+        shards.Entry(key, *where[r["row"]], CLASS_TO_INDEX[r["dx"]], metadata.sample_metadata(r))
+        for key, r in zip(_keys(rows), records, strict=True)
+    ]
+
+
+def _split_manifest(rows: pd.DataFrame, files: list[str], sizes: list[int]) -> dict:
+    counts = rows["dx"].value_counts()
+    return {
+        "samples": len(rows),
+        "shards": len(files),
+        "files": files,
+        "shard_samples": sizes,
+        "class_counts": {dx: int(counts.get(dx, 0)) for dx in CLASSES},
+        "images": int(rows["image_id"].nunique()),
+        "lesions": int(rows["lesion_id"].nunique()),
+    }
+
+
 def prepare(opts: PrepareOptions) -> PrepareResult:
     """Run the whole preparation; print a summary table; return OUT and its manifest."""
     _check(opts)
@@ -179,55 +191,61 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
     shards.check_destination(out, opts.overwrite)
     meta = metadata.load(opts.metadata, opts.images, opts.keep_incomplete)
     if meta.kept.empty:
-        reasons = Counter(r.reason for r in meta.rejected).most_common()
-        raise UserError(f"no usable rows in {opts.metadata} (rejected: {dict(reasons)}); check --images and the CSV")
+        reasons = dict(Counter(r.reason for r in meta.rejected).most_common())
+        raise UserError(f"no usable rows in {opts.metadata} (rejected: {reasons}); check --images and the CSV")
+    workers = min(opts.workers or os.cpu_count() or 1, len(meta.kept))
+    if workers > 1:
+        import webdataset  # noqa: F401  (once here, so forked workers inherit it instead of each importing torch)
 
-    with shards.Build(out) as build, (build.path / ".spool").open("w+b") as spool:
-        where, bad = _encode_all(meta.kept, opts, spool)
+    timings = {"metadata": time.perf_counter() - started}
+    with shards.Build(out) as build, Pool(workers) if workers > 1 else _Inline() as pool:
+        spool = build.path / ".spool"
+        where, bad = _encode_all(pool, workers, meta.kept, opts, spool)
+        timings["images"] = time.perf_counter() - started - sum(timings.values())
         rejected = [(r.image_id, r.reason) for r in meta.rejected]
         rejected += [(meta.kept["image_id"].iloc[i], reason) for i, reason in sorted(bad.items())]
         good = meta.kept.assign(row=np.arange(len(meta.kept)))
         good = good[good["row"].isin(list(where))].reset_index(drop=True)
         if good.empty:
             raise UserError(f"none of the {len(meta.kept)} images could be decoded (reasons: {Counter(bad.values())})")
-        split_rows = _split_rows(good, opts)
 
-        manifest_splits = {}
-        for split, rows in split_rows.items():
+        splits, tasks = {}, []
+        for split, rows in _split_rows(good, opts).items():
             sizes = shards.shard_sizes(len(rows), opts.min_shards, opts.samples_per_shard)
-            files = shards.write_split(build.path, split, _samples(rows, where, spool), sizes)
-            counts = rows["dx"].value_counts()
-            manifest_splits[split] = {
-                "samples": len(rows),
-                "shards": len(files),
-                "files": files,
-                "shard_samples": sizes,
-                "class_counts": {dx: int(counts.get(dx, 0)) for dx in CLASSES},
-                "images": int(rows["image_id"].nunique()),
-                "lesions": int(rows["lesion_id"].nunique()),
-            }
+            files = [f"{split}-{i:06d}.tar" for i in range(len(sizes))]
+            entries = _entries(rows, where)
+            ends = np.cumsum(sizes).tolist()
+            starts = [0, *ends[:-1]]
+            tasks += [(build.path / f, spool, entries[a:b]) for f, a, b in zip(files, starts, ends, strict=True)]
+            splits[split] = _split_manifest(rows, files, sizes)
+        with tqdm(total=sum(len(t[2]) for t in tasks), desc="shards", unit="sample", file=sys.stderr) as bar:
+            for n in pool.imap_unordered(_write_shard, tasks):
+                bar.update(n)
+        spool.unlink()
+        timings["shards"] = time.perf_counter() - started - sum(timings.values())
+
         manifest = {
             "classes": list(CLASSES),
             "rows": {"input": meta.n_input, "kept": len(good), "rejected": len(rejected)},
             "rejected_by_reason": dict(Counter(reason for _, reason in rejected).most_common()),
-            "splits": manifest_splits,
+            "splits": splits,
             "image_size": opts.image_size,
             "args": {k: _plain(v) for k, v in dataclasses.asdict(opts).items()},
             "seed": opts.seed,
             "version": __version__,
         }
-        assert manifest["rows"]["input"] == manifest["rows"]["kept"] + manifest["rows"]["rejected"]
+        if manifest["rows"]["input"] != manifest["rows"]["kept"] + manifest["rows"]["rejected"]:
+            raise RuntimeError(f"rows do not add up: {manifest['rows']}")  # a bug, never a user error
         summary = format_summary(manifest)
         shards.write_rejected(build.path / shards.REJECTED, rejected)
         (build.path / shards.SUMMARY).write_text(summary + "\n", encoding="utf-8")
-        spool.close()
-        (build.path / ".spool").unlink()
         shards.write_json(build.path / shards.MANIFEST, manifest)  # last: its presence means complete
         build.commit()
 
     elapsed = time.perf_counter() - started
     print(summary)
-    print(f"wrote {out} in {elapsed:.1f} s ({len(meta.kept) / elapsed:.0f} images/s)")
+    phases = ", ".join(f"{name} {t:.1f} s" for name, t in timings.items())
+    print(f"wrote {out} in {elapsed:.1f} s ({len(meta.kept) / elapsed:.0f} images/s; {phases}; {workers} workers)")
     return PrepareResult(out=out, manifest=manifest)
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,21 +28,14 @@ _MTIME = 0  # fixed tar member times: the same inputs and seed give byte-identic
 
 
 @dataclass(frozen=True)
-class Sample:
-    """One shard entry: `__key__`, `jpg`, `cls` (class index as text), `json` (the metadata row)."""
+class Entry:
+    """One shard sample whose JPEG bytes wait in the spool file at [offset, offset + length)."""
 
     key: str
-    jpg: bytes
+    offset: int
+    length: int
     cls: int
     meta: dict
-
-    def encode(self) -> dict[str, str | bytes]:
-        return {
-            "__key__": self.key,
-            "jpg": self.jpg,
-            "cls": str(self.cls).encode("ascii"),
-            "json": json.dumps(self.meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-        }
 
 
 def shard_sizes(n_samples: int, min_shards: int, samples_per_shard: int | None = None) -> list[int]:
@@ -59,19 +52,22 @@ def shard_sizes(n_samples: int, min_shards: int, samples_per_shard: int | None =
     return [base + 1] * extra + [base] * (n - extra)
 
 
-def write_split(folder: Path, split: str, samples: Iterable[Sample], sizes: list[int]) -> list[str]:
-    """Write samples into shards `<split>-000000.tar`, ... of the given sizes; returns the file names."""
+def write_shard(path: Path, spool: Path, entries: list[Entry]) -> int:
+    """Write one tar shard with webdataset's TarWriter: `__key__`, `jpg`, `cls` (class index as text),
+    `json` (the metadata row). Shards are independent, so worker processes write them in parallel."""
     import webdataset as wds  # here, not at the top: it imports torch, which bad-input errors need not wait for
 
-    names = [f"{split}-{i:06d}.tar" for i in range(len(sizes))]
-    it: Iterator[Sample] = iter(samples)
-    for name, size in zip(names, sizes, strict=True):
-        with wds.TarWriter(str(folder / name), encoder=False, mtime=_MTIME) as sink:
-            for _ in range(size):
-                sink.write(next(it).encode())
-    if next(it, None) is not None:
-        raise ValueError(f"more {split} samples than the shard sizes {sum(sizes)} allow")
-    return names
+    with path.open("wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_MTIME) as sink, spool.open("rb") as f:
+        for e in entries:
+            sink.write(
+                {
+                    "__key__": e.key,
+                    "jpg": os.pread(f.fileno(), e.length, e.offset),
+                    "cls": str(e.cls).encode("ascii"),
+                    "json": json.dumps(e.meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+                }
+            )
+    return len(entries)
 
 
 def write_rejected(path: Path, rejected: Iterable[tuple[str, str]]) -> None:
