@@ -101,7 +101,7 @@ def predict_images(
                 tensors.append(load_image(Path(path), transform))
                 chunk_entries.append({"image": str(path)})
             except ValueError as exc:
-                chunk_entries.append({"image": str(path), "error": f"{path}: {exc}"})
+                chunk_entries.append({"image": str(path), "error": str(exc)})
         if tensors:
             probs = class_probabilities(loaded.model, torch.stack(tensors).to(device), tta=tta).cpu()
             ok = iter(probs)
@@ -127,6 +127,8 @@ def _describe(probs: torch.Tensor, top_k: int) -> dict[str, Any]:
 def format_text(entries: Sequence[dict[str, Any]]) -> str:
     """Human-readable report: one block per image, the disclaimer last."""
     lines: list[str] = []
+    labels = [f"{p['dx']}: {p['name']}" for e in entries for p in e.get("predictions", [])]
+    width = max(map(len, labels), default=0)
     for entry in entries:
         lines.append(entry["image"])
         if "error" in entry:
@@ -134,7 +136,7 @@ def format_text(entries: Sequence[dict[str, Any]]) -> str:
         else:
             for rank, pred in enumerate(entry["predictions"], start=1):
                 label = f"{pred['dx']}: {pred['name']}"
-                lines.append(f"  {rank}. {label:<72} {pred['probability']:6.1%}")
+                lines.append(f"  {rank}. {label:<{width}}  {pred['probability']:6.1%}")
             malignant = " + ".join(MALIGNANT)
             lines.append(f"  malignant ({malignant}): {entry['malignant_probability']:.1%}")
         lines.append("")

@@ -84,14 +84,18 @@ def test_missing_and_corrupt_images_get_error_entries_and_exit_1(run_dir, images
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(images[0].read_bytes()[:300])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
     missing = tmp_path / "missing.jpg"
-    paths = [missing, images[0], corrupt, truncated]
+    paths = [missing, images[0], corrupt, truncated, text]
     code, entries = _predict_json(capsys, "--checkpoint", str(run_dir / "model.pt"), *map(str, paths))
     assert code == 1
     assert [e["image"] for e in entries] == [str(p) for p in paths]
-    assert "file not found" in entries[0]["error"] and str(missing) in entries[0]["error"]
+    assert entries[0]["error"] == "file not found"
     assert "predictions" in entries[1] and "error" not in entries[1]
-    assert "error" in entries[2] and "error" in entries[3]
+    assert "corrupt or truncated" in entries[2]["error"] and "corrupt or truncated" in entries[3]["error"]
+    assert "not a readable image" in entries[4]["error"]
+    assert not any("predictions" in e for e in entries[2:])
 
 
 def test_checkpoint_whose_unpickling_runs_code_is_refused(tmp_path, images, capsys):
