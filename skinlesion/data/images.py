@@ -119,5 +119,7 @@ def resize_shorter(im: Image.Image, size: int) -> Image.Image:
         return im
     scale = size / min(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    # reducing_gap: a cheap box reduction first, then Lanczos on the last factor of 2 or less.
-    return im.resize(new, Image.LANCZOS, reducing_gap=2.0)
+    # PIL's bilinear filter widens with the scale factor, so downscaling is antialiased (as in torchvision's
+    # Resize); it costs about half of Lanczos, and resizing costs more than decoding a 600x450 JPEG.
+    # reducing_gap: for big factors (huge PNGs; JPEGs are already reduced by draft) a cheap box reduction first.
+    return im.resize(new, Image.BILINEAR, reducing_gap=3.0)

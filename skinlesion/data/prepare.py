@@ -193,11 +193,12 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
     if meta.kept.empty:
         reasons = dict(Counter(r.reason for r in meta.rejected).most_common())
         raise UserError(f"no usable rows in {opts.metadata} (rejected: {reasons}); check --images and the CSV")
+    timings = {"metadata": time.perf_counter() - started}
     workers = min(opts.workers or os.cpu_count() or 1, len(meta.kept))
     if workers > 1:
         import webdataset  # noqa: F401  (once here, so forked workers inherit it instead of each importing torch)
 
-    timings = {"metadata": time.perf_counter() - started}
+        timings["import webdataset"] = time.perf_counter() - started - timings["metadata"]
     with shards.Build(out) as build, Pool(workers) if workers > 1 else _Inline() as pool:
         spool = build.path / ".spool"
         where, bad = _encode_all(pool, workers, meta.kept, opts, spool)
