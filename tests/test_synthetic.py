@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion.data import synthetic
+from skinlesion.data import metadata, synthetic
 from skinlesion.labels import CLASSES
 
 HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset"
@@ -37,7 +37,7 @@ def test_class_counts_follow_ham10000_with_a_floor() -> None:
 
 def test_metadata_looks_like_ham10000(synthetic_dir: Path) -> None:
     csv = synthetic_dir / "HAM10000_metadata.csv"
-    assert csv.read_text().splitlines()[0] == HEADER
+    assert csv.read_text().splitlines()[0] == HEADER == ",".join(metadata.COLUMNS)
     rows = pd.read_csv(csv, dtype=str, keep_default_na=False)
     assert len(rows) == 400 and rows["image_id"].is_unique
     assert set(rows["dx"]) == set(CLASSES)

@@ -30,8 +30,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES
 
+# HAM10000's header (= metadata.COLUMNS; not imported from there, which would import pandas for nothing).
 HEADER = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
 FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 WIDTH, HEIGHT = 600, 450
@@ -390,6 +392,8 @@ def generate(out: Path, n_images: int = 1000, seed: int = 0, workers: int | None
     Images are rendered by worker processes; the CSV is written last and atomically, so a folder
     with a metadata file is complete. Returns the CSV's path.
     """
+    if n_images < len(CLASSES):
+        raise UserError(f"--images {n_images} is too few: pass at least {len(CLASSES)}, one per class")
     out = Path(out)
     rows = plan(n_images, seed)
     for folder in FOLDERS:
@@ -400,16 +404,15 @@ def generate(out: Path, n_images: int = 1000, seed: int = 0, workers: int | None
         for n, r in enumerate(rows)
     ]
     workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True)
-    if workers == 1:
-        for task in tasks:
-            _write_image(task)
-            bar.update()
-    else:
-        with Pool(workers) as pool:
-            for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
+    with tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True) as bar:
+        if workers == 1:
+            for task in tasks:
+                _write_image(task)
                 bar.update()
-    bar.close()
+        else:
+            with Pool(workers) as pool:
+                for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
+                    bar.update()
 
     csv_path = out / "HAM10000_metadata.csv"
     tmp = csv_path.with_name(csv_path.name + ".tmp")
