@@ -73,13 +73,13 @@ def collect_predictions(
     """
     from skinlesion.data.pipeline import eval_loader, read_manifest
 
+    loader = eval_loader(  # first: a clear error for a missing folder, manifest or split
+        shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes
+    )
     expected = int(read_manifest(shards)["splits"][split]["samples"])
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    loader = eval_loader(
-        shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes
-    )
     keys: list[str] = []
     metas: list[dict[str, Any]] = []
     labels: list[torch.Tensor] = []
