@@ -146,7 +146,7 @@ def test_confusion_matrix_helper_counts_pairs():
 
 
 @pytest.mark.filterwarnings("ignore")  # the scorer's own pandas deprecation warnings
-def test_agrees_with_the_official_isic_scorer():
+def test_agrees_with_the_official_isic_scorer(monkeypatch):
     """Our balanced accuracy and per-class AUC equal isic-challenge-scoring's on our predictions.csv."""
     pytest.importorskip("isic_challenge_scoring")
     import pandas as pd
@@ -155,7 +155,7 @@ def test_agrees_with_the_official_isic_scorer():
     from skinlesion.evaluate import Predictions, isic_csv
 
     if not hasattr(pd.DataFrame, "applymap"):  # the scorer (5.6) still calls applymap, removed in pandas 3
-        pd.DataFrame.applymap = pd.DataFrame.map
+        monkeypatch.setattr(pd.DataFrame, "applymap", pd.DataFrame.map, raising=False)
     rng = np.random.default_rng(1)
     n = 80
     y_true = np.concatenate([np.arange(7), rng.integers(0, 7, n - 7)])
