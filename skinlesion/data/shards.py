@@ -104,7 +104,7 @@ class Build:
     """A temporary folder beside OUT that becomes OUT on `commit`, and vanishes on failure."""
 
     def __init__(self, out: Path) -> None:
-        self.out = Path(out)
+        self.out = Path(out).resolve()  # "." or "x/.." have no usable name for the sibling folder
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         shutil.rmtree(self.path, ignore_errors=True)
