@@ -84,7 +84,7 @@ def log_tail(tmp_path: Path, rank: int) -> str:
 
 def test_two_machine_ranks_form_one_job(machines: Callable[..., list], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    procs = machines(out, "train.epochs=1")
+    procs = machines(out, "train.epochs=1", "data.batch_size=20")
     for rank, proc in enumerate(procs):
         assert proc.wait(timeout=300) == 0, log_tail(tmp_path, rank)
 

@@ -40,12 +40,38 @@ def cluster_nodes() -> int:
     return sum(state.rstrip("*") in ("idle", "mixed", "allocated", "completing") for state in states.values())
 
 
+class Cluster:
+    """Submits from the repository root, as a user would, with job logs in `log_dir`."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = nodes
+        self.jobs: list[int] = []
+
+    def submit(
+        self, *args: str, log_dir: Path, env: dict | None = None, wait: bool = False
+    ) -> tuple[int, subprocess.CompletedProcess]:
+        # The job inherits this environment (sbatch --export=ALL): the venv's python and accelerate come first.
+        job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+        job_env.pop("WANDB_MODE", None)  # the script's default (offline) is under test
+        cmd = ["sbatch", "--parsable", "--time=10", f"--output={log_dir}/%x-%j.out", *(["--wait"] if wait else []),
+               *args]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=job_env | (env or {}))
+        job_id = int(done.stdout.split()[0].split(";")[0]) if done.stdout.strip() else -1
+        self.jobs.append(job_id)
+        return job_id, done
+
+
 @pytest.fixture(scope="module")
-def nodes() -> int:
-    n = cluster_nodes()
-    if n == 0:
+def cluster() -> Iterator[Cluster]:
+    """The cluster `sinfo` answers for (the test module is skipped without one); leftover jobs are cancelled."""
+    nodes = cluster_nodes()
+    if nodes == 0:
         pytest.skip("no SLURM cluster answers `sinfo` (start one: slurm/local-cluster.sh start --nodes 2)")
-    return n
+    cluster = Cluster(nodes)
+    yield cluster
+    for job_id in cluster.jobs:
+        if job_id > 0 and job_info(job_id).get("JobState") not in (*FINISHED, None):  # None: already purged
+            subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=20)
 
 
 def job_info(job_id: int) -> dict[str, str]:
@@ -61,28 +87,20 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture
-def sbatch(nodes: int, tmp_path: Path) -> Iterator[Callable[..., tuple[int, subprocess.CompletedProcess]]]:
-    """Submit from the repository root with the job log in tmp_path; cancels leftover jobs at teardown."""
-    jobs: list[int] = []
-
-    def submit(
-        *args: str, env: dict[str, str] | None = None, wait: bool = False
-    ) -> tuple[int, subprocess.CompletedProcess]:
-        # The job inherits this environment (sbatch --export=ALL): the venv's python and accelerate come first.
-        job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-        job_env.pop("WANDB_MODE", None)  # the script's default (offline) is under test
-        cmd = ["sbatch", "--parsable", "--time=10", f"--output={tmp_path}/%x-%j.out", *(["--wait"] if wait else []),
-               *args]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=job_env | (env or {}))
-        job_id = int(done.stdout.split()[0].split(";")[0]) if done.stdout.strip() else -1
-        jobs.append(job_id)
-        return job_id, done
-
-    yield submit
-    for job_id in jobs:
-        if job_id > 0 and job_info(job_id).get("JobState") not in FINISHED:
-            subprocess.run(["scancel", str(job_id)], timeout=20)
+@pytest.fixture(scope="module")
+def job_shards(cluster: Cluster, synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Shards made by slurm/prepare.sbatch as a CPU job (the cluster workflow), small enough for quick training:
+    84 train samples (12 per class), ~40 each for val and test. Returns (shards folder, job log)."""
+    logs = tmp_path_factory.mktemp("prepare-job")
+    out = logs / "shards"
+    meta, images = synthetic_dir / "HAM10000_metadata.csv", synthetic_dir / "HAM10000_images_part_{}"
+    args = ["--metadata", str(meta), "--images", str(images).format(1), "--images", str(images).format(2),
+            "--out", str(out), "--image-size", "32", "--samples-per-class", "12", "--val-fraction", "0.1",
+            "--test-fraction", "0.1", "--min-shards", "2"]  # fmt: skip
+    job, done = cluster.submit("--cpus-per-task=2", "slurm/prepare.sbatch", *args, log_dir=logs, wait=True)
+    log = job_log(logs, job)
+    assert done.returncode == 0, log[-4000:]
+    return out, log
 
 
 def job_log(tmp_path: Path, job_id: int) -> str:
@@ -98,11 +116,18 @@ def train_args(shards: Path, out: Path, *overrides: str) -> list[str]:
             *overrides]  # fmt: skip
 
 
-def test_one_node_trains_with_two_cpu_processes(sbatch: Callable, shards_dir: Path, tmp_path: Path) -> None:
+def test_prepare_job_writes_shards(job_shards: tuple[Path, str]) -> None:
+    out, log = job_shards
+    assert "with 2 workers" in log  # one decode process per CPU that SLURM granted
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"]["input"] == 400
+    assert manifest["splits"]["train"]["samples"] == 84 and manifest["splits"]["train"]["shards"] >= 2
+
+
+def test_one_node_trains_with_two_cpu_processes(cluster: Cluster, job_shards: tuple, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    job, done = sbatch(
-        "--nodes=1", *train_args(shards_dir, out, "train.epochs=1"), env={"NPROC_PER_NODE": "2"}, wait=True
-    )
+    args = train_args(job_shards[0], out, "train.epochs=1")
+    job, done = cluster.submit("--nodes=1", *args, log_dir=tmp_path, env={"NPROC_PER_NODE": "2"}, wait=True)
     log = job_log(tmp_path, job)
     assert done.returncode == 0, log[-4000:]
 
@@ -114,13 +139,13 @@ def test_one_node_trains_with_two_cpu_processes(sbatch: Callable, shards_dir: Pa
     assert offline and f"wandb sync {offline[0]}" in log
 
 
-def test_usr1_checkpoints_requeues_and_resumes(sbatch: Callable, shards_dir: Path, tmp_path: Path) -> None:
+def test_usr1_checkpoints_requeues_and_resumes(cluster: Cluster, job_shards: tuple, tmp_path: Path) -> None:
     out = tmp_path / "run"
     n_epochs = 4
-    job, done = sbatch("--nodes=1", *train_args(shards_dir, out, f"train.epochs={n_epochs}", "wandb.mode=disabled"),
-                       env={"NPROC_PER_NODE": "2"})  # fmt: skip
+    args = train_args(job_shards[0], out, f"train.epochs={n_epochs}", "wandb.mode=disabled")
+    job, done = cluster.submit("--nodes=1", *args, log_dir=tmp_path, env={"NPROC_PER_NODE": "2"})
     assert done.returncode == 0, done.stderr
-    # After the first epoch is recorded the run is mid-training with epochs to go: preempt it now, as SLURM's
+    # Once the first epoch is recorded the run is mid-training with epochs to go: preempt it now, as SLURM's
     # --signal=B:USR1@<lead> would before the time limit.
     wait_for(lambda: (out / "metrics.jsonl").is_file(), 300, f"epoch 0 of job {job}")
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=20)
@@ -128,7 +153,7 @@ def test_usr1_checkpoints_requeues_and_resumes(sbatch: Callable, shards_dir: Pat
     wait_for(lambda: int(job_info(job).get("Restarts", 0)) >= 1, 180, f"job {job} to requeue itself")
     assert job_info(job)["JobState"] in ("PENDING", "REQUEUED"), job_log(tmp_path, job)[-4000:]
     # SLURM holds a requeued job ~2 min (BeginTime). Releasing it within the second of the requeue gets the new
-    # launch refused ("Job credential revoked"), so give the revocation a moment to age first.
+    # launch refused ("Job credential revoked"), so let the revocation age a moment first.
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=20)
     wait_for(lambda: job_info(job).get("JobState") in FINISHED, 420, f"job {job} to finish after the requeue")
@@ -141,12 +166,12 @@ def test_usr1_checkpoints_requeues_and_resumes(sbatch: Callable, shards_dir: Pat
     assert not (out / "preempted").exists()
 
 
-def test_two_nodes_one_process_each(sbatch: Callable, nodes: int, shards_dir: Path, tmp_path: Path) -> None:
-    if nodes < 2:
+def test_two_nodes_one_process_each(cluster: Cluster, job_shards: tuple, tmp_path: Path) -> None:
+    if cluster.nodes < 2:
         pytest.skip("needs a 2-node cluster: slurm/local-cluster.sh start --nodes 2")
     out = tmp_path / "run"
-    job, done = sbatch("--nodes=2", *train_args(shards_dir, out, "train.epochs=1", "wandb.mode=disabled"),
-                       env={"NPROC_PER_NODE": "1"}, wait=True)  # fmt: skip
+    args = train_args(job_shards[0], out, "train.epochs=1", "wandb.mode=disabled")
+    job, done = cluster.submit("--nodes=2", *args, log_dir=tmp_path, env={"NPROC_PER_NODE": "1"}, wait=True)
     log = job_log(tmp_path, job)
     assert done.returncode == 0, log[-4000:]
     assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["world_size"] == 2
@@ -154,22 +179,10 @@ def test_two_nodes_one_process_each(sbatch: Callable, nodes: int, shards_dir: Pa
     assert re.search(r"node 0 \(\S+\): 1 process\(es\) of 2", log) and re.search(r"node 1 \(\S+\): 1 process", log)
 
 
-def test_bad_config_fails_before_any_node_starts(sbatch: Callable, tmp_path: Path) -> None:
-    job, done = sbatch("--nodes=1", "slurm/train.sbatch", "configs/smoke.yaml", "train.epochz=3", wait=True)
+def test_bad_config_fails_before_any_node_starts(cluster: Cluster, tmp_path: Path) -> None:
+    args = ["slurm/train.sbatch", "configs/smoke.yaml", "train.epochz=3"]
+    job, done = cluster.submit("--nodes=1", *args, log_dir=tmp_path, wait=True)
     log = job_log(tmp_path, job)
     assert done.returncode != 0
     assert "unknown config key 'train.epochz'" in log and "did you mean 'train.epochs'" in log
     assert "accelerate launch" not in log and "Traceback" not in log
-
-
-def test_prepare_job_writes_shards(sbatch: Callable, synthetic_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "shards"
-    meta, images = synthetic_dir / "HAM10000_metadata.csv", synthetic_dir / "HAM10000_images_part_{}"
-    args = ["--metadata", str(meta), "--images", str(images).format(1), "--images", str(images).format(2)]
-    job, done = sbatch("--cpus-per-task=2", "slurm/prepare.sbatch", *args, "--out", str(out), "--image-size", "32",
-                       "--min-shards", "2", wait=True)  # fmt: skip
-    log = job_log(tmp_path, job)
-    assert done.returncode == 0, log[-4000:]
-    assert "with 2 workers" in log
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["rows"]["input"] == 400 and manifest["splits"]["train"]["shards"] >= 2
