@@ -150,7 +150,7 @@ wait_idle() {
             return 0
         fi
         # A node that was down when slurmctld last saw it stays down until resumed.
-        for name in $(awk '$2 ~ /^down|^drain/ {print $1}' <<<"$states"); do
+        awk '$2 ~ /^(down|drain)/ {print $1}' <<<"$states" | while read -r name; do
             scontrol update nodename="$name" state=resume 2>/dev/null || true
         done
         sleep 0.5
