@@ -86,7 +86,8 @@ def _convert(data: bytes, size: int) -> bytes:
         im.load()
         if size == 0 and im.format == "JPEG" and im.mode == "RGB" and orientation == 1:
             return data
-        out = _to_rgb(ImageOps.exif_transpose(im))
+        # exif_transpose copies the image even when there is nothing to do: only call it when needed.
+        out = _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
     if size > 0:
         out = resize_shorter(out, size)
     buf = io.BytesIO()
