@@ -53,6 +53,9 @@ def free_port() -> int:
 
 def launcher_cmd(launcher: str, script: Path) -> list[str]:
     port = str(free_port())
+    if launcher == "cpu-2proc.yaml":  # what `make demo` uses without a GPU
+        return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc.yaml"),
+                "--main_process_port", port, str(script)]  # fmt: skip
     if launcher == "accelerate":
         flags = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # silence defaults
         return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", *flags,
@@ -68,7 +71,7 @@ def train_cmd(launcher: str, tmp_path: Path, shards: Path, out: Path, *overrides
             *overrides]  # fmt: skip
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun", "cpu-2proc.yaml"])
 def test_two_processes_train_in_sync_on_uneven_shards(launcher: str, uneven: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = train_cmd(launcher, tmp_path, uneven, out)
