@@ -94,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-image", choices=("skip", "error"), default="skip")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.add_argument("--samples-per-shard", type=int, default=None, help="cap on samples per shard")
-    p.add_argument(
-        "--min-shards", type=int, default=32, help="least shards per split (ranks x workers; default 32)"
-    )
+    p.add_argument("--min-shards", type=int, default=32, help="least shards per split (ranks x workers; default 32)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
     p.set_defaults(func=_prepare)
 

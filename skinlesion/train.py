@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
-from sklearn.metrics import balanced_accuracy_score
+from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,10 +33,11 @@ from skinlesion.checkpoint import (
     save_checkpoint,
 )
 from skinlesion.config import Config, TrainConfig, save_config
-from skinlesion.data.pipeline import batches_per_rank, eval_loader, read_manifest, train_loader
+from skinlesion.data.pipeline import batches_per_rank, read_manifest, train_loader
 from skinlesion.distributed import StopSignal, any_rank, launch_info, make_accelerator, signal_name
 from skinlesion.errors import UserError
-from skinlesion.model import build_model
+from skinlesion.evaluate import EvalResult, evaluate, flat_scalars, format_summary
+from skinlesion.model import build_model, load_for_inference
 
 
 @dataclass
@@ -113,14 +112,16 @@ def train(cfg: Config) -> Path:
         if epoch_stats is None:  # preempted: checkpoint written, every rank leaves cleanly
             accelerator.end_training()
             return out
-        val = validate(accelerator, model, cfg)
+        result = validate(accelerator, model, cfg, out=out / "eval-val")
+        val = _val_record(result.metrics)
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         record = {"epoch": epoch, "step": state.step, **epoch_stats, **val}
         if accelerator.is_main_process:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         accelerator.log(
-            {f"val/{k.removeprefix('val_')}": v for k, v in val.items()} | {"epoch": epoch}, step=state.step
+            flat_scalars(result.metrics, "val") | _wandb_images(accelerator, result.files, "val") | {"epoch": epoch},
+            step=state.step,
         )
         if state.best_metric is None or val["val_balanced_accuracy"] > state.best_metric:
             state.best_metric, state.best_epoch = val["val_balanced_accuracy"], epoch
@@ -141,6 +142,16 @@ def train(cfg: Config) -> Path:
         export_model(bare_state_dict(accelerator, model), out / "model.pt")
         (out / "preempted").unlink(missing_ok=True)
         accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
+    if manifest["splits"].get("test", {}).get("samples"):
+        accelerator.wait_for_everyone()  # best.pt is written by the main process
+        best = load_for_inference(out / "best.pt")
+        test = evaluate(
+            best.model.to(accelerator.device), accelerator, cfg.data.shards, "test", cfg.data.image_size,
+            out=out / "eval", checkpoint=out / "best.pt", batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers,
+        )  # fmt: skip
+        accelerator.log(flat_scalars(test.metrics, "test") | _wandb_images(accelerator, test.files, "test"))
+        accelerator.print(format_summary(test.metrics, test.files))
     accelerator.end_training()
     return out
 
@@ -218,37 +229,44 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
 
 
 @torch.no_grad()
-def validate(accelerator: Accelerator, model: nn.Module, cfg: Config, split: str = "val") -> dict[str, float]:
-    """Loss, accuracy and balanced accuracy over every sample of `split`, computed exactly across ranks.
+def validate(
+    accelerator: Accelerator, model: nn.Module, cfg: Config, split: str = "val", out: Path | None = None
+) -> EvalResult:
+    """The evaluator of `skinlesion evaluate` on `split`: every sample once across ranks, same metrics on all.
 
-    Each rank scores its share of the split (shares may differ in size, so no collective runs inside
-    the loop), then the per-sample results are gathered with gather_object and every rank computes the
-    same metrics. The lead swaps the evaluation engineer's metrics in here.
+    BatchNorm statistics are first made identical on every rank (DDP only broadcasts them at the next
+    forward), so the result does not depend on the number of processes.
     """
-    net = accelerator.unwrap_model(model)  # bare forward: DDP's buffer broadcast would hang on unequal batches
+    net = accelerator.unwrap_model(model)
     _sync_buffers(accelerator, net)
-    net.eval()
-    rows: list[tuple[int, float, list[float]]] = []
-    loader = eval_loader(cfg.data.shards, split, cfg.data.image_size, cfg.data.eval_batch_size,
-                         cfg.data.num_workers, accelerator.process_index, accelerator.num_processes)  # fmt: skip
-    for batch in loader:
-        x = batch["image"].to(accelerator.device, non_blocking=True)
-        y = batch["label"].to(accelerator.device)
-        logits = net(x).float()
-        losses = nn.functional.cross_entropy(logits, y, reduction="none")
-        rows += zip(y.tolist(), losses.tolist(), logits.softmax(1).tolist(), strict=True)
-    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
-    net.train()
-    if not rows:
+    result = evaluate(
+        net, accelerator, cfg.data.shards, split, cfg.data.image_size, out=out,
+        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, n_bootstrap=0,
+    )  # fmt: skip
+    if result.metrics["n_samples"] == 0:
         raise UserError(f"{cfg.data.shards} has no {split} samples to validate on; prepare with --val-fraction > 0")
-    labels = np.array([r[0] for r in rows])
-    predictions = np.array([r[2] for r in rows]).argmax(1)
+    return result
+
+
+def _val_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The validation columns of metrics.jsonl."""
     return {
-        "val_loss": float(np.mean([r[1] for r in rows])),
-        "val_accuracy": float((predictions == labels).mean()),
-        "val_balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
-        "val_samples": len(rows),
+        "val_loss": metrics["log_loss"],
+        "val_accuracy": metrics["accuracy"],
+        "val_balanced_accuracy": metrics["balanced_accuracy"],
+        "val_auc_macro": metrics["auc_macro"],
+        "val_mel_sensitivity": metrics["melanoma"]["sensitivity_at_argmax"],
+        "val_samples": metrics["n_samples"],
     }
+
+
+def _wandb_images(accelerator: Accelerator, files: dict[str, Path], prefix: str) -> dict[str, Any]:
+    """The PNGs the evaluator wrote, as W&B images (only where a W&B tracker is running)."""
+    if not files or not any(t.name == "wandb" for t in accelerator.trackers):
+        return {}
+    import wandb
+
+    return {f"{prefix}/{name}": wandb.Image(str(p)) for name, p in files.items() if p.suffix == ".png"}
 
 
 def _sync_buffers(accelerator: Accelerator, net: nn.Module) -> None:
