@@ -29,10 +29,10 @@ SPY = """
 import sys, torch
 import skinlesion.train as T
 real = T.validate
-def spy(accelerator, model, cfg, split="val"):
+def spy(accelerator, model, cfg, *args, **kwargs):
     params = {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).named_parameters()}
     torch.save(params, f"{cfg.train.output_dir}/params-rank{accelerator.process_index}.pt")
-    return real(accelerator, model, cfg, split)
+    return real(accelerator, model, cfg, *args, **kwargs)
 T.validate = spy
 from skinlesion.cli import main
 sys.exit(main(sys.argv[1:]))
