@@ -18,12 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 import skinlesion.train as harness
 from skinlesion.config import load_config
 from skinlesion.data.pipeline import train_loader
+from skinlesion.evaluate import EvalResult
+from skinlesion.metrics import compute_metrics
 from skinlesion.model import build_model
 
 
@@ -56,7 +59,8 @@ def harness_loop(batches: list[dict], shards: Path, arch: str, image_size: int, 
         return result
 
     harness.train_loader = lambda *args, **kwargs: iter(batches)
-    harness.validate = lambda *args, **kwargs: {"val_loss": 0.0, "val_accuracy": 0.0, "val_balanced_accuracy": 0.0}
+    untimed = compute_metrics(np.arange(7), np.eye(7), n_bootstrap=0)  # validation is not what is timed
+    harness.validate = lambda *args, **kwargs: EvalResult(metrics=untimed, predictions=None, files={})
     harness.train_epoch = timed_epoch
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"data.shards={shards}", f"train.output_dir={out}", f"model.name={arch}", "train.epochs=1",
