@@ -4,7 +4,7 @@
 
 All variants run in this one process on the same random-weight checkpoint and the same 600x450
 JPEGs (HAM10000's size), so the ratios compare like with like:
-  * batched:        `predict_images(..., batch_size=32)`: what `skinlesion predict a.jpg b.jpg ...` does;
+  * batched:        `predict_images(..., batch_size=8)`: what `skinlesion predict a.jpg b.jpg ...` does;
   * one at a time:  the same loaded model, batch_size=1 (a loop calling the model per image);
   * latency:        median wall time of one image through the loaded model (decode + preprocess + forward);
   * cold start:     one `skinlesion predict` process for one image (interpreter, imports, model load):
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--latency-runs", type=int, default=10)
     args = parser.parse_args()
 

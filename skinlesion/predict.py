@@ -25,7 +25,9 @@ from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES, NUM_CLASSES
 from skinlesion.model import LoadedModel, load_for_inference
 
-BATCH_SIZE = 32
+# Images per forward pass. On CPU, batch 8 was 1.13x one-at-a-time while batch 32 was 0.73x (ResNet-50,
+# 224 px, 2 cores; docs/benchmarks.md): big CPU batches fall out of cache.
+BATCH_SIZE = 8
 DISCLAIMER = (
     "Decision support only, not a diagnosis: these are a model's probabilities for 7 dermoscopic "
     "categories. The diagnosis rests with a clinician (and, for suspicious lesions, histopathology)."
