@@ -8,6 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from torchvision import models
+
+from skinlesion.labels import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "ham10000-sample"
@@ -40,6 +44,24 @@ def shards_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             seed=0,
         )
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What training leaves behind, for a random ResNet-18: model.pt, best.pt and config.yaml (32 px)."""
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=7)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # spread the logits so the top-k order is not a near-tie
+    torch.save(model.state_dict(), out / "model.pt")
+    torch.save(
+        {"model": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES), "image_size": 32,
+         "epoch": 1, "step": 10, "metric": {"name": "balanced_accuracy", "value": 0.5}},
+        out / "best.pt",
+    )  # fmt: skip
+    (out / "config.yaml").write_text("data:\n  image_size: 32\nmodel:\n  name: resnet18\n")
     return out
 
 

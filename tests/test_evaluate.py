@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torchvision import models
 
 from skinlesion.cli import main
 from skinlesion.errors import UserError
@@ -30,16 +28,9 @@ OUTPUTS = (
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(random_run: Path) -> Path:
     """A random ResNet-18 model.pt with a config.yaml beside it (32-px crops), as training leaves it."""
-    out = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = models.resnet18(num_classes=7)
-    with torch.no_grad():
-        model.fc.weight.mul_(20)  # spread the logits: no argmax decided by rounding noise
-    torch.save(model.state_dict(), out / "model.pt")
-    (out / "config.yaml").write_text("data:\n  image_size: 32\n")
-    return out / "model.pt"
+    return random_run / "model.pt"
 
 
 @pytest.fixture(scope="module")

@@ -10,30 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import models
 
 from skinlesion.cli import main
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES
 from skinlesion.model import load_for_inference
 from skinlesion.predict import DISCLAIMER, class_probabilities, dihedral_views, predict_images
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What training leaves behind, for a random ResNet-18: model.pt, best.pt and config.yaml (32 px)."""
-    out = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = models.resnet18(num_classes=7)
-    with torch.no_grad():
-        model.fc.weight.mul_(20)  # spread the logits so the top-k order is not a near-tie
-    torch.save(model.state_dict(), out / "model.pt")
-    torch.save(
-        {"model": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES), "image_size": 32,
-         "epoch": 1, "step": 10, "metric": {"name": "balanced_accuracy", "value": 0.5}},
-        out / "best.pt",
-    )  # fmt: skip
-    (out / "config.yaml").write_text("data:\n  image_size: 32\nmodel:\n  name: resnet18\n")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +34,10 @@ def _predict_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, 
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_json_contract_top7_sums_to_one_and_keeps_order(run_dir, images, capsys):
+def test_json_contract_top7_sums_to_one_and_keeps_order(random_run, images, capsys):
     order = [images[2], images[0], images[1]]
-    code, entries = _predict_json(capsys, "--checkpoint", str(run_dir / "model.pt"), *map(str, order), "--top-k", "7")
+    checkpoint = str(random_run / "model.pt")
+    code, entries = _predict_json(capsys, "--checkpoint", checkpoint, *map(str, order), "--top-k", "7")
     assert code == 0
     assert [e["image"] for e in entries] == [str(p) for p in order]
     for entry in entries:
@@ -69,17 +51,17 @@ def test_json_contract_top7_sums_to_one_and_keeps_order(run_dir, images, capsys)
         assert entry["malignant_probability"] == pytest.approx(malignant, abs=1e-6)
 
 
-def test_top_k_limits_the_list_and_text_mode_names_diagnoses(run_dir, images, capsys):
-    code, entries = _predict_json(capsys, "--checkpoint", str(run_dir / "model.pt"), str(images[0]), "--top-k", "2")
+def test_top_k_limits_the_list_and_text_mode_names_diagnoses(random_run, images, capsys):
+    code, entries = _predict_json(capsys, "--checkpoint", str(random_run / "model.pt"), str(images[0]), "--top-k", "2")
     assert code == 0 and len(entries[0]["predictions"]) == 2
-    assert main(["predict", "--checkpoint", str(run_dir / "model.pt"), str(images[0])]) == 0
+    assert main(["predict", "--checkpoint", str(random_run / "model.pt"), str(images[0])]) == 0
     text = capsys.readouterr().out
     top = entries[0]["predictions"][0]
     assert f"1. {top['dx']}: {top['name']}" in text
     assert "malignant (akiec + bcc + mel)" in text and DISCLAIMER in text
 
 
-def test_missing_and_corrupt_images_get_error_entries_and_exit_1(run_dir, images, tmp_path, capsys):
+def test_missing_and_corrupt_images_get_error_entries_and_exit_1(random_run, images, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
     truncated = tmp_path / "truncated.jpg"
@@ -88,7 +70,7 @@ def test_missing_and_corrupt_images_get_error_entries_and_exit_1(run_dir, images
     text.write_text("not an image at all")
     missing = tmp_path / "missing.jpg"
     paths = [missing, images[0], corrupt, truncated, text]
-    code, entries = _predict_json(capsys, "--checkpoint", str(run_dir / "model.pt"), *map(str, paths))
+    code, entries = _predict_json(capsys, "--checkpoint", str(random_run / "model.pt"), *map(str, paths))
     assert code == 1
     assert [e["image"] for e in entries] == [str(p) for p in paths]
     assert entries[0]["error"] == "file not found"
@@ -113,16 +95,16 @@ def test_checkpoint_whose_unpickling_runs_code_is_refused(tmp_path, images, caps
     assert "refusing to load" in capsys.readouterr().err
 
 
-def test_model_pt_and_best_pt_give_the_same_predictions(run_dir, images, capsys):
-    _, from_state_dict = _predict_json(capsys, "--checkpoint", str(run_dir / "model.pt"), str(images[0]))
-    _, from_best = _predict_json(capsys, "--checkpoint", str(run_dir / "best.pt"), str(images[0]))
+def test_model_pt_and_best_pt_give_the_same_predictions(random_run, images, capsys):
+    _, from_state_dict = _predict_json(capsys, "--checkpoint", str(random_run / "model.pt"), str(images[0]))
+    _, from_best = _predict_json(capsys, "--checkpoint", str(random_run / "best.pt"), str(images[0]))
     assert from_state_dict == from_best
-    loaded = load_for_inference(run_dir / "model.pt")
+    loaded = load_for_inference(random_run / "model.pt")
     assert (loaded.arch, loaded.image_size) == ("resnet18", 32)  # read off the keys and config.yaml
 
 
-def test_batched_equals_one_at_a_time(run_dir, images):
-    loaded = load_for_inference(run_dir / "best.pt")
+def test_batched_equals_one_at_a_time(random_run, images):
+    loaded = load_for_inference(random_run / "best.pt")
     batched = predict_images(loaded, images, top_k=7, batch_size=8)
     single = predict_images(loaded, images, top_k=7, batch_size=1)
     for a, b in zip(batched, single, strict=True):
@@ -132,8 +114,8 @@ def test_batched_equals_one_at_a_time(run_dir, images):
         )
 
 
-def test_tta_averages_the_eight_dihedral_views_and_is_rotation_invariant(run_dir):
-    model = load_for_inference(run_dir / "best.pt").model
+def test_tta_averages_the_eight_dihedral_views_and_is_rotation_invariant(random_run):
+    model = load_for_inference(random_run / "best.pt").model
     x = torch.randn(2, 3, 32, 32)
     views = list(dihedral_views(x))
     assert len(views) == 8 and not any(torch.equal(a, b) for a, b in itertools.combinations(views, 2))
