@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
+# synth runs once: a second `make demo` reuses the images (synth refuses to write into a non-empty folder).
+data/synthetic/HAM10000_metadata.csv: | setup
 	$(BIN)/skinlesion synth data/synthetic --images 2000 --seed 0
+
+demo: setup data/synthetic/HAM10000_metadata.csv
 	$(BIN)/skinlesion prepare --metadata data/synthetic/HAM10000_metadata.csv \
 	    --images data/synthetic/HAM10000_images_part_1 --images data/synthetic/HAM10000_images_part_2 \
 	    --out shards --image-size 72 --samples-per-class 150 --min-shards 8 --overwrite

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from skinlesion.distributed import any_rank
 from skinlesion.errors import UserError
-from skinlesion.labels import CLASSES
-from skinlesion.model import strip_wrapper_prefixes
+from skinlesion.files import atomic_write
+from skinlesion.model import FACTS_KEY, ModelFacts, strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class TrainerState:
     wandb_run_id: str | None = None
     best_metric: float | None = None  # best val_balanced_accuracy so far
     best_epoch: int | None = None
+    arch: str | None = None  # model.name of the run: a checkpoint of another architecture is never loaded
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -85,25 +88,53 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return found
 
 
-def load_checkpoint(accelerator: Accelerator, resume: str, output_dir: Path) -> tuple[TrainerState, Path] | None:
+def load_checkpoint(
+    accelerator: Accelerator, resume: str, output_dir: Path, arch: str
+) -> tuple[TrainerState, Path] | None:
     """Restore model, optimizer and RNG from the checkpoint `resume` names; None when there is none.
 
-    ``auto`` tries the complete checkpoints newest first and skips any that fail to load (with a
-    warning); a path must load or the run stops.
+    ``auto`` tries the complete checkpoints newest first. One that is corrupt is skipped with a warning
+    when an older one loads. One that does not fit this run (another architecture) stops the run, and so
+    does a folder whose checkpoints all fail: starting from scratch there would overwrite metrics.jsonl,
+    best.pt and the checkpoints of the run that wrote them. A path must load or the run stops.
     """
     if resume == "never":
         return None
     candidates = complete_checkpoints(output_dir) if resume == "auto" else [Path(resume)]
+    failures: list[tuple[Path, str]] = []
     for folder in candidates:
         try:
             state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            failures.append((folder, f"its {STATE_FILE} is unreadable ({exc})"))
+            continue
+        if state.arch is not None and state.arch != arch:
+            failures.append((folder, f"it was saved by a model.name={state.arch} run, and this run has {arch}"))
+            break  # a run of another model: never fall back past it
+        reason = None
+        try:
             accelerator.load_state(str(folder))
         except Exception as exc:  # a corrupt file surfaces as any of safetensors/torch/json's errors
-            if resume != "auto":
-                raise UserError(f"cannot resume from {folder}: {exc}") from exc
-            log.warning("skipping checkpoint %s: it does not load (%s)", folder, exc)
+            reason = " ".join(str(exc).split())[:300]
+        # Every rank must resume from the same checkpoint, even when only one rank's files are damaged.
+        (failed_somewhere,) = any_rank(accelerator, int(reason is not None))
+        if failed_somewhere:
+            reason = reason or "another rank's files do not load"
+            if any(s in reason for s in ("size mismatch", "Missing key", "Unexpected key")):
+                failures.append((folder, f"its model does not fit model.name={arch} ({reason})"))
+                break
+            failures.append((folder, f"it does not load ({reason})"))
             continue
+        for skipped, why in failures:
+            log.warning("skipping checkpoint %s: %s", skipped, why)
         return state, folder
+    if failures:
+        newest, why = failures[0]
+        older = f" ({len(failures) - 1} older checkpoint(s) failed too)" if len(failures) > 1 else ""
+        raise UserError(
+            f"cannot resume from {newest}: {why}{older}. Nothing was overwritten; pass another "
+            f"train.output_dir for a new run, or the settings of the run that wrote these checkpoints"
+        )
     return None
 
 
@@ -113,28 +144,24 @@ def bare_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, tor
     return {k: v.detach().cpu().clone() for k, v in strip_wrapper_prefixes(state).items()}
 
 
-def export_model(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """model.pt: loadable by ``resnetXX(num_classes=7).load_state_dict(torch.load(path, weights_only=True))``."""
-    _atomic_save(state_dict, path)
+def export_model(state_dict: dict[str, torch.Tensor], path: Path, facts: ModelFacts) -> None:
+    """model.pt: loadable by ``resnetXX(num_classes=7).load_state_dict(torch.load(path, weights_only=True))``.
+
+    Its facts ride in ``_metadata`` (see `skinlesion.model`), so the file alone says how to use it.
+    """
+    plain = OrderedDict(state_dict)
+    plain._metadata = OrderedDict({FACTS_KEY: facts.to_dict()})  # type: ignore[attr-defined]
+    atomic_write(path, lambda f: torch.save(plain, f))
 
 
-def export_best(
-    state_dict: dict[str, torch.Tensor], path: Path, *, arch: str, image_size: int, epoch: int, step: int, metric: dict
-) -> None:
+def export_best(state_dict: dict[str, torch.Tensor], path: Path, *, facts: ModelFacts, epoch: int, step: int,
+                metric: dict) -> None:  # fmt: skip
     """best.pt: the model plus what inference needs to use it (arch, classes, image size) and why it is best."""
     payload: dict[str, Any] = {
         "model": state_dict,
-        "arch": arch,
-        "classes": list(CLASSES),
-        "image_size": image_size,
+        **facts.to_dict(),
         "epoch": epoch,
         "step": step,
-        "metric": {"name": str(metric["name"]), "value": float(metric["value"])},
+        "metric": {"name": str(metric["name"]), "value": None if metric["value"] is None else float(metric["value"])},
     }
-    _atomic_save(payload, path)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save(payload, f))

@@ -19,7 +19,7 @@ from skinlesion.errors import UserError
 def _synth(args: argparse.Namespace) -> int:
     from skinlesion.data.synthetic import generate
 
-    generate(args.dir, n_images=args.images, seed=args.seed)
+    generate(args.dir, n_images=args.images, seed=args.seed, overwrite=args.overwrite)
     return 0
 
 
@@ -58,13 +58,20 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from skinlesion.evaluate import evaluate_command
 
-    return evaluate_command(args.checkpoint, args.shards, split=args.split, out=args.out, tta=args.tta)
+    return evaluate_command(
+        args.checkpoint, args.shards, split=args.split, out=args.out, tta=args.tta, image_size=args.image_size
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
     from skinlesion.predict import predict_command
 
-    return predict_command(args.checkpoint, args.images, top_k=args.top_k, as_json=args.json, tta=args.tta)
+    return predict_command(
+        args.checkpoint, args.images, top_k=args.top_k, as_json=args.json, tta=args.tta, image_size=args.image_size
+    )
+
+
+IMAGE_SIZE_HELP = "input size, only for a plain state_dict that does not record it (skinlesion's files do)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="output folder")
     p.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in DIR")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", help="metadata + image folders -> clean, split, balanced WebDataset shards")
@@ -109,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the checkpoint)")
     p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    p.add_argument("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="diagnostic suggestions for images (decision support)")
@@ -117,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    p.add_argument("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)
     p.set_defaults(func=_predict)
     return parser
 

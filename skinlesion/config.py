@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 from skinlesion.errors import UserError
+from skinlesion.files import atomic_write
 
 
 @dataclass
@@ -108,9 +110,15 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass e.g. --config configs/smoke.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(
+                f"{path} is not a text file (not UTF-8); pass a YAML recipe, e.g. configs/smoke.yaml"
+            ) from None
         except yaml.YAMLError as exc:
-            raise UserError(f"{path} is not valid YAML: {exc}") from exc
+            raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        except OSError as exc:
+            raise UserError(f"cannot read config file {path} ({exc.strerror or exc})") from exc
         if not isinstance(raw, dict):
             raise UserError(f"{path} must hold a mapping of sections (data, model, train, wandb)")
     for item in overrides:
@@ -173,6 +181,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     }[hint]
     if not ok:
         raise UserError(f"config key {key!r} must be {_type_name(hint)}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
     if hint is Path:
         return Path(value)
     return hint(value)
@@ -208,7 +218,4 @@ def _type_name(hint: Any) -> str:
 
 def save_config(cfg: Config, path: Path, runtime: dict[str, Any]) -> None:
     """Write the resolved config plus a ``runtime`` section (world size, device, versions) atomically."""
-    data = cfg.to_dict() | {"runtime": runtime}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(cfg.to_dict() | {"runtime": runtime}, sort_keys=False))

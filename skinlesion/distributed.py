@@ -19,12 +19,14 @@ import os
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from skinlesion.errors import UserError
+from skinlesion.files import FolderLock
 
 
 @dataclass(frozen=True)
@@ -119,3 +121,17 @@ def any_rank(accelerator: Accelerator, *values: int) -> list[int]:
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name if signum else "none"
+
+
+def lock_on_main(accelerator: Accelerator, folder: Path, what: str) -> FolderLock:
+    """The main process locks `folder`; if it cannot, every rank stops (one output folder, one writer)."""
+    lock, error = FolderLock(folder, what), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except UserError as exc:
+            error = exc
+    (failed,) = any_rank(accelerator, int(error is not None))
+    if failed:
+        raise error or UserError(f"the main process could not lock {folder}; see its error")
+    return lock

@@ -15,7 +15,6 @@ import csv
 import io
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skinlesion.errors import UserError
+from skinlesion.files import atomic_write
 from skinlesion.labels import CLASSES, ISIC_ORDER
 from skinlesion.metrics import compute_metrics
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
@@ -227,10 +227,7 @@ def _report(preds: Predictions, metrics: dict[str, Any]) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text)
 
 
 def flat_scalars(metrics: dict[str, Any], prefix: str = "val") -> dict[str, float]:
@@ -279,36 +276,41 @@ def format_summary(metrics: dict[str, Any], files: dict[str, Path] | None = None
 
 
 def evaluate_command(
-    checkpoint: Path, shards: Path, split: str = "test", out: Path | None = None, tta: bool = False
+    checkpoint: Path,
+    shards: Path,
+    split: str = "test",
+    out: Path | None = None,
+    tta: bool = False,
+    image_size: int | None = None,
 ) -> int:
     """CLI entry: evaluate `checkpoint` on `split` of `shards`; outputs go to <checkpoint dir>/eval-<split>."""
-    from skinlesion.data.pipeline import read_manifest
-    from skinlesion.distributed import make_accelerator
+    from skinlesion.data.pipeline import read_manifest, verify_split
+    from skinlesion.distributed import lock_on_main, make_accelerator
+    from skinlesion.files import output_folder
     from skinlesion.model import load_for_inference
 
     checkpoint, shards = Path(checkpoint), Path(shards)
     manifest = read_manifest(shards)
-    if split not in manifest.get("splits", {}):
+    if split not in manifest["splits"]:
         raise UserError(f"{shards}/manifest.json has no {split!r} split (it has {sorted(manifest['splits'])})")
-    # A bare state_dict without a config.yaml beside it does not say its input size: use the shards'.
-    stored = int(manifest.get("image_size") or 0)
-    loaded = load_for_inference(checkpoint, default_image_size=min(224, stored) if stored else 224)
+    if manifest["splits"][split]["samples"] == 0:
+        raise UserError(f"the {split!r} split of {shards} is empty (0 samples): nothing to evaluate; choose another "
+                        "--split, or prepare with a non-zero fraction for it")  # fmt: skip
+    loaded = load_for_inference(checkpoint, image_size=image_size)
+    verify_split(shards, manifest, split)
+    out = output_folder(Path(out) if out is not None else checkpoint.parent / f"eval-{split}", "--out")
     # The trainer's helper: gloo DDP on CPU, and an error if the launcher's ranks did not all join.
     accelerator = make_accelerator("auto", timeout_s=1800)
+    lock = lock_on_main(accelerator, out, "--out")
     model = loaded.model.to(accelerator.device)
-    out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
     workers = 4 if torch.cuda.is_available() else 0  # on CPU, loader workers only steal the model's cores
-    result = evaluate(
-        model,
-        accelerator,
-        shards,
-        split,
-        loaded.image_size,
-        out=out,
-        checkpoint=checkpoint,
-        tta=tta,
-        num_workers=workers,
-    )
+    try:
+        result = evaluate(
+            model, accelerator, shards, split, loaded.image_size, out=out, checkpoint=checkpoint, tta=tta,
+            num_workers=workers,
+        )  # fmt: skip
+    finally:
+        lock.release()
     if accelerator.is_main_process:
         print(format_summary(result.metrics, result.files))
     accelerator.end_training()

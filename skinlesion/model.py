@@ -2,8 +2,13 @@
 
 Everything that reads weights a user hands over goes through `load_weights`, which uses
 ``torch.load(weights_only=True)``: a file whose unpickling would run code is refused, not executed.
-The architecture of a bare state_dict is read off its keys (`infer_arch`), so a ResNet-18 run's
-``model.pt`` predicts as readily as a ResNet-50's.
+
+A model is only usable with the facts it was trained with (`ModelFacts`: architecture, classes, input
+size); preprocessing a 64-px model at 224 px gives confident nonsense. best.pt stores them as fields;
+model.pt stays a plain state_dict that torchvision's ``load_state_dict`` takes, and carries them in
+``state_dict._metadata["skinlesion"]``, the per-module metadata dict that ``torch.save`` and
+``torch.load(weights_only=True)`` preserve and ``load_state_dict`` ignores for unknown names. So a
+model.pt copied anywhere still knows its input size; a foreign state_dict needs ``--image-size``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,35 @@ class LoadedModel:
     source: Path
 
 
+FACTS_KEY = "skinlesion"  # model.pt's facts live in state_dict._metadata[FACTS_KEY], which torch.save keeps
+IMAGE_SIZE_RANGE = (16, 1024)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What inference must know about a model and never guesses: architecture, classes, input size."""
+
+    arch: str
+    classes: tuple[str, ...]
+    image_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "classes": list(self.classes), "image_size": self.image_size}
+
+    @classmethod
+    def check(cls, raw: dict[str, Any], path: Path) -> ModelFacts:
+        """Validate every field of a checkpoint before anything is allocated from it."""
+        arch, classes, size = raw.get("arch"), raw.get("classes"), raw.get("image_size")
+        if arch not in ARCHS:
+            raise UserError(f"{path}: arch={arch!r} is not one of {', '.join(ARCHS)}; the file is damaged or foreign")
+        if not isinstance(classes, list | tuple) or tuple(classes) != CLASSES:
+            raise UserError(f"{path}: classes={classes!r} differ from skinlesion's {list(CLASSES)}")
+        low, high = IMAGE_SIZE_RANGE
+        if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+            raise UserError(f"{path}: image_size={size!r} is not an integer from {low} to {high}")
+        return cls(arch=arch, classes=CLASSES, image_size=size)
+
+
 def build_model(arch: str = "resnet50", pretrained: str = "none", num_classes: int = NUM_CLASSES) -> nn.Module:
     """Build `arch` with a `num_classes` head; `pretrained` is none | imagenet | a state_dict path.
 
@@ -84,9 +118,15 @@ def load_weights(path: Path) -> dict[str, Any]:
     """Read a checkpoint file safely; return its state_dict, or the dict saved by training (best.pt).
 
     Only tensors and plain containers are accepted (``weights_only=True``): pickled code is refused.
+    Anything else (a text file, a truncated download) is one clear error, never a traceback.
     """
+    path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save's zip container, or its legacy pickle
+        raise UserError(f"{path} is not a PyTorch checkpoint (not written by torch.save); pass model.pt or best.pt")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -95,8 +135,9 @@ def load_weights(path: Path) -> dict[str, Any]:
             f"(loading it could run code). Only load checkpoints written by skinlesion or plain state_dicts. "
             f"Detail: {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({exc}); was it fully written?") from exc
+    except Exception as exc:  # a damaged zip or pickle surfaces as RuntimeError, EOFError, KeyError, ...
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
+                        "was it fully written?") from exc  # fmt: skip
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     return obj
@@ -113,59 +154,73 @@ def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def infer_arch(state: dict[str, Any]) -> str:
+def infer_arch(state: dict[str, Any], source: Path | str = "the state_dict") -> str:
     """Name the torchvision ResNet a state_dict belongs to, from its block counts and block type."""
     blocks = []
     for stage in range(1, 5):
-        indices = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.")}
+        indices = {k.split(".")[1] for k in state if k.startswith(f"layer{stage}.")}
         blocks.append(len(indices))
     bottleneck = any(k.endswith("conv3.weight") for k in state)
     arch = _BLOCKS.get((tuple(blocks), bottleneck))
     if arch is None:
-        raise UserError(f"the state_dict is not a torchvision ResNet (blocks per stage {blocks})")
+        raise UserError(f"{source} is not a torchvision ResNet state_dict (blocks per stage {blocks})")
     return arch
 
 
-def load_for_inference(path: Path, default_image_size: int = 224) -> LoadedModel:
+def load_for_inference(path: Path, image_size: int | None = None) -> LoadedModel:
     """Load model.pt (a plain state_dict) or best.pt (training's dict with metadata) for inference.
 
-    best.pt carries ``arch``, ``classes`` and ``image_size``; for a plain state_dict the architecture
-    is inferred from its keys and the image size taken from a ``config.yaml`` beside it (what
-    training writes), else `default_image_size`.
+    Nothing is guessed: the architecture, classes and input size come from the file (best.pt's fields,
+    or the facts model.pt carries in its ``_metadata``), every one validated, or for a foreign plain
+    state_dict the input size from `image_size` (``--image-size``) and the architecture from its keys.
     """
+    path = Path(path)
     obj = load_weights(path)
-    if "model" in obj and isinstance(obj["model"], dict):
+    if isinstance(obj.get("model"), dict):  # best.pt: {"model": state_dict, "arch", "classes", "image_size", ...}
+        missing = [k for k in ("arch", "classes", "image_size") if k not in obj]
+        if missing:
+            raise UserError(f"{path} has a 'model' entry but lacks {missing}; it was not written by skinlesion")
+        facts = ModelFacts.check(obj, path)
         state = strip_wrapper_prefixes(obj["model"])
-        arch = str(obj.get("arch") or infer_arch(state))
-        classes = tuple(obj.get("classes") or CLASSES)
-        image_size = int(obj.get("image_size") or default_image_size)
     else:
         state = strip_wrapper_prefixes(obj)
-        arch = infer_arch(state)
-        classes = CLASSES
-        image_size = _image_size_beside(path) or default_image_size
-    if tuple(classes) != CLASSES:
-        raise UserError(f"{path} was trained on classes {list(classes)}, expected {list(CLASSES)}")
-    num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else NUM_CLASSES
-    model = getattr(models, arch)(num_classes=num_classes)
+        recorded = getattr(obj, "_metadata", None) or {}
+        if isinstance(recorded.get(FACTS_KEY), dict):
+            facts = ModelFacts.check(recorded[FACTS_KEY], path)
+        elif image_size is None:
+            raise UserError(
+                f"{path} is a plain state_dict that does not record its input size: pass --image-size N "
+                f"(the data.image_size it was trained at), or use the best.pt / model.pt written by skinlesion train"
+            )
+        else:
+            plain = {"arch": infer_arch(state, path), "classes": list(CLASSES), "image_size": image_size}
+            facts = ModelFacts.check(plain, path)
+    if image_size is not None and image_size != facts.image_size:
+        raise UserError(
+            f"--image-size {image_size} contradicts {path}, which was trained at {facts.image_size} px; "
+            f"drop --image-size"
+        )
+    _check_state(state, facts, path)
+    model = getattr(models, facts.arch)(num_classes=NUM_CLASSES)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise UserError(f"{path} does not load into {arch}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"{path} does not load into {facts.arch}: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    return LoadedModel(model=model, arch=arch, classes=CLASSES, image_size=image_size, source=path)
+    return LoadedModel(model=model, arch=facts.arch, classes=CLASSES, image_size=facts.image_size, source=path)
 
 
-def _image_size_beside(path: Path) -> int | None:
-    """The data.image_size of the training run that wrote `path`, if its config.yaml is next to it."""
-    import yaml
-
-    for folder in (path.parent, path.parent.parent):
-        config = folder / "config.yaml"
-        if config.is_file():
-            try:
-                size = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("image_size")
-            except yaml.YAMLError:
-                return None
-            return int(size) if size else None
-    return None
+def _check_state(state: dict[str, Any], facts: ModelFacts, path: Path) -> None:
+    """The weights must be tensors of the declared architecture with a 7-class head."""
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state_dict of tensors")
+    arch = infer_arch(state, path)
+    if arch != facts.arch:
+        raise UserError(f"{path} says arch={facts.arch!r} but its weights are a {arch}; the file is inconsistent")
+    head = state.get("fc.weight")
+    if head is None or head.ndim != 2 or head.shape[0] != NUM_CLASSES:
+        outputs = None if head is None else tuple(head.shape)
+        raise UserError(
+            f"{path} has a classifier head of shape {outputs}, not {NUM_CLASSES} outputs "
+            f"({', '.join(CLASSES)}); it is not a skinlesion model"
+        )

@@ -8,7 +8,6 @@ browser) never sees half a file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from skinlesion.files import atomic_write
 from skinlesion.labels import CLASSES
 from skinlesion.metrics import ECE_BINS, expected_calibration_error, one_vs_rest_auc, reliability_bins
 
@@ -92,11 +92,8 @@ def plot_reliability(y_true: np.ndarray, probs: np.ndarray, out: Path, title: st
 
 
 def _save(fig: Figure, out: Path) -> Path:
-    """Render on the Agg canvas to out.tmp, then rename over `out`."""
+    """Render on the Agg canvas, then write `out` atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))

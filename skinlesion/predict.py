@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from skinlesion.errors import UserError
@@ -57,25 +57,22 @@ def class_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = Fals
 
 
 def load_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """Decode `path` (any format Pillow reads), apply EXIF orientation as `prepare` does, then `transform`.
+    """Decode `path` with prepare's own checks and orientation (`images.decode_rgb`), then `transform`.
 
-    Raises ValueError with a message that names the problem (missing, not an image, truncated, ...).
+    Raises ValueError with a message that names the problem (missing, not an image, truncated, bomb, ...).
     """
+    from skinlesion.data.images import BadImage, decode_rgb
+
     if not path.exists():
         raise ValueError("file not found")
     if not path.is_file():
         raise ValueError("not a file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError("not a readable image (Pillow cannot identify the format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"corrupt or truncated image ({exc})") from None
-    return transform(rgb)
+        return transform(decode_rgb(path.read_bytes()))
+    except BadImage as exc:
+        raise ValueError(str(exc)) from None
+    except OSError as exc:
+        raise ValueError(f"unreadable file ({exc.strerror or exc})") from None
 
 
 def predict_images(
@@ -147,13 +144,18 @@ def format_text(entries: Sequence[dict[str, Any]]) -> str:
 
 
 def predict_command(
-    checkpoint: Path, images: Sequence[Path], top_k: int = 3, as_json: bool = False, tta: bool = False
+    checkpoint: Path,
+    images: Sequence[Path],
+    top_k: int = 3,
+    as_json: bool = False,
+    tta: bool = False,
+    image_size: int | None = None,
 ) -> int:
     """CLI entry: print suggestions for `images`; 0 when all were predicted, 1 when any failed."""
     if not 1 <= top_k <= NUM_CLASSES:
         raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_for_inference(Path(checkpoint))
+    loaded = load_for_inference(Path(checkpoint), image_size=image_size)
     loaded.model.to(device)
     entries = predict_images(loaded, [Path(p) for p in images], top_k=top_k, tta=tta, device=device)
     if as_json:

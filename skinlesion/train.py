@@ -33,11 +33,13 @@ from skinlesion.checkpoint import (
     save_checkpoint,
 )
 from skinlesion.config import Config, TrainConfig, save_config
-from skinlesion.data.pipeline import batches_per_rank, read_manifest, train_loader
-from skinlesion.distributed import StopSignal, any_rank, launch_info, make_accelerator, signal_name
+from skinlesion.data.pipeline import batches_per_rank, read_manifest, train_loader, verify_split
+from skinlesion.distributed import StopSignal, any_rank, launch_info, lock_on_main, make_accelerator, signal_name
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate, flat_scalars, format_summary
-from skinlesion.model import build_model, load_for_inference
+from skinlesion.files import atomic_write, output_folder
+from skinlesion.labels import CLASSES
+from skinlesion.model import ModelFacts, build_model, load_for_inference
 
 
 @dataclass
@@ -57,12 +59,23 @@ class Run:
 
 def train(cfg: Config) -> Path:
     """Train per `cfg`; returns the output folder (model.pt, best.pt, metrics.jsonl, config.yaml, checkpoints/)."""
-    out = Path(cfg.train.output_dir)
+    out = output_folder(cfg.train.output_dir, "train.output_dir")  # every rank: a bad folder fails all alike
     manifest = read_manifest(cfg.data.shards)  # fail fast, before any process group exists
-    train_samples = manifest["splits"]["train"]["samples"]
+    for split in ("train", "val"):
+        if manifest["splits"].get(split, {}).get("samples"):
+            verify_split(cfg.data.shards, manifest, split)
+    train_samples = manifest["splits"].get("train", {}).get("samples", 0)
     accelerator = make_accelerator(
         cfg.train.mixed_precision, cfg.train.dist_timeout_s, tracking.log_with(cfg), project_dir=str(out)
     )
+    lock = lock_on_main(accelerator, out, "train.output_dir")
+    try:
+        return _train(cfg, accelerator, manifest, train_samples, out)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], train_samples: int, out: Path) -> Path:
     world = accelerator.num_processes
     batches = batches_per_rank(train_samples, cfg.data.batch_size, world, cfg.train.grad_accum)
     if batches == 0:
@@ -95,12 +108,22 @@ def train(cfg: Config) -> Path:
     )
     run.stop.install()
 
-    resumed = load_checkpoint(accelerator, cfg.train.resume, out)
-    state = resumed[0] if resumed else TrainerState()
+    resumed = load_checkpoint(accelerator, cfg.train.resume, out, arch=cfg.model.name)
+    if resumed is None and (out / "model.pt").exists():
+        raise UserError(
+            f"{out} holds model.pt of a finished run but no checkpoint to resume from; starting over would "
+            f"overwrite it: choose another train.output_dir"
+        )
+    state = resumed[0] if resumed else TrainerState(arch=cfg.model.name)
+    state.arch = cfg.model.name
+    facts = ModelFacts(arch=cfg.model.name, classes=CLASSES, image_size=cfg.data.image_size)
+    has_val = bool(manifest["splits"].get("val", {}).get("samples"))
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         if resumed:
             accelerator.print(f"resuming from {resumed[1]} (epoch {state.epoch}, step {state.step})")
+        if not has_val:
+            accelerator.print(f"notice: {cfg.data.shards} has no val samples: validation is skipped and best.pt "
+                              "is the last epoch's weights")  # fmt: skip
         _keep_metrics_before(out / "metrics.jsonl", state.epoch)
         state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
         save_config(cfg, out / "config.yaml", runtime_info(accelerator))
@@ -112,41 +135,35 @@ def train(cfg: Config) -> Path:
         if epoch_stats is None:  # preempted: checkpoint written, every rank leaves cleanly
             accelerator.end_training()
             return out
-        result = validate(accelerator, model, cfg, out=out / "eval-val")
-        val = _val_record(result.metrics)
         state.epoch, state.batches_in_epoch = epoch + 1, 0
-        record = {"epoch": epoch, "step": state.step, **epoch_stats, **val}
+        record: dict[str, Any] = {"epoch": epoch, "step": state.step, **epoch_stats}
+        score = None
+        if has_val:
+            result = validate(accelerator, model, cfg, out=out / "eval-val")
+            record |= _val_record(result.metrics)
+            score = record["val_balanced_accuracy"]
+            images = _wandb_images(accelerator, result.files, "val")
+            accelerator.log(flat_scalars(result.metrics, "val") | images | {"epoch": epoch}, step=state.step)
         if accelerator.is_main_process:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        accelerator.log(
-            flat_scalars(result.metrics, "val") | _wandb_images(accelerator, result.files, "val") | {"epoch": epoch},
-            step=state.step,
-        )
-        if state.best_metric is None or val["val_balanced_accuracy"] > state.best_metric:
-            state.best_metric, state.best_epoch = val["val_balanced_accuracy"], epoch
-            if accelerator.is_main_process:
-                metric = {"name": "val_balanced_accuracy", "value": state.best_metric}
-                export_best(
-                    bare_state_dict(accelerator, model),
-                    out / "best.pt",
-                    arch=cfg.model.name,
-                    image_size=cfg.data.image_size,
-                    epoch=epoch,
-                    step=state.step,
-                    metric=metric,
-                )
+        _update_best(accelerator, model, state, facts, out, epoch, score)
         save_checkpoint(accelerator, out, state, cfg.train.keep_checkpoints)
 
     if accelerator.is_main_process:
-        export_model(bare_state_dict(accelerator, model), out / "model.pt")
+        weights = bare_state_dict(accelerator, model)
+        if not (out / "best.pt").is_file():  # resumed after the last epoch, and best.pt was deleted since
+            accelerator.print(f"warning: {out}/best.pt was missing; exported the final weights as best.pt")
+            export_best(weights, out / "best.pt", facts=facts, epoch=state.epoch - 1, step=state.step,
+                        metric={"name": "val_balanced_accuracy", "value": None})  # fmt: skip
+        export_model(weights, out / "model.pt", facts)
         (out / "preempted").unlink(missing_ok=True)
         accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
     if manifest["splits"].get("test", {}).get("samples"):
         accelerator.wait_for_everyone()  # best.pt is written by the main process
         best = load_for_inference(out / "best.pt")
         test = evaluate(
-            best.model.to(accelerator.device), accelerator, cfg.data.shards, "test", cfg.data.image_size,
+            best.model.to(accelerator.device), accelerator, cfg.data.shards, "test", best.image_size,
             out=out / "eval", checkpoint=out / "best.pt", batch_size=cfg.data.eval_batch_size,
             num_workers=cfg.data.num_workers,
         )  # fmt: skip
@@ -154,6 +171,28 @@ def train(cfg: Config) -> Path:
         accelerator.print(format_summary(test.metrics, test.files))
     accelerator.end_training()
     return out
+
+
+def _update_best(
+    accelerator: Accelerator, model: nn.Module, state: TrainerState, facts: ModelFacts, out: Path, epoch: int,
+    score: float | None,
+) -> None:  # fmt: skip
+    """Export best.pt when validation improved strictly (a tie keeps the earlier epoch), when there is no
+    validation (the last epoch), or when best.pt is missing from this folder (a run branched from a copied
+    checkpoint, or the file was deleted): then the best weights available are this epoch's, and it says so.
+    """
+    missing = not (out / "best.pt").is_file()
+    improved = score is None or state.best_metric is None or score > state.best_metric
+    if not (improved or missing):
+        return
+    if missing and not improved and accelerator.is_main_process:
+        accelerator.print(f"warning: {out}/best.pt was missing (epoch {state.best_epoch}'s weights are not in this "
+                          f"folder); wrote epoch {epoch}'s as best.pt")  # fmt: skip
+    state.best_metric, state.best_epoch = score, epoch
+    if accelerator.is_main_process:
+        metric = {"name": "val_balanced_accuracy", "value": score}
+        export_best(bare_state_dict(accelerator, model), out / "best.pt", facts=facts, epoch=epoch, step=state.step,
+                    metric=metric)  # fmt: skip
 
 
 def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
@@ -243,8 +282,6 @@ def validate(
         net, accelerator, cfg.data.shards, split, cfg.data.image_size, out=out,
         batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, n_bootstrap=0,
     )  # fmt: skip
-    if result.metrics["n_samples"] == 0:
-        raise UserError(f"{cfg.data.shards} has no {split} samples to validate on; prepare with --val-fraction > 0")
     return result
 
 
@@ -319,10 +356,8 @@ def runtime_info(accelerator: Accelerator) -> dict[str, Any]:
 def _write_preempted(accelerator: Accelerator, out: Path, state: TrainerState, signum: int) -> None:
     """The file the sbatch script looks for to requeue the job."""
     if accelerator.is_main_process:
-        path = out / "preempted"
-        tmp = path.with_name(".preempted.tmp")
-        tmp.write_text(json.dumps({"step": state.step, "epoch": state.epoch, "signal": signal_name(signum)}))
-        tmp.replace(path)
+        atomic_write(out / "preempted", json.dumps({"step": state.step, "epoch": state.epoch,
+                                                    "signal": signal_name(signum)}))  # fmt: skip
         accelerator.print(f"stopped by {signal_name(signum)} at step {state.step}; checkpoint saved, resume to go on")
 
 
@@ -331,6 +366,4 @@ def _keep_metrics_before(path: Path, epoch: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < epoch]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
+    atomic_write(path, "".join(line + "\n" for line in lines))

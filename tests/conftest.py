@@ -49,19 +49,21 @@ def shards_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="session")
 def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What training leaves behind, for a random ResNet-18: model.pt, best.pt and config.yaml (32 px)."""
+    """What training leaves behind, for a random ResNet-18 at 32 px: model.pt and best.pt, written by the
+    trainer's own export functions, and a plain.pt that is a foreign state_dict (the seed's format)."""
+    from skinlesion.checkpoint import export_best, export_model
+    from skinlesion.model import ModelFacts
+
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     model = models.resnet18(num_classes=7)
     with torch.no_grad():
         model.fc.weight.mul_(20)  # spread the logits so the top-k order is not a near-tie
-    torch.save(model.state_dict(), out / "model.pt")
-    torch.save(
-        {"model": model.state_dict(), "arch": "resnet18", "classes": list(CLASSES), "image_size": 32,
-         "epoch": 1, "step": 10, "metric": {"name": "balanced_accuracy", "value": 0.5}},
-        out / "best.pt",
-    )  # fmt: skip
-    (out / "config.yaml").write_text("data:\n  image_size: 32\nmodel:\n  name: resnet18\n")
+    facts = ModelFacts(arch="resnet18", classes=CLASSES, image_size=32)
+    export_model(model.state_dict(), out / "model.pt", facts)
+    metric = {"name": "balanced_accuracy", "value": 0.5}
+    export_best(model.state_dict(), out / "best.pt", facts=facts, epoch=1, step=10, metric=metric)
+    torch.save({k: v for k, v in model.state_dict().items()}, out / "plain.pt")
     return out
 
 

@@ -62,3 +62,33 @@ def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path: Path) -> None:
 def test_missing_recipe_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan", "inf", "1e999"])
+@pytest.mark.parametrize("key", ["train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_epochs"])
+def test_non_finite_numbers_are_rejected_for_every_float_key(key: str, value: str) -> None:
+    with pytest.raises(UserError, match=f"config key '{key}' must be a finite number"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_a_binary_config_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from skinlesion.cli import main
+
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\x00\xff\xfe\x80 not yaml at all")
+    assert main(["train", "--config", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a text file (not UTF-8)" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_train_output_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, shards_dir, where) -> None:
+    from skinlesion.cli import main
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    out = blocker if where == "file" else blocker / "run"
+    code = main(["train", "--config", str(REPO / "configs/smoke.yaml"), f"data.shards={shards_dir}",
+                 f"train.output_dir={out}", "wandb.mode=disabled"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"train.output_dir={out}" in err and err.count("\n") == 1, err

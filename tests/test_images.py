@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_header_only
 from PIL import Image
 
 from skinlesion.data import images
@@ -109,21 +108,11 @@ def test_corrupt_jpeg_is_rejected() -> None:
     assert info.value.reason == images.CORRUPT
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels (a decompression bomb's signature)."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("pixels", [100_000 * 1_000, 12_000 * 10_000])  # above 2x and between 1x and 2x the limit
 def test_decompression_bomb_is_rejected(pixels: int) -> None:
     width = 10_000
     with pytest.raises(BadImage) as info:
-        images.process_bytes(_png_header_only(width, pixels // width), 256)
+        images.process_bytes(png_header_only(width, pixels // width), 256)
     assert info.value.reason == images.BOMB
 
 

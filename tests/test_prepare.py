@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import small_options
 from PIL import Image
 
 from skinlesion.data.prepare import PrepareOptions, prepare
@@ -28,20 +29,6 @@ def _read_split(out: Path, split: str) -> list[dict]:
                 key, ext = member.name.split(".", 1)
                 samples.setdefault(f"{name}/{key}", {"__key__": key})[ext] = tar.extractfile(member).read()
     return list(samples.values())
-
-
-def _small(synthetic_dir: Path, tmp_path: Path, n: int = 120) -> PrepareOptions:
-    """Options for a quick run on the first n rows of the session's synthetic dataset (images copied)."""
-    rows = pd.read_csv(synthetic_dir / "HAM10000_metadata.csv", dtype=str).head(n)
-    rows.to_csv(tmp_path / "meta.csv", index=False)
-    images = tmp_path / "images"
-    images.mkdir()
-    for image_id in rows["image_id"]:
-        src = next(synthetic_dir.glob(f"HAM10000_images_part_*/{image_id}.jpg"))
-        (images / src.name).write_bytes(src.read_bytes())
-    return PrepareOptions(
-        metadata=tmp_path / "meta.csv", images=(images,), out=tmp_path / "out", image_size=32, min_shards=3, workers=1
-    )
 
 
 def _all_image_ids(out: Path) -> set[str]:
@@ -116,7 +103,7 @@ def test_resampled_copies_get_a_suffix(shards_dir: Path) -> None:
 
 
 def test_deterministic_for_a_seed_whatever_the_workers(synthetic_dir: Path, tmp_path: Path) -> None:
-    opts = replace(_small(synthetic_dir, tmp_path), samples_per_class=10)
+    opts = replace(small_options(synthetic_dir, tmp_path), samples_per_class=10)
     a = prepare(opts)
     b = prepare(replace(opts, out=tmp_path / "again", workers=2))
     assert a.manifest["splits"] == b.manifest["splits"]
@@ -127,16 +114,15 @@ def test_deterministic_for_a_seed_whatever_the_workers(synthetic_dir: Path, tmp_
 
 
 def test_existing_dataset_is_refused_unless_overwrite(synthetic_dir: Path, tmp_path: Path) -> None:
-    opts = _small(synthetic_dir, tmp_path, n=40)
-    opts.out.mkdir()
-    (opts.out / "README.md").write_text("keep me")
-    prepare(opts)  # a folder without a dataset is fine
-    with pytest.raises(UserError, match="already holds a dataset; pass --overwrite"):
+    opts = small_options(synthetic_dir, tmp_path, n=40)
+    prepare(opts)
+    with pytest.raises(UserError, match=r"is not empty .*; pass --overwrite to replace it"):
         prepare(opts)
+    (opts.out / "README.md").write_text("keep me")  # a note the user added beside the dataset
     result = prepare(replace(opts, overwrite=True, image_size=24))
     assert result.manifest["image_size"] == 24
     assert (opts.out / "README.md").read_text() == "keep me"  # files prepare did not write survive
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no leftovers
+    assert not [p for p in opts.out.iterdir() if p.name.startswith((".partial", ".incomplete"))]  # no leftovers
 
 
 def _truncate_one(opts: PrepareOptions) -> str:
@@ -150,7 +136,7 @@ def _truncate_one(opts: PrepareOptions) -> str:
 
 
 def test_bad_image_is_skipped_with_reason(synthetic_dir: Path, tmp_path: Path) -> None:
-    opts = _small(synthetic_dir, tmp_path, n=40)
+    opts = small_options(synthetic_dir, tmp_path, n=40)
     victim = _truncate_one(opts)
     result = prepare(opts)
     rejected = pd.read_csv(opts.out / "rejected.csv", dtype=str)
@@ -161,7 +147,7 @@ def test_bad_image_is_skipped_with_reason(synthetic_dir: Path, tmp_path: Path) -
 
 
 def test_bad_image_with_error_stops_and_writes_nothing(synthetic_dir: Path, tmp_path: Path) -> None:
-    opts = replace(_small(synthetic_dir, tmp_path, n=40), on_bad_image="error")
+    opts = replace(small_options(synthetic_dir, tmp_path, n=40), on_bad_image="error")
     victim = _truncate_one(opts)
     with pytest.raises(UserError, match=rf"{victim}\.jpg .*truncated image.*--on-bad-image"):
         prepare(opts)
@@ -170,13 +156,13 @@ def test_bad_image_with_error_stops_and_writes_nothing(synthetic_dir: Path, tmp_
 
 
 def test_samples_per_shard_caps_shard_size(synthetic_dir: Path, tmp_path: Path) -> None:
-    result = prepare(replace(_small(synthetic_dir, tmp_path), samples_per_shard=7, min_shards=1))
+    result = prepare(replace(small_options(synthetic_dir, tmp_path), samples_per_shard=7, min_shards=1))
     for info in result.manifest["splits"].values():
         assert max(info["shard_samples"]) <= 7 and info["shards"] == -(-info["samples"] // 7)
 
 
 def test_image_size_zero_keeps_original_bytes(synthetic_dir: Path, tmp_path: Path) -> None:
-    result = prepare(replace(_small(synthetic_dir, tmp_path, n=30), image_size=0, min_shards=1))
+    result = prepare(replace(small_options(synthetic_dir, tmp_path, n=30), image_size=0, min_shards=1))
     sample = _read_split(result.out, "train")[0]
     image_id = json.loads(sample["json"])["image_id"]
     assert sample["jpg"] == (result.manifest["args"]["images"][0] / Path(f"{image_id}.jpg")).read_bytes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,26 @@ def test_bad_config_fails_before_any_node_starts(cluster: Cluster, tmp_path: Pat
     assert done.returncode != 0
     assert "unknown config key 'train.epochz'" in log and "did you mean 'train.epochs'" in log
     assert "accelerate launch" not in log and "Traceback" not in log
+
+
+def test_a_checkout_and_output_path_with_spaces(cluster: Cluster, job_shards: tuple, tmp_path: Path) -> None:
+    # The script finds launch/ from its own path in the job record; submitted from elsewhere, a path cut at
+    # its first space used to fall back to $PWD and fail. The W&B hint must be pasteable as it is printed.
+    checkout = tmp_path / "my projects" / "skin lesion"
+    for part in ("slurm", "launch", "configs"):
+        shutil.copytree(REPO / part, checkout / part)
+    out = tmp_path / "runs dir" / "run 1"
+    args = [str(checkout / "slurm/train.sbatch"), str(checkout / "configs/smoke.yaml"), f"data.shards={job_shards[0]}",
+            f"train.output_dir={out}", *TINY, "train.epochs=1"]  # fmt: skip
+    job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    job_env.pop("WANDB_MODE", None)
+    done = subprocess.run(["sbatch", "--parsable", "--wait", "--time=10", f"--output={tmp_path}/%x-%j.out", *args],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=job_env)  # fmt: skip
+    job = int(done.stdout.split()[0].split(";")[0])
+    cluster.jobs.append(job)
+    log = job_log(tmp_path, job)
+    assert done.returncode == 0, log[-4000:]
+    assert epochs(out) == [0] and (out / "model.pt").is_file()
+    hint = next(line for line in log.splitlines() if line.strip().startswith("wandb sync"))
+    runs = [Path(p) for p in shlex.split(hint)[2:]]
+    assert runs and all(p.is_dir() and p.parent == out / "wandb" for p in runs), hint

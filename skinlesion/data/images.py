@@ -8,8 +8,10 @@ JPEG the right way up whose shorter side is `size`. A file that cannot be truste
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -51,6 +53,22 @@ def process(path: Path | str, size: int, max_pixels: int = MAX_PIXELS) -> bytes:
 
 def process_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> bytes:
     """`process` for bytes already in memory."""
+    with _guard(data, max_pixels):
+        return _convert(data, size)
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Upright RGB image from file bytes, under the same checks as `process` (what predict and serve use,
+    so an image prepare would reject as a bomb or a truncated file is rejected there too)."""
+    with _guard(data, max_pixels), Image.open(io.BytesIO(data)) as im:
+        im.load()
+        orientation = im.getexif().get(0x0112, 1)
+        return _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
+
+
+@contextlib.contextmanager
+def _guard(data: bytes, max_pixels: int) -> Iterator[None]:
+    """Decode under the pixel limit with bomb warnings as errors; PIL's many exceptions become `BadImage`."""
     if not data:
         raise BadImage(EMPTY)
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone else's global setting would let truncated files through
@@ -60,7 +78,7 @@ def process_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> bytes
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
         try:
-            return _convert(data, size)
+            yield
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage(BOMB, str(exc)) from exc
         except UnidentifiedImageError as exc:

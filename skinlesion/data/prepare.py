@@ -199,7 +199,7 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
         import webdataset  # noqa: F401  (once here, so forked workers inherit it instead of each importing torch)
 
         timings["import webdataset"] = time.perf_counter() - started - timings["metadata"]
-    with shards.Build(out) as build, Pool(workers) if workers > 1 else _Inline() as pool:
+    with shards.Build(out, opts.overwrite) as build, Pool(workers) if workers > 1 else _Inline() as pool:
         spool = build.path / ".spool"
         where, bad = _encode_all(pool, workers, meta.kept, opts, spool)
         timings["images"] = time.perf_counter() - started - sum(timings.values())
@@ -216,7 +216,7 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
             files = [f"{split}-{i:06d}.tar" for i in range(len(sizes))]
             entries = _entries(rows, where)
             ends = np.cumsum(sizes).tolist()
-            starts = [0, *ends[:-1]]
+            starts = [end - size for end, size in zip(ends, sizes, strict=True)]
             tasks += [(build.path / f, spool, entries[a:b]) for f, a, b in zip(files, starts, ends, strict=True)]
             splits[split] = _split_manifest(rows, files, sizes)
         with tqdm(total=sum(len(t[2]) for t in tasks), desc="shards", unit="sample", file=sys.stderr) as bar:

@@ -1,9 +1,6 @@
-"""Write WebDataset tar shards, rejected.csv and manifest.json, atomically.
+"""Write WebDataset tar shards, rejected.csv and manifest.json into OUT, atomically (see `Build`).
 
-Everything is built in a hidden folder beside OUT and renamed into place at the end, with
-manifest.json written last: a folder named OUT with a manifest is always a complete dataset, and
-an interrupted run leaves at most a `.OUT.partial-<pid>` folder behind. Files in OUT that prepare
-did not write (shards/README.md) are carried over.
+A folder with a manifest.json is always a complete dataset: the manifest is the last file in.
 """
 
 from __future__ import annotations
@@ -19,10 +16,12 @@ from pathlib import Path
 from types import TracebackType
 
 from skinlesion.errors import UserError
+from skinlesion.files import LOCK_NAME, FolderLock, atomic_write, output_folder
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.csv"
 SUMMARY = "summary.txt"
+INCOMPLETE = ".incomplete"  # present while a replacement is being moved into OUT
 _SHARD = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 _MTIME = 0  # fixed tar member times: the same inputs and seed give byte-identical shards
 
@@ -78,56 +77,92 @@ def write_rejected(path: Path, rejected: Iterable[tuple[str, str]]) -> None:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _is_dataset_file(name: str) -> bool:
     return name in (MANIFEST, REJECTED, SUMMARY) or bool(_SHARD.match(name))
 
 
-def holds_dataset(out: Path) -> bool:
-    """Whether OUT has a manifest or shards from an earlier prepare."""
-    return out.is_dir() and any(_is_dataset_file(p.name) for p in out.iterdir())
-
-
 def check_destination(out: Path, overwrite: bool) -> None:
-    """Refuse early, before any work, an OUT that is a file or already holds a dataset."""
+    """Refuse, before any work, an OUT that prepare must not write into.
+
+    Without --overwrite OUT must be missing or empty (hidden files aside); with it, OUT must hold a
+    previous skinlesion dataset: its manifest, or the marker of an interrupted replacement.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
-    if not overwrite and holds_dataset(out):
-        raise UserError(f"--out {out} already holds a dataset; pass --overwrite to replace it, or another --out")
+    if not out.is_dir():
+        return
+    try:
+        visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise UserError(f"--out {out} cannot be read ({exc.strerror}); choose another folder") from exc
+    if not visible:
+        return
+    shown = ", ".join(visible[:3]) + (", ..." if len(visible) > 3 else "")
+    dataset = (out / MANIFEST).is_file() or (out / INCOMPLETE).is_file()
+    if not overwrite:
+        hint = "pass --overwrite to replace it" if dataset else "pass an empty or new folder"
+        raise UserError(f"--out {out} is not empty ({shown}); {hint}, or choose another --out")
+    if not dataset:
+        raise UserError(
+            f"--out {out} holds files that are not a skinlesion dataset ({shown}); --overwrite only replaces "
+            f"a previous dataset (one with {MANIFEST}): pass an empty or new folder"
+        )
 
 
 class Build:
-    """A temporary folder beside OUT that becomes OUT on `commit`, and vanishes on failure."""
+    """Files are written into a hidden ``OUT/.partial-<pid>/`` and moved into OUT on `commit`.
 
-    def __init__(self, out: Path) -> None:
-        self.out = Path(out).resolve()  # "." or "x/.." have no usable name for the sibling folder
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir()
+    OUT itself is never removed, renamed or replaced, so its owner, mode, setgid bit, hard links and
+    mount stay as the user made them, and ``--out .`` is fine. The folder is locked for the whole
+    build (one writer). Until `commit`, an old dataset in OUT is untouched and usable; during it,
+    OUT has no manifest and an ``.incomplete`` marker, so no reader takes it for complete, and the
+    next ``prepare --overwrite`` repairs it. Files in OUT that prepare did not write are left alone.
+    """
+
+    def __init__(self, out: Path, overwrite: bool) -> None:
+        self.created = not Path(out).exists()
+        self.out = output_folder(out, "--out")
+        try:
+            self.lock = FolderLock(self.out, "--out").acquire()
+            check_destination(self.out, overwrite)  # again, now that no other prepare can change OUT
+            for stale in self.out.glob(".partial-*"):  # left by a killed run: we hold the lock, it is dead
+                shutil.rmtree(stale, ignore_errors=True)
+            self.path = self.out / f".partial-{os.getpid()}"
+            self.path.mkdir()
+        except BaseException:
+            self._abandon()
+            raise
 
     def commit(self) -> None:
-        """Swap the build in as OUT; keep files of the old OUT that are not part of a dataset."""
-        if not self.out.exists():
-            self.path.rename(self.out)
-            return
+        """Replace the old dataset's files with the new ones; manifest.json last."""
+        (self.out / INCOMPLETE).write_bytes(b"")
+        (self.out / MANIFEST).unlink(missing_ok=True)
+        new = {p.name for p in self.path.iterdir() if _is_dataset_file(p.name)}
         for entry in self.out.iterdir():
-            if not _is_dataset_file(entry.name):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, self.path / entry.name, symlinks=True)
-                else:
-                    shutil.copy2(entry, self.path / entry.name, follow_symlinks=False)
-        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        self.out.rename(old)
-        self.path.rename(self.out)
-        shutil.rmtree(old)
+            if _is_dataset_file(entry.name) and entry.name not in new and entry.is_file():
+                entry.unlink()
+        for name in [*sorted(new - {MANIFEST}), MANIFEST]:
+            os.replace(self.path / name, self.out / name)
+        (self.out / INCOMPLETE).unlink()
 
     def __enter__(self) -> Build:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        if exc_type is None:
+            self.lock.release()
+        else:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """After a failure, a folder this run created and left empty goes again: nothing looks written."""
+        lock = getattr(self, "lock", None)
+        if self.created and not [p for p in self.out.iterdir() if p.name != LOCK_NAME]:
+            (self.out / LOCK_NAME).unlink(missing_ok=True)
+            self.out.rmdir()
+        if lock is not None:
+            lock.release()

@@ -20,8 +20,10 @@ which keeps 10,015 images well under a minute on two cores.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -31,11 +33,14 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from skinlesion.errors import UserError
+from skinlesion.files import FolderLock, atomic_write, output_folder
 from skinlesion.labels import CLASSES
 
 # HAM10000's header (= metadata.COLUMNS; not imported from there, which would import pandas for nothing).
 HEADER = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
 FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+METADATA = "HAM10000_metadata.csv"
+_SYNTH_IMAGE = re.compile(r"^ISIC_9\d{6}\.jpg$")  # the ids `plan` gives
 WIDTH, HEIGHT = 600, 450
 _RW, _RH = WIDTH // 2, HEIGHT // 2  # render resolution
 
@@ -386,16 +391,45 @@ def plan(n_images: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def generate(out: Path, n_images: int = 1000, seed: int = 0, workers: int | None = None) -> Path:
+def generate(
+    out: Path, n_images: int = 1000, seed: int = 0, workers: int | None = None, overwrite: bool = False
+) -> Path:
     """Write out/HAM10000_metadata.csv and n_images JPEGs (600x450) over the two part folders.
 
-    Images are rendered by worker processes; the CSV is written last and atomically, so a folder
-    with a metadata file is complete. Returns the CSV's path.
+    OUT must be new or empty (hidden files aside); with `overwrite`, a previous synthetic dataset in it
+    is replaced: its CSV is removed first, so a half-rewritten folder never looks complete, and images
+    of the old plan that the new one lacks are deleted, nothing else. Images are rendered by worker
+    processes; the CSV is written last and atomically. Returns the CSV's path.
     """
     if n_images < len(CLASSES):
         raise UserError(f"--images {n_images} is too few: pass at least {len(CLASSES)}, one per class")
     out = Path(out)
+    _check_destination(out, overwrite)
+    out = output_folder(out, "synth DIR")
+    with FolderLock(out, "synth DIR"):
+        _check_destination(out, overwrite)  # again, under the lock
+        return _generate(out, n_images, seed, workers)
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a folder for the synthetic dataset")
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if not visible:
+        return
+    ours = set(visible) <= {*FOLDERS, METADATA}
+    if not overwrite:
+        hint = "pass --overwrite to replace the synthetic dataset in it" if ours else "pass an empty or new folder"
+        raise UserError(f"{out} is not empty ({', '.join(visible[:3])}); {hint}")
+    if not ours:
+        shown = ", ".join(visible[:3])
+        raise UserError(f"{out} holds files synth did not write ({shown}); pass an empty or new folder")
+
+
+def _generate(out: Path, n_images: int, seed: int, workers: int | None) -> Path:
     rows = plan(n_images, seed)
+    csv_path = out / METADATA
+    csv_path.unlink(missing_ok=True)  # from here until the end, the folder is visibly incomplete
     for folder in FOLDERS:
         (out / folder).mkdir(parents=True, exist_ok=True)
     half = (len(rows) + 1) // 2
@@ -403,6 +437,11 @@ def generate(out: Path, n_images: int = 1000, seed: int = 0, workers: int | None
         (seed, int(r["_lesion"]), int(r["_shot"]), r["dx"], str(out / FOLDERS[n >= half] / f"{r['image_id']}.jpg"))
         for n, r in enumerate(rows)
     ]
+    planned = {Path(t[-1]).name for t in tasks}
+    for folder in FOLDERS:  # images of an earlier, larger plan would otherwise linger beside the new ones
+        for stale in (out / folder).glob("ISIC_9*.jpg"):
+            if _SYNTH_IMAGE.match(stale.name) and stale.name not in planned:
+                stale.unlink()
     workers = workers or os.cpu_count() or 1
     with tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True) as bar:
         if workers == 1:
@@ -414,13 +453,11 @@ def generate(out: Path, n_images: int = 1000, seed: int = 0, workers: int | None
                 for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
                     bar.update()
 
-    csv_path = out / "HAM10000_metadata.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HEADER, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HEADER, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(csv_path, buffer.getvalue())
     counts = class_counts(n_images)
     print(f"wrote {len(rows)} images of {len({r['lesion_id'] for r in rows})} lesions to {out} "
           f"({', '.join(f'{dx} {counts[dx]}' for dx in CLASSES)})")  # fmt: skip

@@ -1,0 +1,127 @@
+"""The two file-system promises every stage makes: atomic writes, and one writer per output folder.
+
+`atomic_write` puts the bytes in a temporary file in the destination's own folder, fsyncs it and
+renames it over the destination, so a reader (or a resumed run) sees the old file or the new one,
+never half of one. `FolderLock` is an ``fcntl.flock`` on ``<folder>/.lock``: the kernel releases it
+when the holding process dies, so ``kill -9`` and a SLURM requeue need no clean-up, and a second
+writer fails at once with the host, PID and SLURM job of the first. `output_folder` turns the
+ways a folder can be unusable (a file in its place, no permission, a read-only mount) into one
+line naming it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from skinlesion.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
+    """Write `data` (bytes, text, or a function that writes to a binary file) to `path` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def output_folder(path: Path, what: str) -> Path:
+    """Create `path` (and parents) if needed and check that files can be written in it.
+
+    `what` names the setting the path came from (``train.output_dir``, ``--out``) for the error.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what}={path} is a file, not a folder; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{what}={path} cannot be written ({exc.strerror or exc}); choose a writable folder") from exc
+    return path
+
+
+def _holder() -> dict[str, Any]:
+    """Who holds a lock: enough for a user to find and stop the other writer."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        job = f", SLURM job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
+        return f"host {info['host']}, PID {info['pid']}{job}, since {info['since']} ({info['command']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process (its details are unreadable)"
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder: ``with FolderLock(folder, "train.output_dir"): ...``.
+
+    Only the process that writes the folder takes it (the main process of a distributed run). It is
+    released when the ``with`` block ends or the process dies, whichever comes first.
+    """
+
+    def __init__(self, folder: Path, what: str) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+        except OSError as exc:
+            raise UserError(f"cannot create {self.path} ({exc.strerror}); choose a writable {self.what}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent} is in use by {holder}: one folder has one writer. Wait for it to "
+                f"finish, stop it, or choose another {self.what}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode("utf-8"), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
