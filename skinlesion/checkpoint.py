@@ -49,6 +49,25 @@ class TrainerState:
     arch: str | None = None  # model.name of the run: a checkpoint of another architecture is never loaded
 
 
+def read_state(path: Path) -> TrainerState:
+    """A checkpoint's trainer_state.json, every field type-checked (a ValueError names the first bad one)."""
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    counts = ("epoch", "step", "batches_in_epoch")
+    optional = {"wandb_run_id": str, "best_metric": (int, float), "best_epoch": int, "arch": str}
+    for key, value in raw.items():
+        if key in counts:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif key in optional:
+            ok = value is None or (isinstance(value, optional[key]) and not isinstance(value, bool))
+        else:
+            raise ValueError(f"unknown key {key!r}")
+        if not ok:
+            raise ValueError(f"{key}={value!r} has the wrong type")
+    return TrainerState(**raw)
+
+
 def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -104,7 +123,7 @@ def load_checkpoint(
     failures: list[tuple[Path, str]] = []
     for folder in candidates:
         try:
-            state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+            state = read_state(folder / STATE_FILE)
         except (OSError, ValueError, TypeError) as exc:
             failures.append((folder, f"its {STATE_FILE} is unreadable ({exc})"))
             continue

@@ -86,6 +86,8 @@ class Config:
         }
 
 
+IMAGE_SIZE_RANGE = (16, 1024)  # input sizes a model may be trained and used at (checked in checkpoints too)
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -198,6 +200,9 @@ def _check_values(cfg: Config) -> None:
             raise UserError(f"config key {key!r} must be > 0, got {value!r}")
         if key in NON_NEGATIVE and not value >= 0:
             raise UserError(f"config key {key!r} must be >= 0, got {value!r}")
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= cfg.data.image_size <= high:
+        raise UserError(f"config key 'data.image_size' must be from {low} to {high} px, got {cfg.data.image_size}")
     if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
         raise UserError(
             f"train.resume={cfg.train.resume!r}: no such checkpoint folder; use auto, never, "

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from skinlesion.config import IMAGE_SIZE_RANGE
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES, NUM_CLASSES
 
@@ -52,7 +53,6 @@ class LoadedModel:
 
 
 FACTS_KEY = "skinlesion"  # model.pt's facts live in state_dict._metadata[FACTS_KEY], which torch.save keeps
-IMAGE_SIZE_RANGE = (16, 1024)
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,9 @@ def test_train_output_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, 
                  f"train.output_dir={out}", "wandb.mode=disabled"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and f"train.output_dir={out}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("size", [8, 100000])
+def test_image_size_outside_what_a_model_may_use_is_refused(size: int) -> None:
+    with pytest.raises(UserError, match=f"'data.image_size' must be from 16 to 1024 px, got {size}"):
+        load_config(None, [f"data.image_size={size}"])

@@ -200,3 +200,11 @@ def test_read_only_destinations_are_one_line_for_every_command(read_only, synthe
         assert main(command) == 2, command
         err = capsys.readouterr().err
         assert "cannot be written" in err and str(out) in err and err.count("\n") == 1, err
+
+
+def test_prepare_refuses_an_image_size_that_would_upscale_to_gigabytes(synthetic_dir, tmp_path, capsys) -> None:
+    opts = small_options(synthetic_dir, tmp_path, n=10)
+    assert main(["prepare", "--metadata", str(opts.metadata), "--images", str(opts.images[0]), "--out",
+                 str(opts.out), "--image-size", "100000"]) == 2  # fmt: skip
+    assert "--image-size 100000 must be 16 to 4096" in capsys.readouterr().err
+    assert not opts.out.exists()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -172,3 +173,26 @@ def test_a_run_branched_from_a_copied_checkpoint_writes_best_pt_even_on_a_tie(ac
     state = TrainerState(epoch=1, best_metric=0.4286, best_epoch=0)
     assert _epochs(accelerator, tmp_path, [0.4286], state) == 1
     assert "best.pt was missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"epoch": "1; rm -rf /"}, {"epoch": -1}, {"step": 1.5}, {"best_metric": "0.9"}, {"evil": 1}, [1, 2]],
+)
+def test_a_hostile_trainer_state_is_refused_field_by_field(tmp_path: Path, state) -> None:
+    from skinlesion.checkpoint import read_state
+
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError):
+        read_state(path)
+
+
+def test_a_valid_trainer_state_round_trips(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from skinlesion.checkpoint import read_state
+
+    state = TrainerState(epoch=2, step=14, best_metric=0.5, best_epoch=1, wandb_run_id="abc", arch="resnet18")
+    (tmp_path / "s.json").write_text(json.dumps(asdict(state)))
+    assert read_state(tmp_path / "s.json") == state

@@ -33,6 +33,7 @@ from skinlesion.data.split import SPLITS, balance, split_by_lesion
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASS_TO_INDEX, CLASSES
 
+MAX_STORED_SIZE = 4096  # shorter side in shards; a typo like 100000 would upscale every image to gigabytes
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -65,8 +66,8 @@ class PrepareResult:
 
 def _check(opts: PrepareOptions) -> None:
     problems = []
-    if opts.image_size < 0:
-        problems.append(f"--image-size {opts.image_size} must be >= 0 (0 keeps the original bytes)")
+    if not (opts.image_size == 0 or 16 <= opts.image_size <= MAX_STORED_SIZE):
+        problems.append(f"--image-size {opts.image_size} must be 16 to {MAX_STORED_SIZE} (or 0: the original bytes)")
     if not (0 <= opts.val_fraction < 1 and 0 <= opts.test_fraction < 1 and opts.val_fraction + opts.test_fraction < 1):
         problems.append(f"--val-fraction {opts.val_fraction} and --test-fraction {opts.test_fraction} must be >= 0 "
                         "and add up to less than 1")  # fmt: skip
