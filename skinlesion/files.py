@@ -70,7 +70,8 @@ def _holder() -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+        # The program and subcommand only: arguments may hold paths or tokens that do not belong in a shared file.
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:2]]) if sys.argv else "?",
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -208,3 +208,17 @@ def test_prepare_refuses_an_image_size_that_would_upscale_to_gigabytes(synthetic
                  str(opts.out), "--image-size", "100000"]) == 2  # fmt: skip
     assert "--image-size 100000 must be 16 to 4096" in capsys.readouterr().err
     assert not opts.out.exists()
+
+
+def test_the_lock_names_its_holder_without_its_arguments(tmp_path: Path, monkeypatch) -> None:
+    from skinlesion.files import FolderLock
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/skinlesion", "serve", "--token", "s3cret"])
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with FolderLock(tmp_path, "--out"):
+        assert "s3cret" not in (tmp_path / ".lock").read_text()
+        code = "from skinlesion.files import FolderLock; import sys; FolderLock(sys.argv[1], '--out').acquire()"
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"PID {os.getpid()}, SLURM job 4242" in done.stderr and "(skinlesion serve)" in done.stderr
+    FolderLock(tmp_path, "--out").acquire().release()  # released with the holder
