@@ -9,7 +9,7 @@ DEMO   ?= runs/demo
 LAUNCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; \
             then echo launch/one-gpu.yaml; else echo launch/cpu-2proc.yaml; fi)
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint clean-demo gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,3 +38,8 @@ test: setup
 lint: setup
 	$(BIN)/ruff check skinlesion tests
 	$(BIN)/ruff format --check skinlesion tests
+
+# The one-call GPU check (benchmarks/gpu-check.sh): bench step / loader / train and a 2-epoch run on this machine's
+# GPU; `benchmarks/gpu-check.sh --cpu DIR` is the scaled-down CPU version that CI runs.
+gpu-check:
+	benchmarks/gpu-check.sh runs/gpu-check

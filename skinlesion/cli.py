@@ -74,6 +74,12 @@ def _predict(args: argparse.Namespace) -> int:
 IMAGE_SIZE_HELP = "input size, only for a plain state_dict that does not record it (skinlesion's files do)"
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from skinlesion.bench import bench_command
+
+    return bench_command(args.bench, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinlesion",
@@ -128,7 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
     p.add_argument("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)
     p.set_defaults(func=_predict)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure the loader, the training step and end-to-end training")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    loader = kinds.add_parser("loader", help="CPU cost per image by stage, images/s per worker, bytes shipped")
+    loader.add_argument("--shards", type=Path, required=True, help="folder written by `skinlesion prepare`")
+    loader.add_argument("--image-size", type=int, default=224)
+    loader.add_argument("--workers", type=int, default=1)
+    loader.add_argument("--batches", type=int, default=20)
+    loader.add_argument("--batch-size", type=int, default=32)
+    loader.add_argument("--augment", choices=("device", "cpu"), default="device")
+    step = kinds.add_parser("step", help="images/s of forward + backward + optimizer step on in-memory batches")
+    step.add_argument("--model", default="resnet50")
+    step.add_argument("--image-size", type=int, default=224)
+    step.add_argument("--batch-size", type=int, default=32)
+    step.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
+    step.add_argument("--channels-last", action="store_true")
+    step.add_argument("--compile", action="store_true")
+    step.add_argument("--steps", type=int, default=10, help="steps per timed window (5 windows, median)")
+    train = kinds.add_parser("train", help="end-to-end training images/s against `bench step` with the same settings")
+    train.add_argument("--config", type=Path, required=True)
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("--steps", type=int, default=50)
+    for parser in (loader, step, train):
+        parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+        parser.set_defaults(func=_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class DataConfig:
     eval_batch_size: int = 128  # per process, validation
     num_workers: int = 4  # loader processes per training process
     shuffle_buffer: int = 1000  # samples held for the in-stream shuffle
+    augment: str = "auto"  # where per-pixel augmentation runs: auto (device on CUDA, else cpu) | device | cpu
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Config:
 IMAGE_SIZE_RANGE = (16, 1024)  # input sizes a model may be trained and used at (checked in checkpoints too)
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "data.augment": ("auto", "device", "cpu"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
@@ -98,6 +101,20 @@ POSITIVE = {"data.image_size", "data.batch_size", "data.eval_batch_size", "data.
 POSITIVE |= {"train.lr", "train.grad_accum", "train.keep_checkpoints", "train.log_every_steps", "train.dist_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.seed"}
 NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr_ratio"}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2 booleans: only true/false are booleans, so ``mixed_precision=no``
+    stays the string "no" instead of becoming False (YAML 1.1 also reads yes/no/on/off as booleans)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -112,7 +129,7 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass e.g. --config configs/smoke.yaml")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except UnicodeDecodeError:
             raise UserError(
                 f"{path} is not a text file (not UTF-8); pass a YAML recipe, e.g. configs/smoke.yaml"
@@ -129,7 +146,7 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
             raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.epochs=3)")
         section, _, name = key.strip().partition(".")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.load(text, Loader=_Loader) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise UserError(f"override {item!r}: cannot parse the value ({exc})") from exc
         current = raw.setdefault(section, {})

@@ -71,7 +71,9 @@ def collect_predictions(
     Must be called on all ranks together (gather_object is a collective). The model is unwrapped
     (no DDP forward, hence no collective per batch: ranks may hold different numbers of batches).
     """
-    from skinlesion.data.pipeline import eval_loader, read_manifest
+    from skinlesion.data.augment import to_model_input
+    from skinlesion.data.manifest import read_manifest
+    from skinlesion.data.pipeline import eval_loader
 
     loader = eval_loader(  # first: a clear error for a missing folder, manifest or split
         shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes
@@ -94,7 +96,7 @@ def collect_predictions(
     )
     try:
         for batch in loader:
-            images = batch["image"].to(accelerator.device, non_blocking=True)
+            images = to_model_input(batch["image"].to(accelerator.device, non_blocking=True))
             with accelerator.autocast():
                 probs.append(class_probabilities(net, images, tta=tta).cpu())
             labels.append(batch["label"])
@@ -284,7 +286,7 @@ def evaluate_command(
     image_size: int | None = None,
 ) -> int:
     """CLI entry: evaluate `checkpoint` on `split` of `shards`; outputs go to <checkpoint dir>/eval-<split>."""
-    from skinlesion.data.pipeline import read_manifest, verify_split
+    from skinlesion.data.manifest import read_manifest, verify_split
     from skinlesion.distributed import lock_on_main, make_accelerator
     from skinlesion.files import output_folder
     from skinlesion.model import load_for_inference

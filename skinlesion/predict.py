@@ -2,8 +2,8 @@
 
 The model is loaded once (`model.load_for_inference`, which refuses checkpoints that would run code
 when unpickled) and the images go through it in batches, preprocessed exactly as in evaluation
-(`data.transforms.eval_transform`). One unreadable image does not stop the others: it gets an error
-entry and the command exits with status 1.
+(`data.transforms.eval_uint8`, then `augment.to_model_input`). One unreadable image does not stop the
+others: it gets an error entry and the command exits with status 1.
 
 This module also owns `class_probabilities`, the single place where logits become probabilities
 (with optional test-time augmentation), so that `evaluate` and `predict` cannot drift apart.
@@ -84,12 +84,17 @@ def predict_images(
     device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per path, in order: {image, predictions, malignant_probability} or {image, error}."""
-    from skinlesion.data.transforms import eval_transform
+    from skinlesion.data.augment import to_model_input
+    from skinlesion.data.transforms import eval_uint8, pil_to_uint8
 
     if not 1 <= top_k <= NUM_CLASSES:
         raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
     device = device or next(loaded.model.parameters()).device
-    transform = eval_transform(loaded.image_size)
+    size = loaded.image_size
+
+    def transform(image: Image.Image) -> torch.Tensor:  # uint8 on the CPU; normalised on the device below
+        return eval_uint8(pil_to_uint8(image), size)
+
     entries: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
@@ -102,7 +107,8 @@ def predict_images(
             except ValueError as exc:
                 chunk_entries.append({"image": str(path), "error": str(exc)})
         if tensors:
-            probs = class_probabilities(loaded.model, torch.stack(tensors).to(device), tta=tta).cpu()
+            batch = to_model_input(torch.stack(tensors).to(device))
+            probs = class_probabilities(loaded.model, batch, tta=tta).cpu()
             ok = iter(probs)
             for entry in chunk_entries:
                 if "error" not in entry:

@@ -33,13 +33,17 @@ from skinlesion.checkpoint import (
     save_checkpoint,
 )
 from skinlesion.config import Config, TrainConfig, save_config
-from skinlesion.data.pipeline import batches_per_rank, read_manifest, train_loader, verify_split
+from skinlesion.data.augment import augment, batch_generator
+from skinlesion.data.manifest import read_manifest, verify_split
+from skinlesion.data.pipeline import batches_per_rank, train_loader
 from skinlesion.distributed import StopSignal, any_rank, launch_info, lock_on_main, make_accelerator, signal_name
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate, flat_scalars, format_summary
 from skinlesion.files import atomic_write, output_folder
 from skinlesion.labels import CLASSES
 from skinlesion.model import ModelFacts, build_model, load_for_inference
+
+CPU_AUGMENT = "device"  # what data.augment=auto means without CUDA (measured: docs/benchmarks.md)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Run:
     criterion: nn.Module
     stop: StopSignal
     batches: int  # per rank per epoch
+    augment: str  # where per-pixel augmentation runs: "device" (uint8 batches) or "cpu" (loader workers)
     total_steps: int
     warmup_steps: int
 
@@ -103,6 +108,7 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
         stop=StopSignal(),
         batches=batches,
+        augment=resolve_augment(cfg.data.augment, accelerator.device),
         total_steps=steps_per_epoch * cfg.train.epochs,
         warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
     )
@@ -202,14 +208,14 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
         cfg.data.shards, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers, rank=accelerator.process_index, world_size=accelerator.num_processes,
         seed=cfg.train.seed, epoch=state.epoch, batches=run.batches, skip_batches=state.batches_in_epoch,
-        shuffle_buffer=cfg.data.shuffle_buffer,
+        shuffle_buffer=cfg.data.shuffle_buffer, augment=run.augment,
     )  # fmt: skip
     batches = iter(loader)
     steps = (run.batches - state.batches_in_epoch) // accum
     bar = tqdm(total=run.batches // accum, initial=run.batches // accum - steps, desc=f"epoch {state.epoch}",
                disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
     loss_sum = torch.zeros(2, device=accelerator.device)  # (sum of sample losses, samples) on this rank
-    images, started = 0, time.perf_counter()
+    images, skipped, started = 0, 0, time.perf_counter()
     model.train()
     for _ in range(steps):
         lr = lr_at(state.step, run.total_steps, run.warmup_steps, cfg.train)
@@ -218,10 +224,9 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
             batch = next(batches)
-            x = batch["image"].to(accelerator.device, non_blocking=True)
-            y = batch["label"].to(accelerator.device, non_blocking=True)
-            if accelerator.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = model_input(batch, accelerator.device, cfg.train.seed, state.epoch, accelerator.process_index,
+                               state.batches_in_epoch + micro)  # fmt: skip
+            skipped += batch.get("skipped", 0)
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
             with sync:
                 loss = run.criterion(model(x), y)
@@ -259,12 +264,27 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
             _write_preempted(accelerator, Path(cfg.train.output_dir), state, stop_signal)
             return None
     bar.close()
-    total = accelerator.reduce(loss_sum, reduction="sum")
+    total = accelerator.reduce(torch.cat([loss_sum, torch.tensor([skipped], device=loss_sum.device)]), reduction="sum")
     return {
         "train_loss": (total[0] / total[1].clamp(min=1)).item(),
         "lr": run.optimizer.param_groups[0]["lr"],
         "images_per_second": images * accelerator.num_processes / (time.perf_counter() - started),
+        "skipped_samples": int(total[2].item()),
     }
+
+
+def model_input(
+    batch: dict[str, Any], device: torch.device, seed: int, epoch: int, rank: int, index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch on the device, ready for the model: uint8 tiles are augmented and normalised here, per
+    sample, with flips and jitter drawn from (seed, epoch, rank, batch index): a resumed epoch draws the same."""
+    x = batch["image"].to(device, non_blocking=True)
+    if "affine" in batch:
+        generator = batch_generator(device, seed, epoch, rank, index)
+        x = augment(x, batch["affine"].to(device, non_blocking=True), generator)
+    elif device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["label"].to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -311,6 +331,14 @@ def _sync_buffers(accelerator: Accelerator, net: nn.Module) -> None:
     if accelerator.num_processes > 1:
         for buffer in net.buffers():
             torch.distributed.broadcast(buffer, src=0)
+
+
+def resolve_augment(setting: str, device: torch.device) -> str:
+    """data.augment=auto: on the device on CUDA, where the loader's CPU time is the bottleneck; on CPU too,
+    where it spends less CPU in total (docs/benchmarks.md)."""
+    if setting != "auto":
+        return setting
+    return "device" if device.type == "cuda" else CPU_AUGMENT
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

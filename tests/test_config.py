@@ -98,3 +98,9 @@ def test_train_output_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, 
 def test_image_size_outside_what_a_model_may_use_is_refused(size: int) -> None:
     with pytest.raises(UserError, match=f"'data.image_size' must be from 16 to 1024 px, got {size}"):
         load_config(None, [f"data.image_size={size}"])
+
+
+def test_no_on_the_command_line_is_the_string_no_not_false() -> None:
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["train.mixed_precision=no", "wandb.name=off"])
+    assert (cfg.train.mixed_precision, cfg.wandb.name) == ("no", "off")
+    assert load_config(None, ["train.compile=true"]).train.compile is True

@@ -18,8 +18,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from skinlesion.data.pipeline import batches_per_rank, eval_loader, read_manifest, train_loader
-from skinlesion.data.transforms import eval_transform, train_transform
+from skinlesion.data.manifest import read_manifest
+from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
+from skinlesion.data.transforms import eval_crop, train_crop, train_transform
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES
 
@@ -147,12 +148,17 @@ def test_missing_shards_folder_or_manifest_is_a_clear_error(tmp_path: Path) -> N
         read_manifest(tmp_path)
 
 
-def test_transforms_give_normalised_tensors_of_the_requested_size() -> None:
+def test_presets_give_tensors_of_the_requested_size_and_type() -> None:
     img = Image.new("RGB", (60, 45), (128, 64, 32))
-    for transform in (train_transform(32), eval_transform(32)):
-        out = transform(img)
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert torch.equal(eval_transform(32)(img), eval_transform(32)(img))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    out = train_transform(32)(img)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    tile, affine = train_crop(32)(buf.getvalue())
+    assert tile.shape == (3, 32, 32) and tile.dtype == torch.uint8 and affine.shape == (2, 3)
+    evaluated = eval_crop(32)(buf.getvalue())
+    assert evaluated.shape == (3, 32, 32) and evaluated.dtype == torch.uint8
+    assert torch.equal(evaluated, eval_crop(32)(buf.getvalue()))
 
 
 def _jpeg() -> bytes:

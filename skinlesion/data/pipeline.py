@@ -12,9 +12,12 @@ data; with fewer, some samples repeat within the epoch (a warning says so) but n
 Evaluation (`eval_loader`): shards are dealt to slots without shuffling or cycling, so every sample of
 the split is read exactly once across all ranks together; a rank may get fewer batches, or none.
 
-Only the ``jpg``, ``cls`` and ``json`` members of a sample are decoded (PIL, int, json): nothing in a
-shard is ever unpickled. Loaders are plain DataLoaders that must NOT go through accelerator.prepare
-(it would re-split the already split stream); callers move batches to the device themselves.
+Only the ``jpg``, ``cls`` and ``json`` members of a sample are decoded (libjpeg-turbo or PIL, int, json):
+nothing in a shard is ever unpickled. Shards are opened here as local files and handed to webdataset as
+streams. Evaluation batches are uint8 (`transforms.eval_crop`); training batches are uint8 tiles for the
+device path or normalised float32 for the CPU path (see `transforms`). Loaders are plain DataLoaders
+that must NOT go through accelerator.prepare (it would re-split the already split stream); callers move
+batches to the device themselves.
 """
 
 from __future__ import annotations
@@ -22,11 +25,10 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import random
-import re
-import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,124 +37,13 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from skinlesion.data.transforms import Transform, eval_transform, train_transform
+from skinlesion.data.manifest import label_of, read_manifest, split_shards
+from skinlesion.data.transforms import eval_crop, train_crop, train_transform
 from skinlesion.errors import UserError
-from skinlesion.labels import CLASSES
 
 Batch = dict[str, Any]
-
-
-def read_manifest(shards: Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset, checked key by key; a one-line error for anything amiss.
-
-    A manifest is data, not instructions: its file names must be bare names of ``.tar`` files inside
-    the folder (no separator, no ``..``, no URL scheme or ``pipe:``), and are only ever opened as local files.
-    """
-    shards = Path(shards)
-    if not shards.is_dir():
-        raise UserError(
-            f"data.shards={shards} does not exist; create it with `skinlesion prepare --out {shards} ...` "
-            f"or point data.shards at a prepared folder"
-        )
-    path = shards / "manifest.json"
-    if not path.is_file():
-        raise UserError(
-            f"{path} is missing: {shards} is not a complete dataset (prepare writes manifest.json last); "
-            f"rerun `skinlesion prepare --out {shards} --overwrite ...`"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc}); rerun `skinlesion prepare`") from exc
-    _check_manifest(manifest, path)
-    return manifest
-
-
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.tar$")
-
-
-def _check_manifest(manifest: Any, path: Path) -> None:
-    def bad(key: str, what: str) -> UserError:
-        return UserError(f"{path}: {key} {what}; the manifest is damaged or not from skinlesion prepare (rerun it)")
-
-    if not isinstance(manifest, dict):
-        raise bad("the top level", "is not an object")
-    if list(manifest.get("classes") or []) != list(CLASSES):
-        raise bad("'classes'", f"is {manifest.get('classes')!r}, not {list(CLASSES)}")
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict) or not set(splits) <= {"train", "val", "test"}:
-        raise bad("'splits'", "must be an object with train, val and/or test")
-    for split, info in splits.items():
-        key = f"splits.{split}"
-        if not isinstance(info, dict):
-            raise bad(key, "is not an object")
-        samples, files, sizes = info.get("samples"), info.get("files"), info.get("shard_samples")
-        if not _count(samples):
-            raise bad(f"{key}.samples", f"is {samples!r}, not a count")
-        if not isinstance(files, list) or not all(isinstance(f, str) and _SHARD_NAME.match(f) for f in files):
-            odd = next((f for f in files if not (isinstance(f, str) and _SHARD_NAME.match(f))), files) \
-                if isinstance(files, list) else files  # fmt: skip
-            raise bad(f"{key}.files", f"holds {odd!r}: entries must be bare .tar file names inside {path.parent}")
-        if not isinstance(sizes, list) or len(sizes) != len(files) or not all(map(_count, sizes)):
-            raise bad(f"{key}.shard_samples", "must list one sample count per file")
-        if sum(sizes) != samples:
-            raise bad(f"{key}.shard_samples", f"adds up to {sum(sizes)}, but samples is {samples}")
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def split_shards(shards: Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
-    """(shard path, samples in it) for each file of `split`, in manifest order."""
-    info = manifest["splits"].get(split)
-    if info is None:
-        raise UserError(f"{shards}/manifest.json has no {split!r} split")
-    files = [Path(shards) / name for name in info["files"]]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise UserError(f"shard files listed in {shards}/manifest.json are missing: {missing[:3]}; rerun prepare")
-    return list(zip(files, info["shard_samples"], strict=True))
-
-
-def verify_split(shards: Path, manifest: dict[str, Any], split: str) -> None:
-    """Check every shard of `split` against the manifest before an epoch is spent on it.
-
-    A header scan (about 0.06 ms a sample): each file must be a readable tar whose samples each have a
-    ``jpg`` and a ``cls`` in range, as many as the manifest says. Errors name the shard and the key.
-    """
-    for path, expected in split_shards(shards, manifest, split):
-        keys: dict[str, set[str]] = {}
-        try:
-            with tarfile.open(path, mode="r:") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if not member.isreg() or "/" in member.name:
-                        continue
-                    keys.setdefault(key, set()).add(ext)
-                    if ext == "cls":
-                        label_of(tar.extractfile(member).read(), key, path)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise UserError(f"shard {path} is not a readable tar file ({exc}); rerun `skinlesion prepare`") from exc
-        for key, exts in keys.items():
-            if not {"jpg", "cls"} <= exts:
-                raise UserError(f"shard {path}: sample {key!r} lacks {sorted({'jpg', 'cls'} - exts)}")
-        if len(keys) != expected:
-            raise UserError(
-                f"shard {path} holds {len(keys)} samples but {shards}/manifest.json says {expected}; "
-                f"the shards changed after prepare: rerun `skinlesion prepare --overwrite`"
-            )
-
-
-def label_of(data: bytes, key: str, shard: Any) -> int:
-    """A ``cls`` member as a class index, or an error naming the sample."""
-    try:
-        label = int(data.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        label = -1
-    if not 0 <= label < len(CLASSES):
-        raise UserError(f"shard {shard}: sample {key!r} has class {data[:20]!r}, not an index 0-{len(CLASSES) - 1}")
-    return label
+log = logging.getLogger(__name__)
+AUGMENT = ("cpu", "device")
 
 
 def batches_per_rank(samples: int, batch_size: int, world_size: int, multiple_of: int = 1) -> int:
@@ -161,29 +52,90 @@ def batches_per_rank(samples: int, batch_size: int, world_size: int, multiple_of
     return batches - batches % multiple_of
 
 
-def decode_sample(sample: dict[str, Any], transform: Transform) -> dict[str, Any]:
+class BadSample(Exception):
+    """A sample whose image does not decode; training skips it, evaluation stops on it."""
+
+
+Decoder = Callable[[bytes], dict[str, torch.Tensor]]
+
+
+def decoder(kind: str, image_size: int) -> Decoder:
+    """JPEG bytes -> the image fields of a sample, per loader kind.
+
+    ``device``: uint8 tile + affine (`transforms.train_crop`); ``cpu``: the augmented, normalised float
+    image (`transforms.train_transform`); ``eval``: the uint8 evaluation crop (`transforms.eval_crop`).
+    """
+    if kind == "device":
+        crop = train_crop(image_size)
+
+        def device(data: bytes) -> dict[str, torch.Tensor]:
+            tile, affine = crop(data)
+            return {"image": tile, "affine": affine}
+
+        return device
+    if kind == "cpu":
+        augment = train_transform(image_size)
+
+        def cpu(data: bytes) -> dict[str, torch.Tensor]:
+            with Image.open(io.BytesIO(data)) as img:
+                return {"image": augment(img.convert("RGB"))}
+
+        return cpu
+    evaluate = eval_crop(image_size)
+    return lambda data: {"image": evaluate(data)}
+
+
+def decode_sample(sample: dict[str, Any], decode: Decoder) -> dict[str, Any]:
     """Decode the three members prepare writes; anything else in the sample is ignored, never unpickled."""
     where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
     for member in ("jpg", "cls"):
         if member not in sample:
             raise UserError(f"{where} has no {member!r} member; the shards were not written by skinlesion prepare")
-    try:
-        with Image.open(io.BytesIO(sample["jpg"])) as img:
-            image = transform(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{where}: its image does not decode ({exc}); rerun `skinlesion prepare`") from exc
-    meta = json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
     label = label_of(sample["cls"], sample["__key__"], sample.get("__url__"))
-    return {"image": image, "label": label, "key": sample["__key__"], "meta": meta}
+    try:
+        fields = decode(sample["jpg"])
+    except (RuntimeError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadSample(f"{where}: its image does not decode ({' '.join(str(exc).split())[:200]})") from exc
+    meta = json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
+    return {**fields, "label": label, "key": sample["__key__"], "meta": meta}
+
+
+def _decode_all(samples: Iterator[dict[str, Any]], decode: Decoder) -> Iterator[dict[str, Any]]:
+    """Evaluation reads every sample: one that does not decode is an error naming it."""
+    for sample in samples:
+        try:
+            yield decode_sample(sample, decode)
+        except BadSample as exc:
+            raise UserError(f"{exc}; evaluation needs every sample: rerun `skinlesion prepare`") from None
+
+
+class _SkipBad:
+    """Training skips a sample that does not decode: counted, and logged once per loader worker."""
+
+    def __init__(self, decode: Decoder) -> None:
+        self.decode, self.skipped, self.reported = decode, 0, False
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            try:
+                yield decode_sample(sample, self.decode)
+            except BadSample as exc:
+                self.skipped += 1
+                if not self.reported:
+                    self.reported = True
+                    log.warning("skipping %s; later ones are only counted (train/skipped_samples)", exc)
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
-    return {
+    batch: Batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
+    if "affine" in samples[0]:
+        batch["affine"] = torch.stack([s["affine"] for s in samples])
+    return batch
 
 
 def _worker() -> tuple[int, int]:
@@ -191,9 +143,15 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _batched(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[Batch]:
+def _batched(samples: Iterator[dict[str, Any]], batch_size: int, skips: _SkipBad | None = None) -> Iterator[Batch]:
+    """Batches of `batch_size` (the last may be smaller); with `skips`, each says how many samples it skipped."""
+    reported = 0
     while chunk := list(itertools.islice(samples, batch_size)):
-        yield collate(chunk)
+        batch = collate(chunk)
+        if skips is not None:
+            batch["skipped"] = skips.skipped - reported
+            reported = skips.skipped
+        yield batch
 
 
 def _open_local(paths: Iterator[Path]) -> Iterator[dict[str, Any]]:
@@ -239,10 +197,11 @@ class TrainStream(IterableDataset):
         epoch: int,
         skip_batches: int = 0,
         shuffle_buffer: int = 1000,
+        augment: str = "cpu",
     ) -> None:
         self.shards, self.image_size, self.batch_size, self.batches = shards, image_size, batch_size, batches
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
-        self.skip_batches, self.shuffle_buffer = skip_batches, shuffle_buffer
+        self.skip_batches, self.shuffle_buffer, self.augment = skip_batches, shuffle_buffer, augment
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _worker()
@@ -266,9 +225,12 @@ class TrainStream(IterableDataset):
                 yield from _shuffled(_read(iter(shard_order)), self.shuffle_buffer, rng)
                 shard_order = rng.sample(mine, len(mine))
 
-        samples = itertools.islice(passes(), skip * self.batch_size, quota * self.batch_size)  # skip undecoded
-        transform = train_transform(self.image_size)
-        yield from _batched((decode_sample(s, transform) for s in samples), self.batch_size)
+        raw = passes()
+        for _ in itertools.islice(raw, skip * self.batch_size):  # batches trained before a resume: not decoded
+            pass
+        skips = _SkipBad(decoder(self.augment, self.image_size))
+        samples = itertools.islice(skips(raw), (quota - skip) * self.batch_size)  # a skipped sample is replaced
+        yield from _batched(samples, self.batch_size, skips)
 
 
 def _share(total: int, worker: int, workers: int) -> int:
@@ -288,11 +250,15 @@ def train_loader(
     batches: int,
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
+    augment: str = "cpu",
 ) -> DataLoader:
-    """Exactly ``batches - skip_batches`` training batches for this rank in `epoch` (dict(image, label, key, meta)).
+    """Exactly ``batches - skip_batches`` training batches for this rank in `epoch`: dict(image, label, key,
+    meta, skipped), plus ``affine`` with ``augment="device"`` (uint8 images, augmented later on the device by
+    `data.augment.augment`); ``augment="cpu"`` gives augmented, normalised float32 images.
 
     `batches` must be the same on every rank (use `batches_per_rank`); `skip_batches` resumes an epoch
-    mid-way without decoding the batches already trained on.
+    mid-way without decoding the batches already trained on. A sample whose image does not decode is
+    skipped, replaced by the next one, logged once and counted in each batch's ``skipped``.
     """
     manifest = read_manifest(shards)
     files = split_shards(shards, manifest, "train")
@@ -314,6 +280,7 @@ def train_loader(
         epoch=epoch,
         skip_batches=skip_batches,
         shuffle_buffer=shuffle_buffer,
+        augment=augment,
     )
     return _loader(stream, num_workers)
 
@@ -328,9 +295,8 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _worker()
         slot, slots = self.rank * workers + worker, self.world_size * workers
-        transform = eval_transform(self.image_size)
         samples = _read(iter(self.shards[slot::slots]))
-        yield from _batched((decode_sample(s, transform) for s in samples), self.batch_size)
+        yield from _batched(_decode_all(samples, decoder("eval", self.image_size)), self.batch_size)
 
 
 def eval_loader(

@@ -1,0 +1,78 @@
+"""`skinlesion bench` prints its table and writes the documented JSON keys; the GPU check runs on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from skinlesion.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[str, dict]:
+    out = tmp_path / "bench.json"
+    assert main(["bench", *args, "--json", str(out)]) == 0
+    return capsys.readouterr().out, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("augment", ["device", "cpu"])
+def test_bench_loader_reports_the_breakdown(shards_dir: Path, tmp_path: Path, capsys, augment: str) -> None:
+    text, result = _run(capsys, tmp_path, "loader", "--shards", str(shards_dir), "--image-size", "32",
+                        "--batch-size", "8", "--batches", "3", "--workers", "0", "--augment", augment)  # fmt: skip
+    assert {"augment", "image_size", "workers", "batch_size", "images", "images_per_second_per_worker",
+            "ms_per_image", "bytes_per_image", "device_augment_ms_per_batch"} <= set(result)  # fmt: skip
+    assert set(result["ms_per_image"]) == {"read", "decode", "crop", "collate", "total"}
+    assert result["images"] == 24 and result["augment"] == augment
+    # uint8 tiles plus a 2x3 float affine, against normalised float32: the 1/4 that crosses PCIe.
+    assert result["bytes_per_image"] == (3 * 32 * 32 + 24 if augment == "device" else 3 * 32 * 32 * 4)
+    assert (result["device_augment_ms_per_batch"] is None) == (augment == "cpu")
+    assert "ms per image on one core" in text
+
+
+def test_bench_step_reports_images_per_second(tmp_path: Path, capsys) -> None:
+    text, result = _run(capsys, tmp_path, "step", "--model", "resnet18", "--image-size", "32", "--batch-size", "4",
+                        "--steps", "1")  # fmt: skip
+    assert {"device", "model", "image_size", "batch_size", "precision", "channels_last", "compile",
+            "images_per_second"} <= set(result)  # fmt: skip
+    assert result["images_per_second"] > 0 and "images/s" in text
+
+
+def test_bench_train_compares_end_to_end_with_step_only(shards_dir: Path, tmp_path: Path, capsys) -> None:
+    smoke = str(REPO / "configs/smoke.yaml")
+    _, result = _run(capsys, tmp_path, "train", "--config", smoke, f"data.shards={shards_dir}", "data.image_size=32",
+                     "data.batch_size=8", "data.num_workers=0", "--steps", "3")  # fmt: skip
+    assert {"images_per_second", "step_images_per_second", "input_bound_fraction"} <= set(result)
+    assert 0 <= result["input_bound_fraction"] <= 1
+
+
+def test_fp16_on_the_cpu_is_a_clear_error(capsys) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "step", "--precision", "fp16"]) == 2
+    assert "fp16 needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    done = subprocess.run([str(REPO / "benchmarks/gpu-check.sh"), "--cpu", str(out)], capture_output=True, text=True,
+                          timeout=900, env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "cpu" and summary["training"]["loss_fell"]
+    assert set(summary["loader"]) == {"device", "cpu"} and set(summary["train"]) == {"device", "cpu"}
+    assert "| bench train, device augmentation" in (out / "summary.md").read_text()
+
+
+def test_gpu_check_without_a_gpu_says_to_use_cpu_mode(tmp_path: Path) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = subprocess.run([str(REPO / "benchmarks/gpu-check.sh"), str(tmp_path / "x")], capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"PYTHON": sys.executable})  # fmt: skip
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "--cpu" in done.stderr
