@@ -19,7 +19,8 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from skinlesion.data.pipeline import batches_per_rank, read_manifest, split_shards, train_loader
+from skinlesion.data.manifest import read_manifest, split_shards
+from skinlesion.data.pipeline import batches_per_rank, train_loader
 from skinlesion.data.transforms import train_transform
 
 
