@@ -143,6 +143,7 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
             return out
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         record: dict[str, Any] = {"epoch": epoch, "step": state.step, **epoch_stats}
+        accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
         score = None
         if has_val:
             result = validate(accelerator, model, cfg, out=out / "eval-val")

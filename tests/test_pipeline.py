@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -122,14 +123,15 @@ def test_resume_skips_the_batches_already_seen(uneven: Path) -> None:
 
 @pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 2), (3, 1)])
 def test_eval_loader_yields_every_sample_exactly_once_across_ranks(uneven: Path, world: int, workers: int) -> None:
-    keys, labels = [], []
+    keys, labels, metas = [], [], []
     for rank in range(world):
         for batch in eval_loader(uneven, "val", 32, 3, workers, rank, world):
             keys += batch["key"]
             labels += batch["label"].tolist()
-            assert len(batch["meta"]) == len(batch["key"]) and batch["meta"][0]["dx"]
+            metas += batch["meta"]
+            assert len(batch["meta"]) == len(batch["key"])
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 16
-    assert labels == [CLASSES.index(m) for m in [CLASSES[x] for x in labels]]
+    assert labels == [CLASSES.index(m["dx"]) for m in metas]  # each label is its own sample's diagnosis
 
 
 def test_pickle_members_are_never_decoded(tmp_path: Path) -> None:
@@ -165,3 +167,35 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (10, 20, 30)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def _corrupt_first_jpeg(shard: Path) -> str:
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".jpg"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"\xff\xd8 not a jpeg any more" if member.name == victim else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return victim.split(".")[0]
+
+
+@pytest.mark.parametrize("augment", ["device", "cpu"])
+def test_a_corrupt_training_sample_is_skipped_counted_and_replaced(tmp_path: Path, augment: str, caplog) -> None:
+    out = write_shards(tmp_path, {"train": [16], "val": [4]})
+    key = _corrupt_first_jpeg(out / "train-000000.tar")
+    loader = train_loader(out, image_size=16, batch_size=5, num_workers=0, rank=0, world_size=1, seed=0, epoch=0,
+                          batches=3, augment=augment)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        batches = list(loader)
+    assert [len(b["label"]) for b in batches] == [5, 5, 5]  # the epoch keeps its length: ranks stay in step
+    assert sum(b["skipped"] for b in batches) == 1 and key not in [k for b in batches for k in b["key"]]
+    assert f"skipping sample {key!r}" in caplog.text
+
+
+def test_a_corrupt_evaluation_sample_stops_evaluation_naming_it(tmp_path: Path) -> None:
+    out = write_shards(tmp_path, {"train": [4], "val": [6]})
+    key = _corrupt_first_jpeg(out / "val-000000.tar")
+    with pytest.raises(UserError, match=rf"sample '{key}' in .*val-000000.tar: its image does not decode"):
+        list(eval_loader(out, "val", 16, 4, 0, 0, 1))

@@ -69,6 +69,7 @@ def test_training_writes_the_contract_outputs_and_the_loss_falls(shards: Path, t
     } <= set(lines[0])
     assert lines[-1]["train_loss"] < 0.8 * lines[0]["train_loss"]
     assert lines[-1]["val_samples"] == 14  # every val sample scored once
+    assert all(m["skipped_samples"] == 0 for m in lines)
 
     model = resnet18(num_classes=7)  # the seed's way of loading model.pt
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
