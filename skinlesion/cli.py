@@ -74,6 +74,12 @@ def _predict(args: argparse.Namespace) -> int:
 IMAGE_SIZE_HELP = "input size, only for a plain state_dict that does not record it (skinlesion's files do)"
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from skinlesion.serve import serve_command
+
+    return serve_command(args.checkpoint, args.host, args.port, args.token, args.device, args.max_mb, args.max_files)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from skinlesion.bench import bench_command
 
@@ -134,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
     p.add_argument("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)
     p.set_defaults(func=_predict)
+    p = sub.add_parser("serve", help="the dermatologist's web page and JSON API for a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt (with model_card.json + ood.pt beside it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or set SKINLESION_TOKEN)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-mb", type=float, default=20.0, help="largest image accepted, MB (default 20)")
+    p.add_argument("--max-files", type=int, default=20, help="most images per request (default 20)")
+    p.set_defaults(func=_serve)
     _add_bench(sub)
     return parser
 

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
+from skinlesion.inference import class_probabilities
 from skinlesion.labels import CLASSES, ISIC_ORDER
 from skinlesion.metrics import compute_metrics
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
-from skinlesion.predict import class_probabilities
 
 ISIC_HEADER: tuple[str, ...] = ("image", *(dx.upper() for dx in ISIC_ORDER))
 _ISIC_COLUMNS = [CLASSES.index(dx) for dx in ISIC_ORDER]
@@ -315,5 +315,15 @@ def evaluate_command(
         lock.release()
     if accelerator.is_main_process:
         print(format_summary(result.metrics, result.files))
+        if split == "val":  # the validation split is what the model card's thresholds come from
+            from skinlesion.card import calibrate, load_card
+
+            previous = load_card(checkpoint) or {}
+            test = previous.get("test") if previous.get("checkpoint") == checkpoint.name else None
+            card = calibrate(model, checkpoint, shards, loaded.image_size, loaded.arch)
+            if test:  # keep the test figures of an earlier card for the same checkpoint
+                card["test"] = test
+                atomic_write(checkpoint.parent / "model_card.json", json.dumps(card, indent=2) + "\n")
+            print(f"wrote {checkpoint.parent}/model_card.json and ood.pt")
     accelerator.end_training()
     return 0

@@ -1,28 +1,25 @@
 """Diagnostic suggestions for individual images: `skinlesion predict --checkpoint FILE IMAGE...`.
 
 The model is loaded once (`model.load_for_inference`, which refuses checkpoints that would run code
-when unpickled) and the images go through it in batches, preprocessed exactly as in evaluation
-(`data.transforms.eval_uint8`, then `augment.to_model_input`). One unreadable image does not stop the
-others: it gets an error entry and the command exits with status 1.
-
-This module also owns `class_probabilities`, the single place where logits become probabilities
-(with optional test-time augmentation), so that `evaluate` and `predict` cannot drift apart.
+when unpickled) and the images go through it in batches, through the one inference path that
+evaluate and serve share (`skinlesion.inference`). One unreadable image does not stop the others:
+it gets an error entry and the command exits with status 1.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
+from skinlesion import inference
 from skinlesion.errors import UserError
-from skinlesion.labels import CLASSES, MALIGNANT, NAMES, NUM_CLASSES
+from skinlesion.labels import MALIGNANT, NUM_CLASSES
 from skinlesion.model import LoadedModel, load_for_inference
 
 # Images per forward pass. On CPU, batch 8 was 1.13x one-at-a-time while batch 32 was 0.73x (ResNet-50,
@@ -32,28 +29,6 @@ DISCLAIMER = (
     "Decision support only, not a diagnosis: these are a model's probabilities for 7 dermoscopic "
     "categories. The diagnosis rests with a clinician (and, for suspicious lesions, histopathology)."
 )
-_MALIGNANT_INDEX = [CLASSES.index(dx) for dx in MALIGNANT]
-
-
-def dihedral_views(images: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The 8 symmetries of a square [B, C, H, W] batch: 4 rotations by 90 degrees, each with and without a flip.
-
-    Dermoscopy has no canonical orientation, so all 8 views are equally valid inputs; vertical flips
-    are rotations of the horizontal flip and need no separate view.
-    """
-    for flipped in (images, images.flip(-1)):
-        for k in range(4):
-            yield torch.rot90(flipped, k, dims=(-2, -1))
-
-
-@torch.inference_mode()
-def class_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities [B, 7] in float32; with `tta`, the mean over the 8 dihedral views."""
-    if not tta:
-        return model(images).float().softmax(dim=1)
-    # One view at a time: peak memory stays that of a plain batch.
-    total = sum(model(view).float().softmax(dim=1) for view in dihedral_views(images))
-    return total / 8
 
 
 def load_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
@@ -84,16 +59,13 @@ def predict_images(
     device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per path, in order: {image, predictions, malignant_probability} or {image, error}."""
-    from skinlesion.data.augment import to_model_input
-    from skinlesion.data.transforms import eval_uint8, pil_to_uint8
-
     if not 1 <= top_k <= NUM_CLASSES:
         raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
     device = device or next(loaded.model.parameters()).device
     size = loaded.image_size
 
-    def transform(image: Image.Image) -> torch.Tensor:  # uint8 on the CPU; normalised on the device below
-        return eval_uint8(pil_to_uint8(image), size)
+    def transform(image: Image.Image) -> torch.Tensor:
+        return inference.preprocess(image, size)
 
     entries: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
@@ -107,26 +79,13 @@ def predict_images(
             except ValueError as exc:
                 chunk_entries.append({"image": str(path), "error": str(exc)})
         if tensors:
-            batch = to_model_input(torch.stack(tensors).to(device))
-            probs = class_probabilities(loaded.model, batch, tta=tta).cpu()
+            probs = inference.run(loaded.model, torch.stack(tensors).to(device), tta=tta).probs.cpu()
             ok = iter(probs)
             for entry in chunk_entries:
                 if "error" not in entry:
-                    entry.update(_describe(next(ok), top_k))
+                    entry.update(inference.describe(next(ok), top_k))
         entries.extend(chunk_entries)
     return entries
-
-
-def _describe(probs: torch.Tensor, top_k: int) -> dict[str, Any]:
-    """Top-k diagnoses with full names, and the malignant probability (mel + bcc + akiec)."""
-    values, indices = probs.topk(top_k)
-    return {
-        "predictions": [
-            {"dx": CLASSES[i], "name": NAMES[CLASSES[i]], "probability": float(p)}
-            for p, i in zip(values.tolist(), indices.tolist(), strict=True)
-        ],
-        "malignant_probability": float(probs[_MALIGNANT_INDEX].sum()),
-    }
 
 
 def format_text(entries: Sequence[dict[str, Any]]) -> str:

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skinlesion import __version__, tracking
+from skinlesion.card import calibrate
 from skinlesion.checkpoint import (
     TrainerState,
     bare_state_dict,
@@ -166,16 +167,22 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         export_model(weights, out / "model.pt", facts)
         (out / "preempted").unlink(missing_ok=True)
         accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
+    accelerator.wait_for_everyone()  # best.pt is written by the main process
+    best = load_for_inference(out / "best.pt")
+    best.model.to(accelerator.device)
+    test = None
     if manifest["splits"].get("test", {}).get("samples"):
-        accelerator.wait_for_everyone()  # best.pt is written by the main process
-        best = load_for_inference(out / "best.pt")
         test = evaluate(
-            best.model.to(accelerator.device), accelerator, cfg.data.shards, "test", best.image_size,
-            out=out / "eval", checkpoint=out / "best.pt", batch_size=cfg.data.eval_batch_size,
-            num_workers=cfg.data.num_workers,
+            best.model, accelerator, cfg.data.shards, "test", best.image_size, out=out / "eval",
+            checkpoint=out / "best.pt", batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
         )  # fmt: skip
         accelerator.log(flat_scalars(test.metrics, "test") | _wandb_images(accelerator, test.files, "test"))
         accelerator.print(format_summary(test.metrics, test.files))
+    if has_val and accelerator.is_main_process:  # model_card.json + ood.pt beside best.pt (skinlesion.card)
+        calibrate(best.model, out / "best.pt", cfg.data.shards, best.image_size, best.arch,
+                  cfg.data.eval_batch_size, test_metrics=test.metrics if test else None)  # fmt: skip
+        accelerator.print(f"wrote {out}/model_card.json and ood.pt (risk bands and out-of-distribution threshold)")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from skinlesion.cli import main
+from skinlesion.inference import class_probabilities, dihedral_views
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES
 from skinlesion.model import load_for_inference
-from skinlesion.predict import DISCLAIMER, class_probabilities, dihedral_views, predict_images
+from skinlesion.predict import DISCLAIMER, predict_images
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,117 @@
+"""Pixels -> probabilities, features, heat maps: the one inference path of evaluate, predict and serve.
+
+Preprocessing is `data.transforms.eval_uint8` (resize the shorter side, centre crop, uint8) on the CPU and
+`data.augment.to_model_input` (normalise) on the device, whoever the caller is, so the three give the same
+probabilities for the same image file (tests/test_serve.py checks it to 1e-6).
+
+The ResNet forward is written out here (`forward`) instead of called as ``model(x)``: one pass then
+yields the logits, the penultimate features (what the out-of-distribution score measures) and, for
+Grad-CAM, the last stage's activations to differentiate. That makes Grad-CAM a few lines on tensors
+autograd already holds, with no hooks to register and remove and no extra dependency; it is exact for
+torchvision's ResNets, the only architectures skinlesion builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+from torch import nn
+
+from skinlesion.data.augment import to_model_input
+from skinlesion.data.transforms import eval_uint8, pil_to_uint8
+from skinlesion.labels import CLASSES, MALIGNANT, NAMES
+
+MALIGNANT_INDEX = [CLASSES.index(dx) for dx in MALIGNANT]
+
+
+def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
+    """A decoded, upright RGB image -> the evaluation preset as uint8 [3, S, S] (CPU side)."""
+    return eval_uint8(pil_to_uint8(image), image_size)
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision ResNet forward on normalised input: (logits, penultimate features, last-stage activations)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    activations = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    features = torch.flatten(model.avgpool(activations), 1)
+    return model.fc(features), features, activations
+
+
+def dihedral_views(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The 8 symmetries of a square [B, C, H, W] batch: 4 rotations by 90 degrees, each with and without a flip.
+
+    Dermoscopy has no canonical orientation, so all 8 views are equally valid inputs; vertical flips
+    are rotations of the horizontal flip and need no separate view.
+    """
+    for flipped in (images, images.flip(-1)):
+        for k in range(4):
+            yield torch.rot90(flipped, k, dims=(-2, -1))
+
+
+@torch.inference_mode()
+def class_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities [B, 7] in float32 of normalised `images`; with `tta`, the mean over 8 views."""
+    if not tta:
+        return model(images).float().softmax(dim=1)
+    # One view at a time: peak memory stays that of a plain batch.
+    total = sum(model(view).float().softmax(dim=1) for view in dihedral_views(images))
+    return total / 8
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What one forward pass gives for a batch: probabilities [B, 7] and penultimate features [B, D]."""
+
+    probs: torch.Tensor
+    features: torch.Tensor
+
+
+@torch.inference_mode()
+def run(model: nn.Module, images_uint8: torch.Tensor, tta: bool = False) -> Outputs:
+    """uint8 [B, 3, S, S] on the model's device -> probabilities (TTA optional) and un-augmented features."""
+    x = to_model_input(images_uint8)
+    views = list(dihedral_views(x)) if tta else [x]  # the first view is the image itself
+    probs = torch.zeros(x.shape[0], len(CLASSES), device=x.device)
+    for i, view in enumerate(views):
+        logits, view_features, _ = forward(model, view)
+        probs += logits.float().softmax(dim=1)
+        if i == 0:
+            features = view_features.float()
+    return Outputs(probs=probs / len(views), features=features)
+
+
+def grad_cam(model: nn.Module, images_uint8: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM maps [B, S, S] in [0, 1] on the last ResNet stage for `target` classes (default: the top class).
+
+    The gradient of the class score with respect to layer4's activations, averaged over space, weighs its
+    channels; the weighted sum, rectified, upsampled and scaled to a maximum of 1, is the map (Selvaraju
+    et al. 2017).
+    """
+    x = to_model_input(images_uint8)
+    with torch.enable_grad():
+        logits, _, activations = forward(model, x)
+        if target is None:
+            target = logits.argmax(dim=1)
+        score = logits.gather(1, target.view(-1, 1)).sum()
+        (grads,) = torch.autograd.grad(score, activations)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
+    cam = nnf.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).max(dim=1).values.clamp(min=1e-12).view(-1, 1, 1)
+    return (cam / peak).float()
+
+
+def describe(probs: torch.Tensor, top_k: int) -> dict:
+    """Top-k diagnoses with full names, and the malignant probability (mel + bcc + akiec)."""
+    values, indices = probs.topk(top_k)
+    return {
+        "predictions": [
+            {"dx": CLASSES[i], "name": NAMES[CLASSES[i]], "probability": float(p)}
+            for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ],
+        "malignant_probability": float(probs[MALIGNANT_INDEX].sum()),
+    }

@@ -1,0 +1,263 @@
+"""`skinlesion serve`: the dermatologist's web page and its JSON API, on FastAPI + uvicorn.
+
+The model is loaded once. Requests that arrive together share forward passes: a small queue collects
+up to 8 images, or whatever came within 10 ms, and runs them as one batch in a worker thread, so the
+event loop keeps accepting uploads meanwhile. Uploads stay in memory (the multipart parser's spool limit
+is raised above --max-mb, so nothing is written to disk) and the log records sizes, formats and timings,
+never an image or its file name.
+
+Every image goes through `skinlesion.inference`, the path `evaluate` and `predict` use, and gets the
+fields of `predict --json` plus the risk band and the out-of-distribution verdict from the model card
+(`skinlesion.card`), and on request a Grad-CAM heat map. Without a model card the page says that
+thresholds and metrics are unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.formparsers import MultiPartParser
+
+from skinlesion import inference
+from skinlesion.card import OOD, OODStats, load_card, risk_band
+from skinlesion.errors import UserError
+from skinlesion.model import LoadedModel, load_for_inference
+from skinlesion.predict import DISCLAIMER
+
+log = logging.getLogger("skinlesion.serve")
+BATCH, WAIT_S = 8, 0.010  # images per shared forward pass; how long the first waits for company
+
+
+@dataclass
+class Settings:
+    checkpoint: Path
+    token: str | None = None
+    max_mb: float = 20.0
+    max_files: int = 20
+    device: str = "auto"
+
+
+@dataclass
+class _Item:
+    image: torch.Tensor  # uint8 [3, S, S]
+    tta: bool
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Model:
+    """The loaded checkpoint, its card and OOD statistics, and the batching queue in front of it."""
+
+    def __init__(self, settings: Settings) -> None:
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+        self.device = torch.device(device)
+        self.loaded: LoadedModel = load_for_inference(settings.checkpoint)
+        self.loaded.model.to(self.device)
+        self.card, self.ood, self.card_problem = self._card(settings.checkpoint)
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+    def _card(self, checkpoint: Path) -> tuple[dict | None, OODStats | None, str | None]:
+        card = load_card(checkpoint)
+        if card is None:
+            return None, None, "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`"
+        facts = (card.get("checkpoint"), card.get("arch"), card.get("image_size"))
+        if facts != (checkpoint.name, self.loaded.arch, self.loaded.image_size):
+            return None, None, f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
+        ood = OODStats.load(checkpoint.parent / OOD, self.loaded.model.fc.in_features)
+        return card, ood, None
+
+    async def batcher(self) -> None:
+        """Forever: take what is queued (up to BATCH, waiting WAIT_S for company) and answer it in one pass."""
+        while True:
+            items = [await self.queue.get()]
+            deadline = time.perf_counter() + WAIT_S
+            while len(items) < BATCH and (left := deadline - time.perf_counter()) > 0:
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            for tta in (False, True):
+                group = [item for item in items if item.tta == tta]
+                if group:
+                    try:
+                        outputs = await asyncio.to_thread(self._forward, [i.image for i in group], tta)
+                        for item, output in zip(group, outputs, strict=True):
+                            item.done.set_result(output)
+                    except Exception as exc:  # a failed pass must not leave its requests waiting forever
+                        for item in group:
+                            item.done.set_exception(exc)
+
+    def _forward(self, images: list[torch.Tensor], tta: bool) -> list[tuple[torch.Tensor, float | None]]:
+        out = inference.run(self.loaded.model, torch.stack(images).to(self.device), tta=tta)
+        scores = self.ood.scores(out.features.cpu()).tolist() if self.ood else [None] * len(images)
+        return list(zip(out.probs.cpu(), scores, strict=True))
+
+    def describe(self, probs: torch.Tensor, score: float | None) -> dict[str, Any]:
+        entry = inference.describe(probs, 3)
+        thresholds = self.card["risk"]["thresholds"] if self.card else {}
+        entry["risk"] = risk_band(entry["malignant_probability"], thresholds)
+        entry["ood"] = (
+            {"flag": score > self.ood.threshold, "score": score, "threshold": self.ood.threshold}
+            if self.ood and score is not None
+            else None
+        )
+        return entry
+
+    def heat_map(self, image: torch.Tensor) -> dict[str, str]:
+        """Grad-CAM for the top class: the heat map alone (RGBA) and over the model's view of the image."""
+        cam = inference.grad_cam(self.loaded.model, image[None].to(self.device))[0].cpu().numpy()
+        from matplotlib import colormaps
+
+        colours = (colormaps["jet"](cam)[..., :3] * 255).astype(np.uint8)
+        alpha = (np.clip(cam, 0, 1) * 255).astype(np.uint8)
+        view = image.permute(1, 2, 0).numpy()
+        blended = (0.5 * view + 0.5 * colours).astype(np.uint8)
+        return {
+            "cam": _png(Image.fromarray(blended)),
+            "cam_overlay": _png(Image.fromarray(np.dstack([colours, alpha]), "RGBA")),
+            "view": _png(Image.fromarray(view)),
+        }
+
+    def model_card(self) -> dict[str, Any]:
+        base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
+                "disclaimer": DISCLAIMER}  # fmt: skip
+        if self.card is None:
+            return base | {"available": False, "reason": self.card_problem}
+        return base | {"available": True, **self.card}
+
+
+def _png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_upload(data: bytes, max_bytes: int) -> tuple[Image.Image | None, str | None, str]:
+    """(upright RGB image, None, format) or (None, reason, format) for one uploaded file's bytes."""
+    from skinlesion.data.images import BadImage, decode_rgb
+
+    if len(data) > max_bytes:
+        return None, f"too large ({len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB)", "?"
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            kind = probe.format or "?"
+    except Exception:  # anything PIL cannot even identify; decode_rgb says why below
+        kind = "?"
+    try:
+        return decode_rgb(data), None, kind
+    except BadImage as exc:
+        return None, str(exc), kind
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI application for `settings` (the model loads here, once)."""
+    # Keep uploads in memory: starlette spools parts over 1 MB to a temporary file by default.
+    MultiPartParser.spool_max_size = int(settings.max_mb * 1e6) + 1_000_000
+    model = Model(settings)
+    max_bytes = int(settings.max_mb * 1e6)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(model.batcher())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="skinlesion", version="1", lifespan=lifespan,
+                  description="Decision support for dermoscopic images: " + DISCLAIMER)  # fmt: skip
+
+    def authorised(request: Request) -> None:
+        if settings.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(given.encode(), settings.token.encode()):
+            raise HTTPException(status_code=401, detail="unauthorised")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("skinlesion").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "checkpoint": model.loaded.source.name}
+
+    @app.get("/api/model", dependencies=[Depends(authorised)])
+    def model_card() -> dict[str, Any]:
+        return model.model_card()
+
+    @app.post("/api/predict", dependencies=[Depends(authorised)])
+    async def predict(request: Request, tta: int = Query(0, ge=0, le=1), cam: int = Query(0, ge=0, le=1)):
+        started = time.perf_counter()
+        limit = settings.max_files * (max_bytes + 1_000_000)
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise HTTPException(status_code=413, detail=f"request too large (at most {settings.max_files} files)")
+        # The body is bounded above, so counting the files after parsing is safe; 21 files get 413, not 400.
+        form = await request.form(max_files=10_000, max_fields=100)
+        uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
+        if not uploads:
+            raise HTTPException(status_code=400, detail="no file: send one or more images in the field 'files'")
+        if len(uploads) > settings.max_files:
+            raise HTTPException(status_code=413, detail=f"{len(uploads)} files: at most {settings.max_files}")
+        entries, pending = [], []
+        for upload in uploads:
+            data = await upload.read(max_bytes + 1)
+            image, reason, kind = await asyncio.to_thread(decode_upload, data, max_bytes)
+            entry: dict[str, Any] = {"image": upload.filename or ""}
+            log.info("upload: %d bytes, format %s, %s", len(data), kind, "ok" if reason is None else "rejected")
+            if reason is not None:
+                entry["error"] = reason
+            else:
+                tensor = inference.preprocess(image, model.loaded.image_size)
+                item = _Item(tensor, bool(tta))
+                await model.queue.put(item)
+                pending.append((entry, item))
+            entries.append(entry)
+        for entry, item in pending:
+            probs, score = await item.done
+            entry.update(model.describe(probs, score))
+            if cam:
+                entry.update(await asyncio.to_thread(model.heat_map, item.image))
+        ok = sum("error" not in e for e in entries)
+        log.info("predict: %d files, %d answered, tta=%d cam=%d, %.0f ms", len(entries), ok, tta, cam,
+                 (time.perf_counter() - started) * 1000)  # fmt: skip
+        return JSONResponse(entries, status_code=200 if ok else 422)
+
+    return app
+
+
+def serve_command(checkpoint: Path, host: str, port: int, token: str | None, device: str, max_mb: float,
+                  max_files: int) -> int:  # fmt: skip
+    """CLI entry: load the model and serve until interrupted."""
+    import os
+
+    import uvicorn
+
+    token = token or os.environ.get("SKINLESION_TOKEN") or None
+    if max_mb <= 0 or max_files < 1:
+        raise UserError("--max-mb must be > 0 and --max-files >= 1")
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        print(f"warning: serving on {host} without --token: anyone who can reach this machine on the network "
+              "can use it and send it images", flush=True)  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = create_app(Settings(Path(checkpoint), token, max_mb, max_files, device))
+    print(f"serving {checkpoint} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
