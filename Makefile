@@ -9,7 +9,7 @@ DEMO   ?= runs/demo
 LAUNCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; \
             then echo launch/one-gpu.yaml; else echo launch/cpu-2proc.yaml; fi)
 
-.PHONY: setup demo test lint clean-demo gpu-check
+.PHONY: setup demo test lint clean-demo gpu-check serve
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: setup data/synthetic/HAM10000_metadata.csv
 	    --out shards --image-size 72 --samples-per-class 150 --min-shards 8 --overwrite
 	$(BIN)/accelerate launch --config_file $(LAUNCH) -m skinlesion train --config configs/smoke.yaml \
 	    train.output_dir=$(DEMO)
+
+# The dermatologist's page for the demo model: http://127.0.0.1:8000/ (after `make demo`).
+serve: setup
+	$(BIN)/skinlesion serve --checkpoint $(DEMO)/best.pt
 
 test: setup
 	$(BIN)/ruff check skinlesion tests

@@ -1,0 +1,223 @@
+"""`skinlesion serve`'s API through FastAPI's test client: answers, every bad upload, the token, the card.
+
+Also: evaluate, predict and serve give the same probabilities for the same image file (one inference path).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from fastapi.testclient import TestClient
+from helpers import png_header_only
+from PIL import Image
+
+from skinlesion.card import calibrate
+from skinlesion.evaluate import collect_predictions
+from skinlesion.labels import CLASSES
+from skinlesion.model import load_for_inference
+from skinlesion.predict import predict_images
+from skinlesion.serve import Settings, create_app
+
+
+@pytest.fixture(scope="module")
+def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of the random run with model_card.json and ood.pt beside it (calibrated on the test shards)."""
+    folder = tmp_path_factory.mktemp("served")
+    shutil.copy(random_run / "best.pt", folder / "best.pt")
+    loaded = load_for_inference(folder / "best.pt")
+    calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
+    return folder / "best.pt"
+
+
+def _client(checkpoint: Path, **settings: object) -> TestClient:
+    return TestClient(create_app(Settings(checkpoint, **settings)))
+
+
+@pytest.fixture(scope="module")
+def client(calibrated: Path):
+    with _client(calibrated) as c:
+        yield c
+
+
+def _jpeg(colour=(150, 90, 70), size=(60, 45), mode="RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png16() -> bytes:
+    """A 16-bit greyscale PNG written by hand (PIL saves I;16 as 16-bit too, but this pins the format)."""
+    width, height = 8, 8
+    raw = b"".join(b"\0" + struct.pack(">8H", *[i * 4000 for i in range(8)]) for _ in range(height))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _post(client: TestClient, files: list[tuple[str, bytes]], query: str = "", headers: dict | None = None):
+    return client.post(f"/api/predict{query}", files=[("files", (n, d)) for n, d in files], headers=headers or {})
+
+
+def test_one_image_gets_predict_fields_risk_and_ood(client: TestClient) -> None:
+    response = _post(client, [("lesion.jpg", _jpeg())])
+    assert response.status_code == 200
+    (entry,) = response.json()
+    assert entry["image"] == "lesion.jpg" and len(entry["predictions"]) == 3
+    assert {p["dx"] for p in entry["predictions"]} <= set(CLASSES) and 0 <= entry["malignant_probability"] <= 1
+    assert entry["risk"] in ("low", "elevated", "high")
+    assert set(entry["ood"]) == {"flag", "score", "threshold"} and isinstance(entry["ood"]["flag"], bool)
+    assert "cam" not in entry
+
+
+def test_many_files_answer_in_order_and_cam_is_a_png(client: TestClient) -> None:
+    files = [(f"img{i}.jpg", _jpeg((20 * i, 90, 70))) for i in range(6)]
+    response = _post(client, files, "?cam=1&tta=1")
+    assert response.status_code == 200
+    entries = response.json()
+    assert [e["image"] for e in entries] == [n for n, _ in files]
+    png = entries[0]["cam"].split(",", 1)
+    assert png[0] == "data:image/png;base64" and Image.open(io.BytesIO(__import__("base64").b64decode(png[1])))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("empty.jpg", b"", "empty file"),
+        ("notes.jpg", b"this is a text file, not a photo\n" * 10, "corrupt image"),
+        ("truncated.jpg", _jpeg(size=(400, 300), quality=95)[:700], "truncated image"),
+        ("bomb.png", png_header_only(30_000, 30_000), "decompression bomb"),
+    ],
+)
+def test_bad_uploads_get_a_reason_and_the_others_are_answered(client: TestClient, name, data, reason) -> None:
+    response = _post(client, [("good.jpg", _jpeg()), (name, data)])
+    assert response.status_code == 200
+    good, bad = response.json()
+    assert "predictions" in good
+    assert bad["image"] == name and bad["error"].startswith(reason) and "predictions" not in bad
+
+
+@pytest.mark.parametrize(
+    "data",
+    [_jpeg(mode="CMYK", colour=(10, 80, 120, 20)), _png16(), _png(Image.new("RGBA", (40, 30), (200, 100, 80, 128)))],
+    ids=["cmyk-jpeg", "16-bit-png", "rgba-png"],
+)
+def test_unusual_but_valid_images_are_converted_and_answered(client: TestClient, data: bytes) -> None:
+    (entry,) = _post(client, [("x", data)]).json()
+    assert "predictions" in entry, entry
+
+
+def test_only_bad_files_is_422_with_reasons_and_no_file_is_400(client: TestClient) -> None:
+    response = _post(client, [("a.jpg", b"")])
+    assert response.status_code == 422 and response.json()[0]["error"] == "empty file"
+    assert client.post("/api/predict").status_code == 400
+    assert client.post("/api/predict", data={"other": "x"}).status_code == 400
+
+
+def test_size_and_count_limits(calibrated: Path) -> None:
+    with _client(calibrated, max_mb=0.01, max_files=20) as c:
+        big = _jpeg(size=(600, 450), quality=100) + b"\0" * 20_000
+        (entry,) = _post(c, [("big.jpg", big)]).json()
+        assert entry["error"].startswith("too large")
+        assert _post(c, [(f"{i}.jpg", _jpeg()) for i in range(21)]).status_code == 413
+        assert _post(c, [(f"{i}.jpg", _jpeg()) for i in range(20)]).status_code == 200
+
+
+def test_token_is_required_on_every_api_call(calibrated: Path) -> None:
+    with _client(calibrated, token="s3cret") as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            assert c.get("/api/model", headers=headers).status_code == 401
+            response = _post(c, [("a.jpg", _jpeg())], headers=headers)
+            assert response.status_code == 401 and response.json() == {"detail": "unauthorised"}
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.get("/api/model", headers=ok).status_code == 200
+        assert _post(c, [("a.jpg", _jpeg())], headers=ok).status_code == 200
+        assert c.get("/").status_code == 200 and "Decision support, not a diagnosis" in c.get("/").text
+
+
+def test_model_card_with_and_without_calibration(client: TestClient, random_run: Path, tmp_path: Path) -> None:
+    card = client.get("/api/model").json()
+    assert card["available"] and card["arch"] == "resnet18" and card["image_size"] == 32
+    assert set(card["risk"]["thresholds"]) == {"sensitivity_0.95", "sensitivity_0.80"}
+    assert card["ood"]["threshold"] > 0 and "fair-skinned" in " ".join(card["limitations"])
+    shutil.copy(random_run / "model.pt", tmp_path / "model.pt")
+    with _client(tmp_path / "model.pt") as bare:
+        card = bare.get("/api/model").json()
+        assert not card["available"] and "model_card.json" in card["reason"]
+        (entry,) = _post(bare, [("a.jpg", _jpeg())]).json()
+        assert entry["risk"] is None and entry["ood"] is None and entry["predictions"]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_at_start(tmp_path: Path) -> None:
+    from skinlesion.errors import UserError
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refusing to load"):
+        create_app(Settings(tmp_path / "evil.pt"))
+
+
+def test_uploads_and_their_names_never_reach_the_log_or_the_disk(client, caplog, monkeypatch) -> None:
+    import tempfile
+
+    spilled = []
+    real = tempfile.TemporaryFile
+
+    def recording(*args, **kwargs):  # what SpooledTemporaryFile calls when an upload outgrows memory
+        spilled.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording)
+    big = np.random.default_rng(0).integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+    data = _png(Image.fromarray(big))  # > 1 MB: starlette's default spool limit
+    with caplog.at_level("INFO", logger="skinlesion.serve"):
+        assert _post(client, [("patient-jane-doe.png", data)]).status_code == 200
+    assert "patient-jane-doe" not in caplog.text and f"{len(data)} bytes, format PNG" in caplog.text
+    assert not spilled
+
+
+def test_evaluate_predict_and_serve_agree_on_the_same_file(client, calibrated, tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(60, 200, (45, 60, 3), dtype=np.uint8)).resize((120, 90))
+    path = tmp_path / "ISIC_0000001.jpg"
+    image.save(path, format="JPEG", quality=92)
+    loaded = load_for_inference(calibrated)
+    (predicted,) = predict_images(loaded, [path], top_k=7)
+    (served,) = client.post("/api/predict", files=[("files", (path.name, path.read_bytes()))]).json()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "test-000000.tar", "w") as tar:
+        for member, data in (("ISIC_0000001.jpg", path.read_bytes()), ("ISIC_0000001.cls", b"4"),
+                             ("ISIC_0000001.json", json.dumps({"image_id": "ISIC_0000001"}).encode())):  # fmt: skip
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    manifest = {"classes": list(CLASSES), "splits": {"test": {"samples": 1, "files": ["test-000000.tar"],
+                                                               "shard_samples": [1]}}}  # fmt: skip
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    evaluated = collect_predictions(loaded.model, Accelerator(cpu=True), shards, "test", loaded.image_size)
+    by_dx = {p["dx"]: p["probability"] for p in predicted["predictions"]}
+    for p in served["predictions"]:
+        assert abs(p["probability"] - by_dx[p["dx"]]) < 1e-6
+        assert abs(evaluated.probs[0][CLASSES.index(p["dx"])] - by_dx[p["dx"]]) < 1e-6
