@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 from skinlesion.data import augment as device_augment
 from skinlesion.data import transforms
 from skinlesion.data.images import process_bytes
-from skinlesion.data.synthetic import make_lesion, render
+from skinlesion.data.lesions import make_lesion, render
 
 VIEWS, SIZE, TOLERANCE = 1000, 48, 0.10
 

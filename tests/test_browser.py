@@ -77,7 +77,7 @@ def test_upload_shows_top3_risk_band_and_heat_map(server, browser, tmp_path: Pat
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from skinlesion.data.synthetic import make_lesion, render
+    from skinlesion.data.lesions import make_lesion, render
 
     url, _ = server
     rng = np.random.default_rng(7)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion.data import metadata, synthetic
+from skinlesion.data import lesions, metadata, synthetic
 from skinlesion.labels import CLASSES
 
 HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset"
@@ -83,8 +83,8 @@ def test_class_signal_survives_downscaling_to_64px() -> None:
     feats, labels = [], []
     for i in range(140):
         dx = CLASSES[i % 7]
-        les = synthetic.make_lesion(np.random.default_rng([1, i]), dx)
-        im = synthetic.render(les, rng).resize((64, 48)).resize((16, 12))
+        les = lesions.make_lesion(np.random.default_rng([1, i]), dx)
+        im = lesions.render(les, rng).resize((64, 48)).resize((16, 12))
         arr = np.asarray(im, dtype=float) / 255
         centre = arr[3:9, 4:12].reshape(-1, 3)
         feats.append(np.concatenate([np.sort(centre, axis=0)[:: len(centre) // 8].ravel(), arr.std((0, 1))]))

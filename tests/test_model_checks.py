@@ -1,0 +1,110 @@
+"""Falsifiable checks of what the page shows, on a model trained like the demo's (smoke recipe, 64 px):
+the out-of-distribution flag and the Grad-CAM heat map.
+
+- OOD: at most 10% of the synthetic test split is flagged; random noise, flat colour and colour gradients are
+  flagged at least 90% of the time. Synthetic skin with no lesion is measured and reported, not required
+  (docs/serve.md: the penultimate-feature distance misses most of those near-misses).
+- Grad-CAM: on correctly classified synthetic images that the model never saw, the share of the map's mass
+  inside the lesion (the generator knows where it drew it) is above the lesion's share of the image, which is
+  what a uniform map would score, for the mean and for most images.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skinlesion import inference
+from skinlesion.card import OOD, OODStats
+from skinlesion.data.lesions import make_lesion, render
+from skinlesion.data.pipeline import eval_loader
+from skinlesion.data.synthetic import _lesion_rng, generate, plan
+from skinlesion.data.transforms import eval_uint8
+from skinlesion.labels import CLASSES
+from skinlesion.model import load_for_inference
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run folder, shards) of the smoke recipe on 1,200 synthetic images, one process."""
+    from skinlesion.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("checks")
+    generate(root / "data", n_images=1200, seed=3, workers=2)
+    prepare(PrepareOptions(metadata=root / "data/HAM10000_metadata.csv", out=root / "shards", image_size=72,
+                           images=(root / "data/HAM10000_images_part_1", root / "data/HAM10000_images_part_2"),
+                           samples_per_class=120, min_shards=4, seed=0))  # fmt: skip
+    cmd = [sys.executable, "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
+           f"data.shards={root / 'shards'}", f"train.output_dir={root / 'run'}", "data.num_workers=0",
+           "wandb.mode=disabled"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (root / "run/model_card.json").is_file() and (root / "run" / OOD).is_file()
+    return root / "run", root / "shards"
+
+
+def _non_dermoscopy(rng: np.random.Generator) -> dict[str, list[Image.Image]]:
+    def gradient() -> Image.Image:
+        ramp = np.linspace(0, 1, 600)[None, :, None] * rng.uniform(0, 255, 3)
+        ramp = ramp + np.linspace(0, 1, 450)[:, None, None] * rng.uniform(0, 255, 3)
+        return Image.fromarray(np.clip(ramp / 2, 0, 255).astype(np.uint8))
+
+    def skin_only(i: int) -> Image.Image:
+        lesion = make_lesion(np.random.default_rng([5, i]), "nv")
+        lesion.opacity, lesion.layers = 0.0, []
+        return render(lesion, np.random.default_rng([6, i]))
+
+    return {
+        "noise": [Image.fromarray(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8)) for _ in range(30)],
+        "flat colour": [Image.new("RGB", (600, 450), tuple(map(int, rng.integers(0, 256, 3)))) for _ in range(30)],
+        "gradient": [gradient() for _ in range(30)],
+        "skin without a lesion": [skin_only(i) for i in range(30)],
+    }
+
+
+def test_ood_flags_few_test_images_and_most_non_dermoscopy(trained: tuple[Path, Path]) -> None:
+    run, shards = trained
+    loaded = load_for_inference(run / "best.pt")
+    stats = OODStats.load(run / OOD, loaded.model.fc.in_features)
+    test = torch.cat([stats.scores(inference.run(loaded.model, b["image"]).features)
+                      for b in eval_loader(shards, "test", loaded.image_size, 64, 0, 0, 1)])  # fmt: skip
+    flagged = {"synthetic test split": float((test > stats.threshold).float().mean())}
+    for kind, images in _non_dermoscopy(np.random.default_rng(0)).items():
+        batch = torch.stack([inference.preprocess(im, loaded.image_size) for im in images])
+        flagged[kind] = float(
+            (stats.scores(inference.run(loaded.model, batch).features) > stats.threshold).float().mean()
+        )
+    print(json.dumps(flagged))
+    assert flagged["synthetic test split"] <= 0.10, flagged
+    required = [flagged[k] for k in ("noise", "flat colour", "gradient")]
+    assert min(required) >= 0.90, flagged
+
+
+def test_grad_cam_points_at_the_lesion(trained: tuple[Path, Path]) -> None:
+    run, _ = trained
+    loaded = load_for_inference(run / "best.pt")
+    size, shares, areas = loaded.image_size, [], []
+    for row in plan(120, seed=77):  # lesions the model never saw
+        lesion = make_lesion(_lesion_rng(77, int(row["_lesion"])), row["dx"])
+        picture, region = render(lesion, _lesion_rng(77, int(row["_lesion"]), int(row["_shot"])), with_mask=True)
+        x = inference.preprocess(picture, size)[None]
+        if CLASSES[int(inference.run(loaded.model, x).probs[0].argmax())] != row["dx"]:
+            continue
+        cam = inference.grad_cam(loaded.model, x)[0]
+        inside = eval_uint8(torch.from_numpy(region.astype(np.uint8) * 255)[None], size)[0] > 127  # same crop
+        shares.append(float(cam[inside].sum() / cam.sum().clamp(min=1e-12)))
+        areas.append(float(inside.float().mean()))
+    print(json.dumps({"images": len(shares), "mean_share": np.mean(shares), "mean_area": np.mean(areas)}))
+    assert len(shares) >= 60
+    assert np.mean(shares) > 1.5 * np.mean(areas)
+    assert np.mean(np.array(shares) > np.array(areas)) > 0.8
