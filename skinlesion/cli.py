@@ -77,7 +77,9 @@ IMAGE_SIZE_HELP = "input size, only for a plain state_dict that does not record 
 def _serve(args: argparse.Namespace) -> int:
     from skinlesion.serve import serve_command
 
-    return serve_command(args.checkpoint, args.host, args.port, args.token, args.device, args.max_mb, args.max_files)
+    return serve_command(
+        args.checkpoint, args.host, args.port, args.token, args.device, args.max_mb, args.max_files, args.batch
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-mb", type=float, default=20.0, help="largest image accepted, MB (default 20)")
     p.add_argument("--max-files", type=int, default=20, help="most images per request (default 20)")
+    p.add_argument("--batch", type=int, default=8, help="images per shared forward pass (default 8; 1 = no batching)")
     p.set_defaults(func=_serve)
     _add_bench(sub)
     return parser

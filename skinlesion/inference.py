@@ -86,8 +86,12 @@ def run(model: nn.Module, images_uint8: torch.Tensor, tta: bool = False) -> Outp
     return Outputs(probs=probs / len(views), features=features)
 
 
-def grad_cam(model: nn.Module, images_uint8: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """Grad-CAM maps [B, S, S] in [0, 1] for `target` classes (default: the top class).
+def grad_cam(
+    model: nn.Module, images_uint8: torch.Tensor, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Outputs]:
+    """Grad-CAM maps [B, S, S] in [0, 1] for `target` classes (default: the top class), and the `Outputs` of
+    the same forward pass (so a caller that wants both pays for one pass: the backward only reaches a stage's
+    activations, not the weights, and costs little).
 
     The gradient of the class score with respect to a stage's activations, averaged over space, weighs its
     channels; the weighted sum, rectified, upsampled and scaled to a maximum of 1, is the map (Selvaraju
@@ -98,7 +102,7 @@ def grad_cam(model: nn.Module, images_uint8: torch.Tensor, target: torch.Tensor 
     """
     x = to_model_input(images_uint8)
     with torch.enable_grad():
-        logits, _, (stage3, stage4) = forward(model, x)
+        logits, features, (stage3, stage4) = forward(model, x)
         activations = stage4 if min(stage4.shape[-2:]) >= CAM_MIN_SIDE else stage3
         if target is None:
             target = logits.argmax(dim=1)
@@ -108,7 +112,8 @@ def grad_cam(model: nn.Module, images_uint8: torch.Tensor, target: torch.Tensor 
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
     cam = nnf.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp(min=1e-12).view(-1, 1, 1)
-    return (cam / peak).float()
+    outputs = Outputs(probs=logits.detach().float().softmax(dim=1), features=features.detach().float())
+    return (cam / peak).float(), outputs
 
 
 def describe(probs: torch.Tensor, top_k: int) -> dict:

@@ -50,6 +50,7 @@ class Settings:
     max_mb: float = 20.0
     max_files: int = 20
     device: str = "auto"
+    batch: int = BATCH  # images per shared forward pass (1: one request at a time, the benchmark's baseline)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Model:
         self.loaded.model.to(self.device)
         self.card, self.ood, self.card_problem = self._card(settings.checkpoint)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.batch = max(1, settings.batch)
 
     def _card(self, checkpoint: Path) -> tuple[dict | None, OODStats | None, str | None]:
         card = load_card(checkpoint)
@@ -89,7 +91,7 @@ class Model:
         while True:
             items = [await self.queue.get()]
             deadline = time.perf_counter() + WAIT_S
-            while len(items) < BATCH and (left := deadline - time.perf_counter()) > 0:
+            while len(items) < self.batch and (left := deadline - time.perf_counter()) > 0:
                 try:
                     items.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
@@ -121,20 +123,24 @@ class Model:
         )
         return entry
 
-    def heat_map(self, image: torch.Tensor) -> dict[str, str]:
-        """Grad-CAM for the top class: the heat map alone (RGBA) and over the model's view of the image."""
-        cam = inference.grad_cam(self.loaded.model, image[None].to(self.device))[0].cpu().numpy()
+    def with_heat_map(self, image: torch.Tensor) -> tuple[torch.Tensor, float | None, dict[str, str]]:
+        """Probabilities, OOD score and Grad-CAM for the top class from one pass (no TTA): the heat map alone
+        (RGBA), over the model's view of the image, and that view."""
+        maps, out = inference.grad_cam(self.loaded.model, image[None].to(self.device))
+        score = float(self.ood.scores(out.features.cpu())[0]) if self.ood else None
+        cam = maps[0].cpu().numpy()
         from matplotlib import colormaps
 
         colours = (colormaps["jet"](cam)[..., :3] * 255).astype(np.uint8)
         alpha = (np.clip(cam, 0, 1) * 255).astype(np.uint8)
         view = image.permute(1, 2, 0).numpy()
         blended = (0.5 * view + 0.5 * colours).astype(np.uint8)
-        return {
+        pictures = {
             "cam": _png(Image.fromarray(blended)),
             "cam_overlay": _png(Image.fromarray(np.dstack([colours, alpha]), "RGBA")),
             "view": _png(Image.fromarray(view)),
         }
+        return out.probs[0].cpu(), score, pictures
 
     def model_card(self) -> dict[str, Any]:
         base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
@@ -227,14 +233,18 @@ def create_app(settings: Settings) -> FastAPI:
             else:
                 tensor = inference.preprocess(image, model.loaded.image_size)
                 item = _Item(tensor, bool(tta))
-                await model.queue.put(item)
+                if not (cam and not tta):  # a heat map without TTA brings its own probabilities (one pass)
+                    await model.queue.put(item)
                 pending.append((entry, item))
             entries.append(entry)
         for entry, item in pending:
-            probs, score = await item.done
-            entry.update(model.describe(probs, score))
             if cam:
-                entry.update(await asyncio.to_thread(model.heat_map, item.image))
+                probs, score, pictures = await asyncio.to_thread(model.with_heat_map, item.image)
+                if tta:
+                    probs, score = await item.done
+                entry.update(model.describe(probs, score) | pictures)
+            else:
+                entry.update(model.describe(*await item.done))
         ok = sum("error" not in e for e in entries)
         log.info("predict: %d files, %d answered, tta=%d cam=%d, %.0f ms", len(entries), ok, tta, cam,
                  (time.perf_counter() - started) * 1000)  # fmt: skip
@@ -244,7 +254,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def serve_command(checkpoint: Path, host: str, port: int, token: str | None, device: str, max_mb: float,
-                  max_files: int) -> int:  # fmt: skip
+                  max_files: int, batch: int = BATCH) -> int:  # fmt: skip
     """CLI entry: load the model and serve until interrupted."""
     import os
 
@@ -257,7 +267,7 @@ def serve_command(checkpoint: Path, host: str, port: int, token: str | None, dev
         print(f"warning: serving on {host} without --token: anyone who can reach this machine on the network "
               "can use it and send it images", flush=True)  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = create_app(Settings(Path(checkpoint), token, max_mb, max_files, device))
+    app = create_app(Settings(Path(checkpoint), token, max_mb, max_files, device, batch))
     print(f"serving {checkpoint} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

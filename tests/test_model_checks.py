@@ -100,7 +100,7 @@ def test_grad_cam_points_at_the_lesion(trained: tuple[Path, Path]) -> None:
         x = inference.preprocess(picture, size)[None]
         if CLASSES[int(inference.run(loaded.model, x).probs[0].argmax())] != row["dx"]:
             continue
-        cam = inference.grad_cam(loaded.model, x)[0]
+        cam = inference.grad_cam(loaded.model, x)[0][0]
         inside = eval_uint8(torch.from_numpy(region.astype(np.uint8) * 255)[None], size)[0] > 127  # same crop
         shares.append(float(cam[inside].sum() / cam.sum().clamp(min=1e-12)))
         areas.append(float(inside.float().mean()))

@@ -205,6 +205,7 @@ def test_evaluate_predict_and_serve_agree_on_the_same_file(client, calibrated, t
     loaded = load_for_inference(calibrated)
     (predicted,) = predict_images(loaded, [path], top_k=7)
     (served,) = client.post("/api/predict", files=[("files", (path.name, path.read_bytes()))]).json()
+    (with_cam,) = client.post("/api/predict?cam=1", files=[("files", (path.name, path.read_bytes()))]).json()
     shards = tmp_path / "shards"
     shards.mkdir()
     with tarfile.open(shards / "test-000000.tar", "w") as tar:
@@ -218,6 +219,6 @@ def test_evaluate_predict_and_serve_agree_on_the_same_file(client, calibrated, t
     (shards / "manifest.json").write_text(json.dumps(manifest))
     evaluated = collect_predictions(loaded.model, Accelerator(cpu=True), shards, "test", loaded.image_size)
     by_dx = {p["dx"]: p["probability"] for p in predicted["predictions"]}
-    for p in served["predictions"]:
-        assert abs(p["probability"] - by_dx[p["dx"]]) < 1e-6
+    for p, q in zip(served["predictions"], with_cam["predictions"], strict=True):
+        assert abs(p["probability"] - by_dx[p["dx"]]) < 1e-6 and abs(q["probability"] - by_dx[q["dx"]]) < 1e-6
         assert abs(evaluated.probs[0][CLASSES.index(p["dx"])] - by_dx[p["dx"]]) < 1e-6
