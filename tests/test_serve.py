@@ -222,3 +222,20 @@ def test_evaluate_predict_and_serve_agree_on_the_same_file(client, calibrated, t
     for p, q in zip(served["predictions"], with_cam["predictions"], strict=True):
         assert abs(p["probability"] - by_dx[p["dx"]]) < 1e-6 and abs(q["probability"] - by_dx[q["dx"]]) < 1e-6
         assert abs(evaluated.probs[0][CLASSES.index(p["dx"])] - by_dx[p["dx"]]) < 1e-6
+
+
+def test_a_public_host_without_a_token_is_warned_about(calibrated: Path, monkeypatch, capsys) -> None:
+    import uvicorn
+
+    from skinlesion.serve import serve_command
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    monkeypatch.delenv("SKINLESION_TOKEN", raising=False)
+    assert serve_command(calibrated, "0.0.0.0", 8000, None, "cpu", 20, 20) == 0
+    assert "warning: serving on 0.0.0.0 without --token: anyone" in capsys.readouterr().out
+    monkeypatch.setenv("SKINLESION_TOKEN", "t")
+    assert serve_command(calibrated, "0.0.0.0", 8000, None, "cpu", 20, 20) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert serve_command(calibrated, "127.0.0.1", 8000, None, "cpu", 20, 20) == 0
+    assert "warning" not in capsys.readouterr().out and served[-1]["host"] == "127.0.0.1"
