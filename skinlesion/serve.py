@@ -156,12 +156,15 @@ def _png(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_upload(data: bytes, max_bytes: int) -> tuple[Image.Image | None, str | None, str]:
-    """(upright RGB image, None, format) or (None, reason, format) for one uploaded file's bytes."""
+def decode_upload(data: bytes, max_bytes: int, size: int | None = None) -> tuple[Image.Image | None, str | None, str]:
+    """(upright RGB image, None, format) or (None, reason, format) for one uploaded file's bytes.
+
+    `size` is the whole upload's size when only its first max_bytes + 1 bytes were read."""
     from skinlesion.data.images import BadImage, decode_rgb
 
     if len(data) > max_bytes:
-        return None, f"too large ({len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB)", "?"
+        total = max(size or 0, len(data))
+        return None, f"too large ({total / 1e6:.1f} MB; the limit is {max_bytes / 1e6:g} MB)", "?"
     try:
         with Image.open(io.BytesIO(data)) as probe:
             kind = probe.format or "?"
@@ -225,7 +228,7 @@ def create_app(settings: Settings) -> FastAPI:
         entries, pending = [], []
         for upload in uploads:
             data = await upload.read(max_bytes + 1)
-            image, reason, kind = await asyncio.to_thread(decode_upload, data, max_bytes)
+            image, reason, kind = await asyncio.to_thread(decode_upload, data, max_bytes, upload.size)
             entry: dict[str, Any] = {"image": upload.filename or ""}
             log.info("upload: %d bytes, format %s, %s", len(data), kind, "ok" if reason is None else "rejected")
             if reason is not None:
