@@ -83,9 +83,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench in BASELINES:  # the benchmarks against outside baselines take their own arguments
+        import importlib
+
+        importlib.import_module(f"skinlesion.baselines.{args.bench}").main(args.rest)
+        return 0
     from skinlesion.bench import bench_command
 
     return bench_command(args.bench, args)
+
+
+BASELINES = {
+    "prepare": "prepare vs a single-process decode/resize/encode loop",
+    "files": "the shard loader vs JPEG files through torchvision's ImageFolder",
+    "harness": "skinlesion's training step vs a bare PyTorch loop",
+    "predict": "predict in batches vs one image at a time",
+    "serve": "serve's latency, and its load with batching vs one image at a time",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,10 +195,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     for parser in (loader, step, train):
         parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
         parser.set_defaults(func=_bench)
+    for name, what in BASELINES.items():
+        kinds.add_parser(name, help=what, add_help=False)  # dispatched before parsing: see main()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BASELINES:
+        # These parse their own arguments (argparse.REMAINDER would not pass a leading --help through).
+        args = argparse.Namespace(bench=argv[1], rest=argv[2:], func=_bench)
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -76,3 +76,16 @@ def test_gpu_check_without_a_gpu_says_to_use_cpu_mode(tmp_path: Path) -> None:
     done = subprocess.run([str(REPO / "benchmarks/gpu-check.sh"), str(tmp_path / "x")], capture_output=True, text=True,
                           timeout=120, env=os.environ | {"PYTHON": sys.executable})  # fmt: skip
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "--cpu" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["prepare", "files", "harness", "predict", "serve"])
+def test_the_baseline_benchmarks_are_under_skinlesion_bench(name: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", name, "--help"])
+    assert exited.value.code == 0 and f"usage: skinlesion bench {name}" in capsys.readouterr().out
+
+
+def test_bench_files_compares_shards_with_jpeg_files(shards_dir: Path, capsys) -> None:
+    assert main(["bench", "files", "--shards", str(shards_dir), "--image-size", "32", "--batch-size", "8",
+                 "--workers", "0", "--repeats", "1"]) == 0  # fmt: skip
+    assert "ratio shards / jpeg files" in capsys.readouterr().out

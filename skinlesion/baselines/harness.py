@@ -1,13 +1,13 @@
 """Harness overhead: skinlesion's training step vs a bare PyTorch loop, same model, same batches.
 
 Both sides train the same architecture from the same seed on the same pre-decoded batches held in
-memory (so the loader is not measured; see loader_bench.py for that) with the same math: AdamW,
+memory (so the loader is not measured; see `skinlesion bench files` for that) with the same math: AdamW,
 label-smoothed cross entropy, gradient clipping. The harness side is the real `skinlesion.train.train`
 (Accelerate, per-step LR, the per-step agreement all-reduce, logging, tqdm) with its loader replaced by
 the in-memory batches and validation stubbed out; only its `train_epoch` is timed. Alternating
 repeats, best of --repeats.
 
-    python benchmarks/train_bench.py --shards shards --arch resnet18 --image-size 64 --batch-size 32 --steps 20
+    skinlesion bench harness --shards shards --arch resnet18 --image-size 64 --batch-size 32 --steps 20
 """
 
 from __future__ import annotations
@@ -74,15 +74,15 @@ def harness_loop(batches: list[dict], shards: Path, arch: str, image_size: int, 
     return timings[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="skinlesion bench harness", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, default=Path("shards"))
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     loader = train_loader(args.shards, image_size=args.image_size, batch_size=args.batch_size, num_workers=0,
                           rank=0, world_size=1, seed=0, epoch=0, batches=args.steps)  # fmt: skip

@@ -1,6 +1,6 @@
 """Benchmark `skinlesion prepare` against a plain single-process loop over the same images.
 
-    python benchmarks/prepare_bench.py [--images 10015] [--image-size 256] [--data data/bench-synthetic]
+    skinlesion bench prepare [--images 10015] [--image-size 256] [--data data/bench-synthetic]
 
 Both sides read the same synthetic 600x450 JPEGs (generated once into --data if missing) and
 produce JPEGs whose shorter side is --image-size. The baseline is the obvious loop: open, convert
@@ -56,13 +56,13 @@ def run_prepare(data: Path, out: Path, size: int, workers: int | None) -> tuple[
     return time.perf_counter() - start, _children_cpu() - cpu, cmd
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="skinlesion bench prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=10_015)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--data", type=Path, default=Path("data/bench-synthetic"))
     parser.add_argument("--out", type=Path, default=Path("data/bench-shards"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     csv = args.data / "HAM10000_metadata.csv"
     if not csv.exists() or sum(1 for _ in csv.open()) - 1 != args.images:

@@ -5,7 +5,7 @@ torchvision's ImageFolder with a shuffling DataLoader. Both sides decode the ide
 (extracted from the shards) with the identical train transform, batch size and worker count, and
 both are timed over one full pass in the same run, alternating, best of --repeats.
 
-    python benchmarks/loader_bench.py --shards shards --image-size 64 --batch-size 32 --workers 2
+    skinlesion bench files --shards shards --image-size 64 --batch-size 32 --workers 2
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def time_pass(loader) -> tuple[int, float]:
     return images, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="skinlesion bench files", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, default=Path("shards"))
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     samples = read_manifest(args.shards)["splits"]["train"]["samples"]
     batches = batches_per_rank(samples, args.batch_size, 1)

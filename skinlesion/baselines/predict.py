@@ -1,6 +1,6 @@
 """Prediction throughput and latency on this machine: batched vs one image at a time, and cold start.
 
-    .venv/bin/python benchmarks/predict_bench.py --arch resnet50 --image-size 224 --images 64
+    skinlesion bench predict --arch resnet50 --image-size 224 --images 64
 
 All variants run in this one process on the same random-weight checkpoint and the same 600x450
 JPEGs (HAM10000's size), so the ratios compare like with like:
@@ -55,14 +55,14 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="skinlesion bench predict", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--latency-runs", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, paths = make_inputs(Path(tmp), args.arch, args.image_size, args.images)

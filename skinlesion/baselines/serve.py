@@ -8,7 +8,7 @@
 
 The server runs as the real command in a subprocess, bound to 127.0.0.1, with OMP_NUM_THREADS threads.
 
-    python benchmarks/serve_bench.py --checkpoint runs/demo/best.pt --threads 2
+    skinlesion bench serve --checkpoint runs/demo/best.pt --threads 2
 """
 
 from __future__ import annotations
@@ -121,14 +121,14 @@ def load(url: str, data: bytes, clients: int, per_client: int) -> dict:
             "images_per_second": len(times) / wall, "requests": clients * per_client}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="skinlesion bench serve", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--per-client", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data = lesion_jpeg()
     results: dict = {"image_bytes": len(data), "threads": args.threads}
     server = Server(args.checkpoint, args.threads, batch=8)
