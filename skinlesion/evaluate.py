@@ -318,12 +318,20 @@ def evaluate_command(
         if split == "val":  # the validation split is what the model card's thresholds come from
             from skinlesion.card import calibrate, load_card
 
-            previous = load_card(checkpoint) or {}
+            try:
+                previous = load_card(checkpoint) or {}
+            except UserError:
+                previous = {}  # a damaged card is rewritten
             test = previous.get("test") if previous.get("checkpoint") == checkpoint.name else None
-            card = calibrate(model, checkpoint, shards, loaded.image_size, loaded.arch)
-            if test:  # keep the test figures of an earlier card for the same checkpoint
-                card["test"] = test
-                atomic_write(checkpoint.parent / "model_card.json", json.dumps(card, indent=2) + "\n")
-            print(f"wrote {checkpoint.parent}/model_card.json and ood.pt")
+            try:
+                card = calibrate(model, checkpoint, shards, loaded.image_size, loaded.arch)
+                if test:  # keep the test figures of an earlier card for the same checkpoint
+                    card["test"] = test
+                    atomic_write(checkpoint.parent / "model_card.json", json.dumps(card, indent=2) + "\n")
+                print(f"wrote {checkpoint.parent}/model_card.json and ood.pt")
+            except UserError as exc:
+                print(f"note: no model card written: {exc}")
+            except OSError as exc:
+                print(f"note: no model card written: {checkpoint.parent} is not writable ({exc.strerror})")
     accelerator.end_training()
     return 0

@@ -239,3 +239,18 @@ def test_a_public_host_without_a_token_is_warned_about(calibrated: Path, monkeyp
     assert "warning" not in capsys.readouterr().out
     assert serve_command(calibrated, "127.0.0.1", 8000, None, "cpu", 20, 20) == 0
     assert "warning" not in capsys.readouterr().out and served[-1]["host"] == "127.0.0.1"
+
+
+def test_evaluate_on_val_writes_the_card_and_says_when_it_cannot(random_run, shards_dir, tmp_path, capsys) -> None:
+    from skinlesion.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(random_run / "best.pt", run / "best.pt")
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards_dir), "--split", "val"]) == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["checkpoint"] == "best.pt" and card["validation"]["n_samples"] == 59 and (run / "ood.pt").is_file()
+    capsys.readouterr()
+    (run / "model_card.json").write_text("{ damaged")
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards_dir), "--split", "val"]) == 0
+    assert json.loads((run / "model_card.json").read_text())["arch"] == "resnet18"  # rewritten
