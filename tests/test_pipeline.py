@@ -199,3 +199,19 @@ def test_a_corrupt_evaluation_sample_stops_evaluation_naming_it(tmp_path: Path) 
     key = _corrupt_first_jpeg(out / "val-000000.tar")
     with pytest.raises(UserError, match=rf"sample '{key}' in .*val-000000.tar: its image does not decode"):
         list(eval_loader(out, "val", 16, 4, 0, 0, 1))
+
+
+def test_shards_that_are_mostly_corrupt_stop_training_instead_of_spinning(tmp_path: Path) -> None:
+    out = write_shards(tmp_path, {"train": [120], "val": [4]})
+    shard = out / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"\xff\xd8 broken" if member.name.endswith(".jpg") else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    loader = train_loader(out, image_size=16, batch_size=4, num_workers=0, rank=0, world_size=1, seed=0, epoch=0,
+                          batches=3)  # fmt: skip
+    with pytest.raises(UserError, match=r"100 of 100 samples do not decode .*rerun `skinlesion prepare`"):
+        list(loader)

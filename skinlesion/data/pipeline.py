@@ -43,7 +43,6 @@ from skinlesion.errors import UserError
 
 Batch = dict[str, Any]
 log = logging.getLogger(__name__)
-AUGMENT = ("cpu", "device")
 
 
 def batches_per_rank(samples: int, batch_size: int, world_size: int, multiple_of: int = 1) -> int:
@@ -113,10 +112,11 @@ class _SkipBad:
     """Training skips a sample that does not decode: counted, and logged once per loader worker."""
 
     def __init__(self, decode: Decoder) -> None:
-        self.decode, self.skipped, self.reported = decode, 0, False
+        self.decode, self.skipped, self.seen, self.reported = decode, 0, 0, False
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
+            self.seen += 1
             try:
                 yield decode_sample(sample, self.decode)
             except BadSample as exc:
@@ -124,6 +124,9 @@ class _SkipBad:
                 if not self.reported:
                     self.reported = True
                     log.warning("skipping %s; later ones are only counted (train/skipped_samples)", exc)
+                if self.skipped >= 100 and self.skipped * 2 > self.seen:  # else a slot of bad shards spins forever
+                    raise UserError(f"{self.skipped} of {self.seen} samples do not decode (latest: {exc}); "
+                                    "the shards are damaged: rerun `skinlesion prepare`") from None  # fmt: skip
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
