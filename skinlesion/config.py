@@ -52,6 +52,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to min_lr_ratio * lr (per step)
     min_lr_ratio: float = 0.0
     label_smoothing: float = 0.1
+    loss: str = "ce"  # ce | weighted_ce | logit_adjusted | focal (see skinlesion/losses.py and docs/training.md)
+    loss_tau: float = 1.0  # logit_adjusted: scale of the log-prior shift
+    focal_gamma: float = 2.0  # focal: the focusing exponent
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (launcher's choice, else bf16 on a bf16 GPU) | no | bf16 | fp16
@@ -93,6 +96,7 @@ IMAGE_SIZE_RANGE = (16, 1024)  # input sizes a model may be trained and used at 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("auto", "device", "cpu"),
     "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.loss": ("ce", "weighted_ce", "logit_adjusted", "focal"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
@@ -100,7 +104,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = {"data.image_size", "data.batch_size", "data.eval_batch_size", "data.shuffle_buffer", "train.epochs"}
 POSITIVE |= {"train.lr", "train.grad_accum", "train.keep_checkpoints", "train.log_every_steps", "train.dist_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.seed"}
-NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr_ratio"}
+NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr_ratio", "train.loss_tau"}
+NON_NEGATIVE |= {"train.focal_gamma", "train.label_smoothing"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -217,6 +222,8 @@ def _check_values(cfg: Config) -> None:
             raise UserError(f"config key {key!r} must be > 0, got {value!r}")
         if key in NON_NEGATIVE and not value >= 0:
             raise UserError(f"config key {key!r} must be >= 0, got {value!r}")
+    if not cfg.train.label_smoothing < 1:
+        raise UserError(f"config key 'train.label_smoothing' must be below 1, got {cfg.train.label_smoothing}")
     low, high = IMAGE_SIZE_RANGE
     if not low <= cfg.data.image_size <= high:
         raise UserError(f"config key 'data.image_size' must be from {low} to {high} px, got {cfg.data.image_size}")

@@ -42,6 +42,7 @@ from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate, flat_scalars, format_summary
 from skinlesion.files import atomic_write, output_folder
 from skinlesion.labels import CLASSES
+from skinlesion.losses import make_criterion
 from skinlesion.model import ModelFacts, build_model, load_for_inference
 
 CPU_AUGMENT = "device"  # what data.augment=auto means without CUDA (measured: docs/benchmarks.md)
@@ -106,7 +107,7 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         accelerator=accelerator,
         model=model,
         optimizer=optimizer,
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+        criterion=make_criterion(cfg.train, manifest).to(accelerator.device),
         stop=StopSignal(),
         batches=batches,
         augment=resolve_augment(cfg.data.augment, accelerator.device),

@@ -138,11 +138,13 @@ def _encode_all(
     return where, bad
 
 
-def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> dict[str, pd.DataFrame]:
-    """Rows per split in the order they go into shards (shuffled: each shard a random mix of classes)."""
+def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Rows per split in the order they go into shards (shuffled: each shard a random mix of classes), and
+    the train split's class counts before balancing (the class priors a logit-adjusted loss needs)."""
     assignment = split_by_lesion(good, opts.val_fraction, opts.test_fraction, opts.seed)
     rng = np.random.default_rng([opts.seed, 1])
     out = {}
+    natural = good[assignment == "train"]["dx"].value_counts()
     for split in SPLITS:
         rows = good[assignment == split].reset_index(drop=True)
         if split == "train" and opts.samples_per_class is not None:
@@ -150,7 +152,7 @@ def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> dict[str, pd.DataFr
         else:
             rows = rows.iloc[rng.permutation(len(rows))].reset_index(drop=True).assign(copy=0)
         out[split] = rows
-    return out
+    return out, {dx: int(natural.get(dx, 0)) for dx in CLASSES}
 
 
 def _keys(rows: pd.DataFrame) -> list[str]:
@@ -212,7 +214,8 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
             raise UserError(f"none of the {len(meta.kept)} images could be decoded (reasons: {Counter(bad.values())})")
 
         splits, tasks = {}, []
-        for split, rows in _split_rows(good, opts).items():
+        by_split, before_balancing = _split_rows(good, opts)
+        for split, rows in by_split.items():
             sizes = shards.shard_sizes(len(rows), opts.min_shards, opts.samples_per_shard)
             files = [f"{split}-{i:06d}.tar" for i in range(len(sizes))]
             entries = _entries(rows, where)
@@ -220,6 +223,7 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
             starts = [end - size for end, size in zip(ends, sizes, strict=True)]
             tasks += [(build.path / f, spool, entries[a:b]) for f, a, b in zip(files, starts, ends, strict=True)]
             splits[split] = _split_manifest(rows, files, sizes)
+        splits["train"]["class_counts_before_balancing"] = before_balancing
         with tqdm(total=sum(len(t[2]) for t in tasks), desc="shards", unit="sample", file=sys.stderr) as bar:
             for n in pool.imap_unordered(_write_shard, tasks):
                 bar.update(n)
