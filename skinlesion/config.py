@@ -55,6 +55,8 @@ class TrainConfig:
     loss: str = "ce"  # ce | weighted_ce | logit_adjusted | focal (see skinlesion/losses.py and docs/training.md)
     loss_tau: float = 1.0  # logit_adjusted: scale of the log-prior shift
     focal_gamma: float = 2.0  # focal: the focusing exponent
+    ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.9998); 0 = off
+    ema_every_steps: int = 1  # optimizer steps between EMA updates
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (launcher's choice, else bf16 on a bf16 GPU) | no | bf16 | fp16
@@ -105,7 +107,8 @@ POSITIVE = {"data.image_size", "data.batch_size", "data.eval_batch_size", "data.
 POSITIVE |= {"train.lr", "train.grad_accum", "train.keep_checkpoints", "train.log_every_steps", "train.dist_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.seed"}
 NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr_ratio", "train.loss_tau"}
-NON_NEGATIVE |= {"train.focal_gamma", "train.label_smoothing"}
+NON_NEGATIVE |= {"train.focal_gamma", "train.label_smoothing", "train.ema_decay"}
+POSITIVE |= {"train.ema_every_steps"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -222,6 +225,8 @@ def _check_values(cfg: Config) -> None:
             raise UserError(f"config key {key!r} must be > 0, got {value!r}")
         if key in NON_NEGATIVE and not value >= 0:
             raise UserError(f"config key {key!r} must be >= 0, got {value!r}")
+    if not cfg.train.ema_decay < 1:
+        raise UserError(f"config key 'train.ema_decay' must be below 1 (0 = off), got {cfg.train.ema_decay}")
     if not cfg.train.label_smoothing < 1:
         raise UserError(f"config key 'train.label_smoothing' must be below 1, got {cfg.train.label_smoothing}")
     low, high = IMAGE_SIZE_RANGE

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from skinlesion import __version__, tracking
@@ -38,6 +39,7 @@ from skinlesion.data.augment import augment, batch_generator
 from skinlesion.data.manifest import read_manifest, verify_split
 from skinlesion.data.pipeline import batches_per_rank, train_loader
 from skinlesion.distributed import StopSignal, any_rank, launch_info, lock_on_main, make_accelerator, signal_name
+from skinlesion.ema import make_ema
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate, flat_scalars, format_summary
 from skinlesion.files import atomic_write, output_folder
@@ -60,6 +62,7 @@ class Run:
     stop: StopSignal
     batches: int  # per rank per epoch
     augment: str  # where per-pixel augmentation runs: "device" (uint8 batches) or "cpu" (loader workers)
+    ema: AveragedModel | None  # the weights' moving average (train.ema_decay > 0): validated and exported
     total_steps: int
     warmup_steps: int
 
@@ -111,10 +114,13 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         stop=StopSignal(),
         batches=batches,
         augment=resolve_augment(cfg.data.augment, accelerator.device),
+        ema=make_ema(accelerator.unwrap_model(model), cfg.train.ema_decay),
         total_steps=steps_per_epoch * cfg.train.epochs,
         warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
     )
     run.stop.install()
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)  # before load_checkpoint: resume restores the average
 
     resumed = load_checkpoint(accelerator, cfg.train.resume, out, arch=cfg.model.name)
     if resumed is None and (out / "model.pt").exists():
@@ -147,20 +153,24 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         record: dict[str, Any] = {"epoch": epoch, "step": state.step, **epoch_stats}
         accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
         score = None
+        shipped = run.ema.module if run.ema is not None else model  # what validation, best.pt and model.pt see
         if has_val:
-            result = validate(accelerator, model, cfg, out=out / "eval-val")
+            result = validate(accelerator, shipped, cfg, out=out / "eval-val")
             record |= _val_record(result.metrics)
             score = record["val_balanced_accuracy"]
+            if run.ema is not None:  # the raw weights too, to compare
+                raw = validate(accelerator, model, cfg)
+                record["val_balanced_accuracy_raw"] = raw.metrics["balanced_accuracy"]
             images = _wandb_images(accelerator, result.files, "val")
             accelerator.log(flat_scalars(result.metrics, "val") | images | {"epoch": epoch}, step=state.step)
         if accelerator.is_main_process:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        _update_best(accelerator, model, state, facts, out, epoch, score)
+        _update_best(accelerator, shipped, state, facts, out, epoch, score)
         save_checkpoint(accelerator, out, state, cfg.train.keep_checkpoints)
 
     if accelerator.is_main_process:
-        weights = bare_state_dict(accelerator, model)
+        weights = bare_state_dict(accelerator, run.ema.module if run.ema is not None else model)
         if not (out / "best.pt").is_file():  # resumed after the last epoch, and best.pt was deleted since
             accelerator.print(f"warning: {out}/best.pt was missing; exported the final weights as best.pt")
             export_best(weights, out / "best.pt", facts=facts, epoch=state.epoch - 1, step=state.step,
@@ -256,6 +266,8 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if run.ema is not None and state.step % cfg.train.ema_every_steps == 0:
+            run.ema.update_parameters(accelerator.unwrap_model(model))
         state.batches_in_epoch += accum
 
         throughput = images * accelerator.num_processes / (time.perf_counter() - started)
