@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.pt"
 
 
 @dataclass
@@ -72,8 +73,15 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep: int) -> Path:
-    """Collective: every rank writes its part into a temporary folder, rank 0 seals it and renames it."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, state: TrainerState, keep: int, ema: nn.Module | None = None
+) -> Path:
+    """Collective: every rank writes its part into a temporary folder, rank 0 seals it and renames it.
+
+    The EMA of the weights, when there is one, goes into ``ema.pt`` as plain tensors (read back with
+    ``weights_only=True``), not through `Accelerator.register_for_checkpointing`, whose loader unpickles
+    with ``weights_only=False``: a checkpoint folder from elsewhere could then run code.
+    """
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}"
@@ -84,6 +92,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerSt
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            torch.save({k: v.detach().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         (tmp / MARKER).write_text("")
         if final.exists():  # the same step saved again (e.g. after a resume): the new one wins
@@ -108,7 +118,7 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    accelerator: Accelerator, resume: str, output_dir: Path, arch: str
+    accelerator: Accelerator, resume: str, output_dir: Path, arch: str, ema: nn.Module | None = None
 ) -> tuple[TrainerState, Path] | None:
     """Restore model, optimizer and RNG from the checkpoint `resume` names; None when there is none.
 
@@ -130,9 +140,14 @@ def load_checkpoint(
         if state.arch is not None and state.arch != arch:
             failures.append((folder, f"it was saved by a model.name={state.arch} run, and this run has {arch}"))
             break  # a run of another model: never fall back past it
+        if ema is not None and not (folder / EMA_FILE).is_file():
+            failures.append((folder, "it was saved without train.ema_decay, and this run has an EMA"))
+            break
         reason = None
         try:
             accelerator.load_state(str(folder))
+            if ema is not None:
+                ema.load_state_dict(torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True))
         except Exception as exc:  # a corrupt file surfaces as any of safetensors/torch/json's errors
             reason = " ".join(str(exc).split())[:300]
         # Every rank must resume from the same checkpoint, even when only one rank's files are damaged.

@@ -2,7 +2,8 @@
 
 Built on `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn` and ``use_buffers=True``, so
 BatchNorm statistics are averaged too, rather than on a hand-written average. Its state goes into every
-checkpoint (`Accelerator.register_for_checkpointing`), so a resumed run continues the same average.
+checkpoint as ``ema.pt`` (plain tensors, read with ``weights_only=True``; see `checkpoint.save_checkpoint`),
+so a resumed run continues the same average.
 """
 
 from __future__ import annotations

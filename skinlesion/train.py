@@ -119,10 +119,8 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
     )
     run.stop.install()
-    if run.ema is not None:
-        accelerator.register_for_checkpointing(run.ema)  # before load_checkpoint: resume restores the average
 
-    resumed = load_checkpoint(accelerator, cfg.train.resume, out, arch=cfg.model.name)
+    resumed = load_checkpoint(accelerator, cfg.train.resume, out, arch=cfg.model.name, ema=run.ema)
     if resumed is None and (out / "model.pt").exists():
         raise UserError(
             f"{out} holds model.pt of a finished run but no checkpoint to resume from; starting over would "
@@ -167,7 +165,7 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         _update_best(accelerator, shipped, state, facts, out, epoch, score)
-        save_checkpoint(accelerator, out, state, cfg.train.keep_checkpoints)
+        save_checkpoint(accelerator, out, state, cfg.train.keep_checkpoints, run.ema)
 
     if accelerator.is_main_process:
         weights = bare_state_dict(accelerator, run.ema.module if run.ema is not None else model)
@@ -279,7 +277,7 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
                             step=state.step)  # fmt: skip
         every = cfg.train.checkpoint_every_steps
         if stop_signal or (every and state.step % every == 0 and state.batches_in_epoch < run.batches):
-            save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints)
+            save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints, run.ema)
         if stop_signal:
             bar.close()
             _write_preempted(accelerator, Path(cfg.train.output_dir), state, stop_signal)

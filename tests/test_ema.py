@@ -59,3 +59,24 @@ def test_training_with_ema_records_both_and_resume_reproduces_it(tmp_path: Path)
     newest = sorted((whole / "checkpoints").glob("step-*"))[-1]
     raw = {k.removeprefix("module."): v for k, v in load_file(newest / "model.safetensors").items()}
     assert max((a[k].float() - raw[k].float()).abs().max().item() for k in a if k.endswith("weight")) > 1e-4
+
+
+@pytest.mark.slow
+def test_an_ema_file_that_would_run_code_is_refused_on_resume(tmp_path: Path) -> None:
+    from test_train import run_train, tiny_shards
+
+    shards = tiny_shards(tmp_path / "shards")
+    out = tmp_path / "run"
+    assert run_train(out, shards, "train.ema_decay=0.9", "train.epochs=1").returncode == 0
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for folder in (out / "checkpoints").glob("step-*"):
+        torch.save({"n_averaged": Exploit()}, folder / "ema.pt")
+    (out / "model.pt").unlink()
+    done = run_train(out, shards, "train.ema_decay=0.9", "train.epochs=2")
+    assert done.returncode == 2 and "cannot resume from" in done.stderr
+    assert not marker.exists()
