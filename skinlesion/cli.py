@@ -99,6 +99,7 @@ BASELINES = {
     "harness": "skinlesion's training step vs a bare PyTorch loop",
     "predict": "predict in batches vs one image at a time",
     "serve": "serve's latency, and its load with batching vs one image at a time",
+    "checks": "the page's OOD score and Grad-CAM stage against their alternatives",
 }
 
 

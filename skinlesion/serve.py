@@ -234,7 +234,8 @@ def create_app(settings: Settings) -> FastAPI:
             if reason is not None:
                 entry["error"] = reason
             else:
-                tensor = inference.preprocess(image, model.loaded.image_size)
+                # Resizing a photo takes milliseconds: off the event loop, like the decoding.
+                tensor = await asyncio.to_thread(inference.preprocess, image, model.loaded.image_size)
                 item = _Item(tensor, bool(tta))
                 if not (cam and not tta):  # a heat map without TTA brings its own probabilities (one pass)
                     await model.queue.put(item)

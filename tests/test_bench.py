@@ -78,7 +78,7 @@ def test_gpu_check_without_a_gpu_says_to_use_cpu_mode(tmp_path: Path) -> None:
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "--cpu" in done.stderr
 
 
-@pytest.mark.parametrize("name", ["prepare", "files", "harness", "predict", "serve"])
+@pytest.mark.parametrize("name", ["prepare", "files", "harness", "predict", "serve", "checks"])
 def test_the_baseline_benchmarks_are_under_skinlesion_bench(name: str, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["bench", name, "--help"])
