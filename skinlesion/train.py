@@ -231,8 +231,8 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
     steps = (run.batches - state.batches_in_epoch) // accum
     bar = tqdm(total=run.batches // accum, initial=run.batches // accum - steps, desc=f"epoch {state.epoch}",
                disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
-    loss_sum = torch.zeros(2, device=accelerator.device)  # (sum of sample losses, samples) on this rank
-    images, skipped, started = 0, 0, time.perf_counter()
+    loss_sum = torch.zeros((), device=accelerator.device)  # sum of sample losses on this rank, kept on the device
+    images, skipped, started = 0, 0, time.perf_counter()  # host numbers: no per-step host-to-device copy
     model.train()
     for _ in range(steps):
         lr = lr_at(state.step, run.total_steps, run.warmup_steps, cfg.train)
@@ -249,7 +249,7 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
                 loss = run.criterion(model(x), y)
                 accelerator.backward(loss / accum)
             step_loss += loss.detach() / accum
-            loss_sum += torch.stack([loss.detach() * len(y), torch.tensor(len(y), device=loss.device)])
+            loss_sum += loss.detach() * len(y)
             images += len(y)
         stop_signal, diverged = any_rank(accelerator, run.stop.received, int(not torch.isfinite(step_loss)))
         if diverged:
@@ -283,7 +283,8 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
             _write_preempted(accelerator, Path(cfg.train.output_dir), state, stop_signal)
             return None
     bar.close()
-    total = accelerator.reduce(torch.cat([loss_sum, torch.tensor([skipped], device=loss_sum.device)]), reduction="sum")
+    counts = torch.tensor([images, skipped], dtype=loss_sum.dtype, device=loss_sum.device)
+    total = accelerator.reduce(torch.cat([loss_sum[None], counts]), reduction="sum")
     return {
         "train_loss": (total[0] / total[1].clamp(min=1)).item(),
         "lr": run.optimizer.param_groups[0]["lr"],

@@ -22,11 +22,13 @@ import torch
 from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from skinlesion.data import augment as device_augment
 from skinlesion.data import transforms
 from skinlesion.data.images import process_bytes
 from skinlesion.data.lesions import make_lesion, render
+from skinlesion.data.transforms import JITTER
 
 VIEWS, SIZE, TOLERANCE = 1000, 48, 0.10
 
@@ -103,6 +105,44 @@ def test_parameters_are_per_sample_and_reproducible() -> None:
     assert means.unique().numel() > 32  # a jitter drawn per sample, not one per batch
     again = device_augment.augment(tile, identity, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+def test_jitter_is_torchvisions_colour_jitter_per_sample() -> None:
+    """The batched jitter is, sample by sample, torchvision's adjust_brightness/contrast/saturation applied in
+    the drawn order with the drawn factors (the generator is replayed to read the draws)."""
+    batch = 24
+    tiles = torch.randint(0, 256, (batch, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(batch, 2, 3)
+    out = device_augment.augment(tiles, identity, torch.Generator().manual_seed(9))
+
+    replay = torch.Generator().manual_seed(9)
+    flips = [torch.rand(batch, generator=replay) < 0.5 for _ in range(2)]  # horizontal, vertical
+    factors = [1 - JITTER + 2 * JITTER * torch.rand(batch, generator=replay) for _ in range(3)]
+    order = torch.rand(batch, 3, generator=replay).argsort(dim=1)
+    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    for i in range(batch):
+        x = tiles[i].float() / 255
+        x = x.flip(-1) if flips[0][i] else x
+        x = x.flip(-2) if flips[1][i] else x
+        for op in order[i].tolist():
+            x = adjust[op](x, factors[op][i].item())
+        expected = transforms.normalize(x[None])[0]
+        assert torch.allclose(out[i], expected, atol=1e-5), i
+
+
+def test_augmentation_makes_no_tensor_from_host_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, a tensor built from Python data is a blocking host-to-device copy: the CPU waits for the GPU
+    at every batch. An H200 lost 0.20 of its training step to eight of them (docs/benchmarks.md)."""
+    tiles = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(4, 2, 3)
+    device_augment.augment(tiles, identity, torch.Generator().manual_seed(0))  # constants made once
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.tensor called per batch")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    device_augment.augment(tiles, identity, torch.Generator().manual_seed(1))
+    transforms.normalize(tiles)
 
 
 def test_evaluation_preprocessing_agrees_with_the_previous_path_within_a_jpeg_round_trip(lesion_jpeg: bytes) -> None:

@@ -12,6 +12,10 @@ image on the CPU, with the same ranges:
   grey level, with the grey image; clamped to [0, 1]);
 - ImageNet normalisation, and channels_last on CUDA.
 
+Nothing in it reads a value back or copies host data to the device, so the CPU never waits for the GPU here:
+it queues the augmentation and the next forward pass while the GPU is still in the last backward pass. Eight
+such blocking copies per batch cost an H200 0.20 of its step time (docs/benchmarks.md).
+
 Every parameter is drawn per sample. torchvision's v2 transforms draw one set per call, i.e. one for a
 whole batch. kornia draws per sample but would be one more dependency (absent on the GPU machines) for
 formulas that fit on a screen; `affine_grid`/`grid_sample` are PyTorch's own batched kernels.
@@ -34,23 +38,24 @@ _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_GREY, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
-
-
-def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (factor * images + (1 - factor) * other).clamp_(0, 1)
+    """torchvision's grey level, [B, 1, H, W]. Python-number weights: a weight tensor made on a CUDA device at
+    every call is a blocking host-to-device copy, and each one stalls the CPU until the GPU has caught up."""
+    r, g, b = images.unbind(dim=1)
+    return (_GREY[0] * r + _GREY[1] * g + _GREY[2] * b).unsqueeze(1)
 
 
 def augment(images: torch.Tensor, affine: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """uint8 tiles [B, 3, S, S] and their affines [B, 2, 3] (from `transforms.train_crop`), on the device ->
-    augmented, normalised float32 [B, 3, S, S]; flips and jitter drawn per sample from `generator`."""
+    augmented, normalised float32 [B, 3, S, S]; flips and jitter drawn per sample from `generator`.
+
+    Nothing here waits for the GPU: no value comes back to the host, so the CPU queues this batch's work
+    and goes on to the next step while the GPU is still busy with the last one."""
     batch, device = images.shape[0], images.device
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(batch, device=device, generator=generator)
 
-    x = images.float() / 255
+    x = images.float().div_(255)
     # A flip of the output is a sign change of its coordinate, applied before the rotation + crop affine.
     flips = torch.ones(batch, 3, device=device)
     flips[:, 0] = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
@@ -59,18 +64,19 @@ def augment(images: torch.Tensor, affine: torch.Tensor, generator: torch.Generat
     grid = nnf.affine_grid(theta, list(x.shape), align_corners=False)
     x = nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    factors = [uniform(1 - JITTER, 1 + JITTER).view(-1, 1, 1, 1) for _ in range(3)]
-    order = torch.rand(batch, 3, device=device, generator=generator).argsort(dim=1)  # a random order per sample
+    # ColorJitter's three blends, each `clamp(f * x + (1 - f) * other)` with other = black (brightness), the
+    # mean grey level (contrast) or the grey image (saturation), in an order drawn per sample. At each of the
+    # three positions a sample has exactly one of them, so one pass computes all samples' blends with
+    # per-sample coefficients: x' = clamp(f * x + (1 - f) * [contrast] * mean + (1 - f) * [saturation] * grey).
+    factors = torch.stack([uniform(1 - JITTER, 1 + JITTER) for _ in range(3)], dim=1)  # [B, op]
+    order = torch.rand(batch, 3, device=device, generator=generator).argsort(dim=1)  # [B, position] -> op
     for position in range(3):
-        for op in range(3):
-            chosen = (order[:, position] == op).view(-1, 1, 1, 1)
-            if op == 0:  # brightness
-                changed = _blend(x, torch.zeros_like(x), factors[0])
-            elif op == 1:  # contrast
-                changed = _blend(x, _grey(x).mean(dim=(2, 3), keepdim=True), factors[1])
-            else:  # saturation
-                changed = _blend(x, _grey(x), factors[2])
-            x = torch.where(chosen, changed, x)
+        op = order[:, position : position + 1]
+        f = factors.gather(1, op)
+        rest = (1 - f) * torch.cat([op == 1, op == 2], dim=1)  # (1 - f) on the chosen op's "other", else 0
+        grey = _grey(x)
+        other = rest[:, 0].view(-1, 1, 1, 1) * grey.mean(dim=(2, 3), keepdim=True) + rest[:, 1].view(-1, 1, 1, 1) * grey
+        x = torch.addcmul(other, f.view(-1, 1, 1, 1), x).clamp_(0, 1)
     return to_model_input(x)
 
 
