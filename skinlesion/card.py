@@ -33,6 +33,7 @@ from skinlesion import __version__, inference
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES
+from skinlesion.metrics import sensitivity_key
 
 CARD = "model_card.json"
 OOD = "ood.pt"
@@ -207,7 +208,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "n_samples": metrics["n_samples"],
         "balanced_accuracy": metrics["balanced_accuracy"],
         "balanced_accuracy_ci95": metrics["balanced_accuracy_ci95"],
-        "melanoma_sensitivity_at_specificity_0.9": metrics["melanoma"]["sensitivity_at_specificity_0.9"],
+        "melanoma_sensitivity_at_specificity_0.9": metrics["melanoma"][sensitivity_key(0.9)],
         "ece": metrics["ece"],
     }
 

@@ -57,6 +57,11 @@ class TrainConfig:
     focal_gamma: float = 2.0  # focal: the focusing exponent
     ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.9998); 0 = off
     ema_every_steps: int = 1  # optimizer steps between EMA updates
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) mixing weight; 0 = no MixUp
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) box area; 0 = no CutMix
+    mix_prob: float = 0.0  # share of batches that get MixUp or CutMix (one of the two, at random); 0 = off
+    backbone_lr_mult: float = 1.0  # lr multiplier for everything but the fc head (e.g. 0.1 when fine-tuning)
+    freeze_backbone_epochs: int = 0  # first N epochs train the fc head only, BatchNorm statistics frozen
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (launcher's choice, else bf16 on a bf16 GPU) | no | bf16 | fp16
@@ -108,6 +113,8 @@ POSITIVE |= {"train.lr", "train.grad_accum", "train.keep_checkpoints", "train.lo
 NON_NEGATIVE = {"data.num_workers", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.seed"}
 NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr_ratio", "train.loss_tau"}
 NON_NEGATIVE |= {"train.focal_gamma", "train.label_smoothing", "train.ema_decay"}
+NON_NEGATIVE |= {"train.mixup_alpha", "train.cutmix_alpha", "train.mix_prob", "train.backbone_lr_mult"}
+NON_NEGATIVE |= {"train.freeze_backbone_epochs"}
 POSITIVE |= {"train.ema_every_steps"}
 
 
@@ -229,6 +236,14 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key 'train.ema_decay' must be below 1 (0 = off), got {cfg.train.ema_decay}")
     if not cfg.train.label_smoothing < 1:
         raise UserError(f"config key 'train.label_smoothing' must be below 1, got {cfg.train.label_smoothing}")
+    if not cfg.train.mix_prob <= 1:
+        raise UserError(f"config key 'train.mix_prob' is a probability: from 0 to 1, got {cfg.train.mix_prob}")
+    if cfg.train.mix_prob > 0 and cfg.train.mixup_alpha == 0 and cfg.train.cutmix_alpha == 0:
+        raise UserError(f"train.mix_prob={cfg.train.mix_prob} mixes nothing: set train.mixup_alpha and/or "
+                        "train.cutmix_alpha (e.g. 0.2 and 1.0), or train.mix_prob=0")  # fmt: skip
+    if cfg.train.freeze_backbone_epochs >= cfg.train.epochs:
+        raise UserError(f"train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} leaves no epoch of the "
+                        f"{cfg.train.epochs} (train.epochs) to train the backbone; lower it")  # fmt: skip
     low, high = IMAGE_SIZE_RANGE
     if not low <= cfg.data.image_size <= high:
         raise UserError(f"config key 'data.image_size' must be from {low} to {high} px, got {cfg.data.image_size}")

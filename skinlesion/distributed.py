@@ -20,11 +20,13 @@ import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from skinlesion import __version__
 from skinlesion.errors import UserError
 from skinlesion.files import FolderLock
 
@@ -135,3 +137,25 @@ def lock_on_main(accelerator: Accelerator, folder: Path, what: str) -> FolderLoc
     if failed:
         raise error or UserError(f"the main process could not lock {folder}; see its error")
     return lock
+
+
+def runtime_info(accelerator: Accelerator) -> dict[str, Any]:
+    """Where and with what a run ran: recorded in config.yaml and the W&B config, for reproducing it."""
+    import accelerate
+    import torchvision
+    import webdataset
+
+    return {
+        "world_size": accelerator.num_processes,
+        "launcher": launch_info().launcher,
+        "device": str(accelerator.device.type),
+        "distributed_type": str(accelerator.distributed_type.value),
+        "mixed_precision": accelerator.mixed_precision,
+        "versions": {
+            "skinlesion": __version__,
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+            "accelerate": accelerate.__version__,
+            "webdataset": webdataset.__version__,
+        },
+    }

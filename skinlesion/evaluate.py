@@ -31,7 +31,8 @@ from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 from skinlesion.inference import class_probabilities
 from skinlesion.labels import CLASSES, ISIC_ORDER
-from skinlesion.metrics import compute_metrics
+from skinlesion.metrics import SPECIFICITIES, compute_metrics, sensitivity_key
+from skinlesion.model import LoadedModel
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
 
 ISIC_HEADER: tuple[str, ...] = ("image", *(dx.upper() for dx in ISIC_ORDER))
@@ -51,9 +52,66 @@ class Predictions:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """One evaluation: its metrics (what metrics.json holds), predictions and written files.
+
+    The trainer, the W&B logger and the CLI read it through `record`, `scalars` and `summary`, so the
+    metric dict's key names are spelled here and in `metrics.compute_metrics` only.
+    """
+
     metrics: dict[str, Any]
     predictions: Predictions
     files: dict[str, Path]  # empty unless outputs were written (main process, `out` given)
+
+    @property
+    def balanced_accuracy(self) -> float:
+        return self.metrics["balanced_accuracy"]
+
+    def record(self, prefix: str = "val") -> dict[str, Any]:
+        """The columns of metrics.jsonl, e.g. ``val_balanced_accuracy``."""
+        m = self.metrics
+        values = {"loss": m["log_loss"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+                  "auc_macro": m["auc_macro"], "mel_sensitivity": m["melanoma"]["sensitivity_at_argmax"],
+                  "samples": m["n_samples"]}  # fmt: skip
+        return {f"{prefix}_{name}": value for name, value in values.items()}
+
+    def scalars(self, prefix: str) -> dict[str, float]:
+        """Flat "prefix/name" numbers for a tracker (W&B); undefined ones (None) left out."""
+        m, mel = self.metrics, self.metrics["melanoma"]
+        values: dict[str, float | None] = {
+            "balanced_accuracy": m["balanced_accuracy"], "accuracy": m["accuracy"], "loss": m["log_loss"],
+            "auc_macro": m["auc_macro"], "ece": m["ece"],
+        }  # fmt: skip
+        for spec in SPECIFICITIES:
+            values[f"mel_sensitivity_at_spec_{spec:g}"] = mel[sensitivity_key(spec)]
+        for dx, per_class in m["per_class"].items():
+            values[f"recall/{dx}"] = per_class["recall"]
+            values[f"auc/{dx}"] = per_class["auc"]
+        return {f"{prefix}/{name}": float(v) for name, v in values.items() if v is not None}
+
+    def summary(self) -> str:
+        """The few lines a user reads after an evaluation: balanced accuracy with its CI, recalls, melanoma."""
+        m, mel = self.metrics, self.metrics["melanoma"]
+
+        def num(value: float | None, fmt: str = ".3f") -> str:
+            return "n/a" if value is None else format(value, fmt)
+
+        low, high = m["balanced_accuracy_ci95"]
+        unit = "lesions" if m.get("bootstrap", {}).get("unit") == "group" else "images"
+        at_spec = ", ".join(f"{num(mel[sensitivity_key(spec)])} at specificity {spec:g}" for spec in SPECIFICITIES)
+        lines = [
+            f"{m.get('split')} split: {m['n_samples']} images, checkpoint {m.get('checkpoint')}"
+            + (", TTA x8" if m.get("tta") else ""),
+            f"  balanced accuracy {num(m['balanced_accuracy'])}"
+            + (f"  (95% CI {num(low)}-{num(high)}, bootstrap over {unit})" if low is not None else ""),
+            f"  accuracy {num(m['accuracy'])}   AUC macro {num(m['auc_macro'])}   ECE {num(m['ece'])}",
+            "  recall    " + "  ".join(f"{dx} {num(v['recall'], '.2f')}" for dx, v in m["per_class"].items()),
+            "  support   " + "  ".join(f"{dx} {v['support']}" for dx, v in m["per_class"].items()),
+            f"  melanoma  sensitivity {num(mel['sensitivity_at_argmax'])} (argmax), {at_spec}; AUC {num(mel['auc'])}",
+        ]
+        if self.files:
+            folder = next(iter(self.files.values())).parent
+            lines.append(f"  wrote {folder}/: " + ", ".join(p.name for p in self.files.values()))
+        return "\n".join(lines)
 
 
 def collect_predictions(
@@ -65,6 +123,7 @@ def collect_predictions(
     batch_size: int = 64,
     num_workers: int = 0,
     tta: bool = False,
+    manifest: dict | None = None,
 ) -> Predictions:
     """Run `model` over `split` on every rank and gather all predictions on every rank.
 
@@ -75,10 +134,12 @@ def collect_predictions(
     from skinlesion.data.manifest import read_manifest
     from skinlesion.data.pipeline import eval_loader
 
-    loader = eval_loader(  # first: a clear error for a missing folder, manifest or split
-        shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes
-    )
-    expected = int(read_manifest(shards)["splits"][split]["samples"])
+    manifest = manifest or read_manifest(shards)  # first: a clear error for a missing folder or manifest
+    loader = eval_loader(
+        shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes,
+        manifest=manifest,
+    )  # fmt: skip
+    expected = int(manifest["splits"][split]["samples"])
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
@@ -154,13 +215,14 @@ def evaluate(
     num_workers: int = 0,
     n_bootstrap: int = 1000,
     plots: bool = True,
+    manifest: dict | None = None,
 ) -> EvalResult:
     """Predict `split` on all ranks, compute metrics on all ranks, write files to `out` on the main one.
 
     Call it on every rank. `n_bootstrap=0` skips the confidence interval (e.g. per-epoch validation
     where only the point estimate is logged); `plots=False` skips the PNGs.
     """
-    preds = collect_predictions(model, accelerator, shards, split, image_size, batch_size, num_workers, tta)
+    preds = collect_predictions(model, accelerator, shards, split, image_size, batch_size, num_workers, tta, manifest)
     groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
     metrics = compute_metrics(preds.labels, preds.probs, groups=groups, n_bootstrap=n_bootstrap)
     metrics.update(
@@ -232,49 +294,36 @@ def _write_text(path: Path, text: str) -> Path:
     return atomic_write(path, text)
 
 
-def flat_scalars(metrics: dict[str, Any], prefix: str = "val") -> dict[str, float]:
-    """The numbers of `metrics` as flat "prefix/name" scalars for a tracker (W&B); undefined ones left out."""
-    mel = metrics["melanoma"]
-    values: dict[str, float | None] = {
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["log_loss"],
-        "auc_macro": metrics["auc_macro"],
-        "ece": metrics["ece"],
-        "mel_sensitivity_at_spec_0.8": mel["sensitivity_at_specificity_0.8"],
-        "mel_sensitivity_at_spec_0.9": mel["sensitivity_at_specificity_0.9"],
-    }
-    for dx, per_class in metrics["per_class"].items():
-        values[f"recall/{dx}"] = per_class["recall"]
-        values[f"auc/{dx}"] = per_class["auc"]
-    return {f"{prefix}/{name}": float(v) for name, v in values.items() if v is not None}
+def evaluate_checkpoint(
+    accelerator: Accelerator, checkpoint: Path, shards: Path, split: str, out: Path, *, manifest: dict | None = None,
+    image_size: int | None = None, tta: bool = False, batch_size: int = 64, num_workers: int = 0,
+) -> tuple[EvalResult, LoadedModel]:  # fmt: skip
+    """Load `checkpoint` and evaluate it on `split`, writing to `out`: what `skinlesion evaluate` does, and
+    what training does with best.pt when it finishes, so both report the same way. Call it on every rank."""
+    from skinlesion.data.manifest import read_manifest, verify_split
+    from skinlesion.distributed import lock_on_main
+    from skinlesion.files import output_folder
+    from skinlesion.model import load_for_inference
 
-
-def format_summary(metrics: dict[str, Any], files: dict[str, Path] | None = None) -> str:
-    """The few lines a user reads after an evaluation: balanced accuracy with its CI, recalls, melanoma."""
-
-    def num(value: float | None, fmt: str = ".3f") -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    low, high = metrics["balanced_accuracy_ci95"]
-    unit = "lesions" if metrics.get("bootstrap", {}).get("unit") == "group" else "images"
-    mel = metrics["melanoma"]
-    lines = [
-        f"{metrics.get('split')} split: {metrics['n_samples']} images, checkpoint {metrics.get('checkpoint')}"
-        + (", TTA x8" if metrics.get("tta") else ""),
-        f"  balanced accuracy {num(metrics['balanced_accuracy'])}"
-        + (f"  (95% CI {num(low)}-{num(high)}, bootstrap over {unit})" if low is not None else ""),
-        f"  accuracy {num(metrics['accuracy'])}   AUC macro {num(metrics['auc_macro'])}   ECE {num(metrics['ece'])}",
-        "  recall    " + "  ".join(f"{dx} {num(v['recall'], '.2f')}" for dx, v in metrics["per_class"].items()),
-        "  support   " + "  ".join(f"{dx} {v['support']}" for dx, v in metrics["per_class"].items()),
-        f"  melanoma  sensitivity {num(mel['sensitivity_at_argmax'])} (argmax), "
-        f"{num(mel['sensitivity_at_specificity_0.8'])} at specificity 0.8, "
-        f"{num(mel['sensitivity_at_specificity_0.9'])} at 0.9; AUC {num(mel['auc'])}",
-    ]
-    if files:
-        folder = next(iter(files.values())).parent
-        lines.append(f"  wrote {folder}/: " + ", ".join(p.name for p in files.values()))
-    return "\n".join(lines)
+    manifest = manifest or read_manifest(shards)
+    if split not in manifest["splits"]:
+        raise UserError(f"{shards}/manifest.json has no {split!r} split (it has {sorted(manifest['splits'])})")
+    if manifest["splits"][split]["samples"] == 0:
+        raise UserError(f"the {split!r} split of {shards} is empty (0 samples): nothing to evaluate; choose another "
+                        "--split, or prepare with a non-zero fraction for it")  # fmt: skip
+    loaded = load_for_inference(checkpoint, image_size=image_size)
+    verify_split(shards, manifest, split)
+    out = output_folder(out, "--out")
+    lock = lock_on_main(accelerator, out, "--out")
+    loaded.model.to(accelerator.device)
+    try:
+        result = evaluate(
+            loaded.model, accelerator, shards, split, loaded.image_size, out=out, checkpoint=checkpoint, tta=tta,
+            batch_size=batch_size, num_workers=num_workers, manifest=manifest,
+        )  # fmt: skip
+    finally:
+        lock.release()
+    return result, loaded
 
 
 def evaluate_command(
@@ -286,35 +335,20 @@ def evaluate_command(
     image_size: int | None = None,
 ) -> int:
     """CLI entry: evaluate `checkpoint` on `split` of `shards`; outputs go to <checkpoint dir>/eval-<split>."""
-    from skinlesion.data.manifest import read_manifest, verify_split
-    from skinlesion.distributed import lock_on_main, make_accelerator
-    from skinlesion.files import output_folder
-    from skinlesion.model import load_for_inference
+    from skinlesion.data.manifest import read_manifest
+    from skinlesion.distributed import make_accelerator
 
     checkpoint, shards = Path(checkpoint), Path(shards)
-    manifest = read_manifest(shards)
-    if split not in manifest["splits"]:
-        raise UserError(f"{shards}/manifest.json has no {split!r} split (it has {sorted(manifest['splits'])})")
-    if manifest["splits"][split]["samples"] == 0:
-        raise UserError(f"the {split!r} split of {shards} is empty (0 samples): nothing to evaluate; choose another "
-                        "--split, or prepare with a non-zero fraction for it")  # fmt: skip
-    loaded = load_for_inference(checkpoint, image_size=image_size)
-    verify_split(shards, manifest, split)
-    out = output_folder(Path(out) if out is not None else checkpoint.parent / f"eval-{split}", "--out")
+    manifest = read_manifest(shards)  # a missing folder fails here, before any process group forms
     # The trainer's helper: gloo DDP on CPU, and an error if the launcher's ranks did not all join.
     accelerator = make_accelerator("auto", timeout_s=1800)
-    lock = lock_on_main(accelerator, out, "--out")
-    model = loaded.model.to(accelerator.device)
     workers = 4 if torch.cuda.is_available() else 0  # on CPU, loader workers only steal the model's cores
-    try:
-        result = evaluate(
-            model, accelerator, shards, split, loaded.image_size, out=out, checkpoint=checkpoint, tta=tta,
-            num_workers=workers,
-        )  # fmt: skip
-    finally:
-        lock.release()
+    out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
+    result, loaded = evaluate_checkpoint(accelerator, checkpoint, shards, split, out, manifest=manifest,
+                                         image_size=image_size, tta=tta, num_workers=workers)  # fmt: skip
+    model = loaded.model
     if accelerator.is_main_process:
-        print(format_summary(result.metrics, result.files))
+        print(result.summary())
         if split == "val":  # the validation split is what the model card's thresholds come from
             from skinlesion.card import calibrate, load_card
 

@@ -14,7 +14,8 @@ counts come from the manifest, never from the data stream, so every rank builds 
   of the correction.
 - ``focal``: Lin et al. 2017, ``-(1 - p)^gamma log p``. It down-weights the many easy examples.
 
-Label smoothing (``train.label_smoothing``) applies to every one of them.
+Label smoothing (``train.label_smoothing``) applies to every one of them. Each takes integer targets or
+the class probabilities that MixUp and CutMix make (`skinlesion.mixing`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def _counts(manifest: dict, key: str) -> torch.Tensor:
 
 
 def _smoothed(target: torch.Tensor, n: int, smoothing: float) -> torch.Tensor:
-    return nnf.one_hot(target, n).float() * (1 - smoothing) + smoothing / n
+    """Class indices [B] or class probabilities [B, n] (MixUp/CutMix) -> smoothed probabilities, as
+    `nn.CrossEntropyLoss` smooths both."""
+    q = target.float() if target.is_floating_point() else nnf.one_hot(target, n).float()
+    return q * (1 - smoothing) + smoothing / n
 
 
 class LogitAdjusted(nn.Module):

@@ -124,6 +124,11 @@ def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(y_true.size), y_true], 1e-12, None))))
 
 
+def sensitivity_key(specificity: float) -> str:
+    """The key of metrics["melanoma"] that holds the sensitivity at `specificity` (one of SPECIFICITIES)."""
+    return f"sensitivity_at_specificity_{specificity:g}"
+
+
 def sensitivity_at_specificity(
     positive: np.ndarray, scores: np.ndarray, specificity: float
 ) -> tuple[float, float] | None:
@@ -171,7 +176,7 @@ def compute_metrics(
     melanoma: dict[str, Any] = {}
     for spec in SPECIFICITIES:
         point = sensitivity_at_specificity(y_true == MELANOMA, probs[:, MELANOMA], spec)
-        melanoma[f"sensitivity_at_specificity_{spec:g}"] = None if point is None else point[0]
+        melanoma[sensitivity_key(spec)] = None if point is None else point[0]
         melanoma[f"threshold_at_specificity_{spec:g}"] = None if point is None else point[1]
     melanoma["sensitivity_at_argmax"] = _or_none(recalls(cm)[MELANOMA])
     melanoma["auc"] = aucs[MELANOMA]

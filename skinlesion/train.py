@@ -1,16 +1,19 @@
 """The training loop: one Accelerate DDP loop from a laptop CPU to a SLURM cluster.
 
-Read `train` top to bottom: set up (process group, model, optimizer, resume), then per epoch
-`train_epoch` (the optimizer step fits on one screen) and `validate`, then exports. Every rank runs
-the same number of steps (the loader guarantees it), agrees at each step whether to stop (preemption
-signal) or fail (non-finite loss), and only the main process writes files other than checkpoints.
+Read `train` top to bottom. `setup` prepares the output folder, reads the manifest once, forms the process
+group and builds the model, optimizer and loss. `resume` continues from the newest checkpoint or starts
+fresh. `fit` runs per epoch `train_epoch` (the optimizer step fits on one screen), then `validate` and
+best.pt. `finish` exports model.pt and evaluates best.pt on the test split through `evaluate_checkpoint`,
+the function behind `skinlesion evaluate`, then writes the model card.
+
+Every rank runs the same number of steps (the loader guarantees it), agrees at each step whether to stop
+(preemption signal) or fail (non-finite loss), and only the main process writes files other than checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from skinlesion import __version__, tracking
+from skinlesion import tracking
 from skinlesion.card import calibrate
 from skinlesion.checkpoint import (
     TrainerState,
@@ -34,92 +37,128 @@ from skinlesion.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from skinlesion.config import Config, TrainConfig, save_config
+from skinlesion.config import Config, save_config
 from skinlesion.data.augment import augment, batch_generator
 from skinlesion.data.manifest import read_manifest, verify_split
 from skinlesion.data.pipeline import batches_per_rank, train_loader
-from skinlesion.distributed import StopSignal, any_rank, launch_info, lock_on_main, make_accelerator, signal_name
+from skinlesion.distributed import (
+    StopSignal,
+    any_rank,
+    lock_on_main,
+    make_accelerator,
+    runtime_info,
+    signal_name,
+)
 from skinlesion.ema import make_ema
 from skinlesion.errors import UserError
-from skinlesion.evaluate import EvalResult, evaluate, flat_scalars, format_summary
-from skinlesion.files import atomic_write, output_folder
+from skinlesion.evaluate import EvalResult, evaluate, evaluate_checkpoint
+from skinlesion.files import FolderLock, atomic_write, output_folder
 from skinlesion.labels import CLASSES
 from skinlesion.losses import make_criterion
+from skinlesion.mixing import Mixer, make_mixer
 from skinlesion.model import ModelFacts, build_model, load_for_inference
+from skinlesion.optim import freeze_batchnorm, lr_at, make_optimizer, set_lr
 
 CPU_AUGMENT = "device"  # what data.augment=auto means without CUDA (measured: docs/benchmarks.md)
 
 
 @dataclass
 class Run:
-    """What the epoch functions share: the prepared objects and the fixed geometry of an epoch."""
+    """What `setup` prepares for the later stages: the settings, the manifest (read once, so a whole run
+    sees one version of the shards folder), the process group, the model and its optimizer and loss, and
+    the fixed geometry of an epoch."""
 
     cfg: Config
+    out: Path
+    manifest: dict[str, Any]
     accelerator: Accelerator
+    lock: FolderLock  # the output folder's: one writer
     model: nn.Module
     optimizer: torch.optim.Optimizer
     criterion: nn.Module
     stop: StopSignal
     batches: int  # per rank per epoch
     augment: str  # where per-pixel augmentation runs: "device" (uint8 batches) or "cpu" (loader workers)
+    mixer: Mixer | None  # MixUp/CutMix on a share of the device batches (train.mix_prob > 0)
     ema: AveragedModel | None  # the weights' moving average (train.ema_decay > 0): validated and exported
     total_steps: int
     warmup_steps: int
+    facts: ModelFacts  # what best.pt and model.pt carry: arch, classes, image size
+
+    @property
+    def shipped(self) -> nn.Module:
+        """The weights that validation, best.pt and model.pt see: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def has(self, split: str) -> bool:
+        return bool(self.manifest["splits"].get(split, {}).get("samples"))
 
 
 def train(cfg: Config) -> Path:
     """Train per `cfg`; returns the output folder (model.pt, best.pt, metrics.jsonl, config.yaml, checkpoints/)."""
+    run = setup(cfg)
+    try:
+        state = resume(run)
+        if fit(run, state):  # False: preempted, with a checkpoint written; the job requeues and resumes
+            finish(run, state)
+        run.accelerator.end_training()
+    finally:
+        run.lock.release()
+    return run.out
+
+
+def setup(cfg: Config) -> Run:
+    """Check the inputs before any process group exists, then form it and build what training needs."""
     out = output_folder(cfg.train.output_dir, "train.output_dir")  # every rank: a bad folder fails all alike
-    manifest = read_manifest(cfg.data.shards)  # fail fast, before any process group exists
+    manifest = read_manifest(cfg.data.shards)
     for split in ("train", "val"):
         if manifest["splits"].get(split, {}).get("samples"):
             verify_split(cfg.data.shards, manifest, split)
-    train_samples = manifest["splits"].get("train", {}).get("samples", 0)
     accelerator = make_accelerator(
         cfg.train.mixed_precision, cfg.train.dist_timeout_s, tracking.log_with(cfg), project_dir=str(out)
     )
     lock = lock_on_main(accelerator, out, "train.output_dir")
     try:
-        return _train(cfg, accelerator, manifest, train_samples, out)
-    finally:
+        world, train_samples = accelerator.num_processes, manifest["splits"].get("train", {}).get("samples", 0)
+        batches = batches_per_rank(train_samples, cfg.data.batch_size, world, cfg.train.grad_accum)
+        if batches == 0:
+            raise UserError(
+                f"{cfg.data.shards} has {train_samples} train samples: too few for data.batch_size="
+                f"{cfg.data.batch_size} x {world} processes x train.grad_accum={cfg.train.grad_accum}; lower "
+                "data.batch_size"
+            )
+        if cfg.train.resume == "never" and complete_checkpoints(out):
+            raise UserError(f"{out} already holds checkpoints; pass train.resume=auto or another train.output_dir")
+
+        set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
+        model = build_model(cfg.model.name, cfg.model.pretrained)
+        if accelerator.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, cfg.train)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if cfg.train.compile:
+            model = torch.compile(model)
+        steps_per_epoch = batches // cfg.train.grad_accum
+        run = Run(
+            cfg=cfg, out=out, manifest=manifest, accelerator=accelerator, lock=lock, model=model, optimizer=optimizer,
+            criterion=make_criterion(cfg.train, manifest).to(accelerator.device), stop=StopSignal(), batches=batches,
+            augment=resolve_augment(cfg.data.augment, accelerator.device), mixer=make_mixer(cfg.train),
+            ema=make_ema(accelerator.unwrap_model(model), cfg.train.ema_decay),
+            total_steps=steps_per_epoch * cfg.train.epochs,
+            warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
+            facts=ModelFacts(arch=cfg.model.name, classes=CLASSES, image_size=cfg.data.image_size),
+        )  # fmt: skip
+    except BaseException:
         lock.release()
-
-
-def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], train_samples: int, out: Path) -> Path:
-    world = accelerator.num_processes
-    batches = batches_per_rank(train_samples, cfg.data.batch_size, world, cfg.train.grad_accum)
-    if batches == 0:
-        raise UserError(
-            f"{cfg.data.shards} has {train_samples} train samples: too few for data.batch_size={cfg.data.batch_size} "
-            f"x {world} processes x train.grad_accum={cfg.train.grad_accum}; lower data.batch_size"
-        )
-    if cfg.train.resume == "never" and complete_checkpoints(out):
-        raise UserError(f"{out} already holds checkpoints; pass train.resume=auto or another train.output_dir")
-
-    set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = build_model(cfg.model.name, cfg.model.pretrained)
-    if accelerator.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    steps_per_epoch = batches // cfg.train.grad_accum
-    run = Run(
-        cfg=cfg,
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        criterion=make_criterion(cfg.train, manifest).to(accelerator.device),
-        stop=StopSignal(),
-        batches=batches,
-        augment=resolve_augment(cfg.data.augment, accelerator.device),
-        ema=make_ema(accelerator.unwrap_model(model), cfg.train.ema_decay),
-        total_steps=steps_per_epoch * cfg.train.epochs,
-        warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
-    )
+        raise
     run.stop.install()
+    return run
 
+
+def resume(run: Run) -> TrainerState:
+    """The state to continue from: the newest checkpoint's (train.resume=auto), or a fresh one. Also records
+    the resolved config and starts the W&B run (the same run id after a requeue)."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
     resumed = load_checkpoint(accelerator, cfg.train.resume, out, arch=cfg.model.name, ema=run.ema)
     if resumed is None and (out / "model.pt").exists():
         raise UserError(
@@ -128,72 +167,76 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         )
     state = resumed[0] if resumed else TrainerState(arch=cfg.model.name)
     state.arch = cfg.model.name
-    facts = ModelFacts(arch=cfg.model.name, classes=CLASSES, image_size=cfg.data.image_size)
-    has_val = bool(manifest["splits"].get("val", {}).get("samples"))
     if accelerator.is_main_process:
         if resumed:
             accelerator.print(f"resuming from {resumed[1]} (epoch {state.epoch}, step {state.step})")
-        if not has_val:
+        if not run.has("val"):
             accelerator.print(f"notice: {cfg.data.shards} has no val samples: validation is skipped and best.pt "
                               "is the last epoch's weights")  # fmt: skip
         _keep_metrics_before(out / "metrics.jsonl", state.epoch)
         state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
         save_config(cfg, out / "config.yaml", runtime_info(accelerator))
     tracking.start_run(accelerator, cfg, state.wandb_run_id, cfg.to_dict() | {"runtime": runtime_info(accelerator)})
+    return state
 
+
+def fit(run: Run, state: TrainerState) -> bool:
+    """Train the remaining epochs, validating after each and keeping best.pt; False when preempted."""
+    cfg, accelerator = run.cfg, run.accelerator
     for epoch in range(state.epoch, cfg.train.epochs):
         state.epoch = epoch
         epoch_stats = train_epoch(run, state)
         if epoch_stats is None:  # preempted: checkpoint written, every rank leaves cleanly
-            accelerator.end_training()
-            return out
+            return False
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         record: dict[str, Any] = {"epoch": epoch, "step": state.step, **epoch_stats}
         accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
         score = None
-        shipped = run.ema.module if run.ema is not None else model  # what validation, best.pt and model.pt see
-        if has_val:
-            result = validate(accelerator, shipped, cfg, out=out / "eval-val")
-            record |= _val_record(result.metrics)
-            score = record["val_balanced_accuracy"]
+        if run.has("val"):
+            result = validate(accelerator, run.shipped, cfg, out=run.out / "eval-val", manifest=run.manifest)
+            record |= result.record("val")
+            score = result.balanced_accuracy
             if run.ema is not None:  # the raw weights too, to compare
-                raw = validate(accelerator, model, cfg)
-                record["val_balanced_accuracy_raw"] = raw.metrics["balanced_accuracy"]
+                raw = validate(accelerator, run.model, cfg, manifest=run.manifest)
+                record["val_balanced_accuracy_raw"] = raw.balanced_accuracy
             images = _wandb_images(accelerator, result.files, "val")
-            accelerator.log(flat_scalars(result.metrics, "val") | images | {"epoch": epoch}, step=state.step)
+            accelerator.log(result.scalars("val") | images | {"epoch": epoch}, step=state.step)
         if accelerator.is_main_process:
-            with (out / "metrics.jsonl").open("a") as f:
+            with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        _update_best(accelerator, shipped, state, facts, out, epoch, score)
-        save_checkpoint(accelerator, out, state, cfg.train.keep_checkpoints, run.ema)
+        _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score)
+        save_checkpoint(accelerator, run.out, state, cfg.train.keep_checkpoints, run.ema)
+    return True
 
+
+def finish(run: Run, state: TrainerState) -> None:
+    """model.pt; best.pt on the test split exactly as `skinlesion evaluate` runs it; the model card."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
     if accelerator.is_main_process:
-        weights = bare_state_dict(accelerator, run.ema.module if run.ema is not None else model)
+        weights = bare_state_dict(accelerator, run.shipped)
         if not (out / "best.pt").is_file():  # resumed after the last epoch, and best.pt was deleted since
             accelerator.print(f"warning: {out}/best.pt was missing; exported the final weights as best.pt")
-            export_best(weights, out / "best.pt", facts=facts, epoch=state.epoch - 1, step=state.step,
+            export_best(weights, out / "best.pt", facts=run.facts, epoch=state.epoch - 1, step=state.step,
                         metric={"name": "val_balanced_accuracy", "value": None})  # fmt: skip
-        export_model(weights, out / "model.pt", facts)
+        export_model(weights, out / "model.pt", run.facts)
         (out / "preempted").unlink(missing_ok=True)
         accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
     accelerator.wait_for_everyone()  # best.pt is written by the main process
-    best = load_for_inference(out / "best.pt")
-    best.model.to(accelerator.device)
-    test = None
-    if manifest["splits"].get("test", {}).get("samples"):
-        test = evaluate(
-            best.model, accelerator, cfg.data.shards, "test", best.image_size, out=out / "eval",
-            checkpoint=out / "best.pt", batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-        )  # fmt: skip
-        accelerator.log(flat_scalars(test.metrics, "test") | _wandb_images(accelerator, test.files, "test"))
-        accelerator.print(format_summary(test.metrics, test.files))
-    if has_val and accelerator.is_main_process:  # model_card.json + ood.pt beside best.pt (skinlesion.card)
+    test: EvalResult | None = None
+    if run.has("test"):
+        test, best = evaluate_checkpoint(accelerator, out / "best.pt", cfg.data.shards, "test", out / "eval",
+                                         manifest=run.manifest, batch_size=cfg.data.eval_batch_size,
+                                         num_workers=cfg.data.num_workers)  # fmt: skip
+        accelerator.log(test.scalars("test") | _wandb_images(accelerator, test.files, "test"))
+        accelerator.print(test.summary())
+    else:
+        best = load_for_inference(out / "best.pt")
+        best.model.to(accelerator.device)
+    if run.has("val") and accelerator.is_main_process:  # model_card.json + ood.pt beside best.pt (skinlesion.card)
         calibrate(best.model, out / "best.pt", cfg.data.shards, best.image_size, best.arch,
                   cfg.data.eval_batch_size, test_metrics=test.metrics if test else None)  # fmt: skip
         accelerator.print(f"wrote {out}/model_card.json and ood.pt (risk bands and out-of-distribution threshold)")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
 
 
 def _update_best(
@@ -221,11 +264,12 @@ def _update_best(
 def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
     """Train the rest of `state.epoch`; per-epoch stats, or None when the ranks agreed to stop (preempted)."""
     cfg, accelerator, model, accum = run.cfg, run.accelerator, run.model, run.cfg.train.grad_accum
+    rank = accelerator.process_index
     loader = train_loader(
         cfg.data.shards, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers, rank=rank, world_size=accelerator.num_processes,
         seed=cfg.train.seed, epoch=state.epoch, batches=run.batches, skip_batches=state.batches_in_epoch,
-        shuffle_buffer=cfg.data.shuffle_buffer, augment=run.augment,
+        shuffle_buffer=cfg.data.shuffle_buffer, augment=run.augment, manifest=run.manifest,
     )  # fmt: skip
     batches = iter(loader)
     steps = (run.batches - state.batches_in_epoch) // accum
@@ -233,16 +277,19 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
                disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
     loss_sum = torch.zeros((), device=accelerator.device)  # sum of sample losses on this rank, kept on the device
     images, skipped, started = 0, 0, time.perf_counter()  # host numbers: no per-step host-to-device copy
+    frozen = state.epoch < cfg.train.freeze_backbone_epochs
     model.train()
+    if frozen:  # the head learns on the pretrained features: BatchNorm keeps their statistics
+        freeze_batchnorm(model)
     for _ in range(steps):
         lr = lr_at(state.step, run.total_steps, run.warmup_steps, cfg.train)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(run.optimizer, lr, cfg.train, frozen)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
-            batch = next(batches)
-            x, y = model_input(batch, accelerator.device, cfg.train.seed, state.epoch, accelerator.process_index,
-                               state.batches_in_epoch + micro)  # fmt: skip
+            batch, index = next(batches), state.batches_in_epoch + micro
+            x, y = model_input(batch, accelerator.device, cfg.train.seed, state.epoch, rank, index)
+            if run.mixer is not None:
+                x, y = run.mixer(x, y, state.epoch, rank, index)
             skipped += batch.get("skipped", 0)
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
             with sync:
@@ -287,7 +334,7 @@ def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
     total = accelerator.reduce(torch.cat([loss_sum[None], counts]), reduction="sum")
     return {
         "train_loss": (total[0] / total[1].clamp(min=1)).item(),
-        "lr": run.optimizer.param_groups[0]["lr"],
+        "lr": lr_at(max(state.step - 1, 0), run.total_steps, run.warmup_steps, cfg.train),  # the head's
         "images_per_second": images * accelerator.num_processes / (time.perf_counter() - started),
         "skipped_samples": int(total[2].item()),
     }
@@ -309,8 +356,9 @@ def model_input(
 
 @torch.no_grad()
 def validate(
-    accelerator: Accelerator, model: nn.Module, cfg: Config, split: str = "val", out: Path | None = None
-) -> EvalResult:
+    accelerator: Accelerator, model: nn.Module, cfg: Config, split: str = "val", out: Path | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> EvalResult:  # fmt: skip
     """The evaluator of `skinlesion evaluate` on `split`: every sample once across ranks, same metrics on all.
 
     BatchNorm statistics are first made identical on every rank (DDP only broadcasts them at the next
@@ -318,23 +366,10 @@ def validate(
     """
     net = accelerator.unwrap_model(model)
     _sync_buffers(accelerator, net)
-    result = evaluate(
-        net, accelerator, cfg.data.shards, split, cfg.data.image_size, out=out,
-        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, n_bootstrap=0,
+    return evaluate(
+        net, accelerator, cfg.data.shards, split, cfg.data.image_size, out=out, batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers, n_bootstrap=0, manifest=manifest,
     )  # fmt: skip
-    return result
-
-
-def _val_record(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The validation columns of metrics.jsonl."""
-    return {
-        "val_loss": metrics["log_loss"],
-        "val_accuracy": metrics["accuracy"],
-        "val_balanced_accuracy": metrics["balanced_accuracy"],
-        "val_auc_macro": metrics["auc_macro"],
-        "val_mel_sensitivity": metrics["melanoma"]["sensitivity_at_argmax"],
-        "val_samples": metrics["n_samples"],
-    }
 
 
 def _wandb_images(accelerator: Accelerator, files: dict[str, Path], prefix: str) -> dict[str, Any]:
@@ -359,46 +394,6 @@ def resolve_augment(setting: str, device: torch.device) -> str:
     if setting != "auto":
         return setting
     return "device" if device.type == "cuda" else CPU_AUGMENT
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW/Adam/SGD; weight decay on weights only (not on BatchNorm parameters or biases)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(groups, lr=cfg.lr)
-
-
-def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over `warmup` steps, then cosine decay to cfg.min_lr_ratio * cfg.lr at `total`."""
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def runtime_info(accelerator: Accelerator) -> dict[str, Any]:
-    import accelerate
-    import torchvision
-    import webdataset
-
-    return {
-        "world_size": accelerator.num_processes,
-        "launcher": launch_info().launcher,
-        "device": str(accelerator.device.type),
-        "distributed_type": str(accelerator.distributed_type.value),
-        "mixed_precision": accelerator.mixed_precision,
-        "versions": {
-            "skinlesion": __version__,
-            "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__),
-            "accelerate": accelerate.__version__,
-            "webdataset": webdataset.__version__,
-        },
-    }
 
 
 def _write_preempted(accelerator: Accelerator, out: Path, state: TrainerState, signum: int) -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from torchvision import models
 
 from skinlesion.labels import CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "ham10000-sample"
 
 

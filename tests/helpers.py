@@ -1,14 +1,33 @@
-"""Small builders shared by several test modules (fixtures live in conftest.py)."""
+"""Builders and runners shared by several test modules (fixtures live in conftest.py).
+
+Test modules import from here, never from each other: `write_shards` makes tiny colour-coded shards,
+`run_train` / `start_train` run `python -m skinlesion train` as a user would, `TINY` holds the overrides
+that make a run take seconds on a CPU."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
 
 from skinlesion.data.prepare import PrepareOptions
+from skinlesion.labels import CLASSES
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -33,3 +52,114 @@ def small_options(synthetic_dir: Path, tmp_path: Path, n: int = 120) -> PrepareO
     return PrepareOptions(
         metadata=tmp_path / "meta.csv", images=(images,), out=tmp_path / "out", image_size=32, min_shards=3, workers=1
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+# A ResNet-18 at 32 px, batch 8, no loader workers: seconds per epoch on one CPU core.
+TINY_MODEL = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
+              "model.name=resnet18", "train.log_every_steps=1"]  # fmt: skip
+TINY = [*TINY_MODEL, "data.shuffle_buffer=16", "train.epochs=2", "train.warmup_epochs=0.5", "wandb.mode=disabled"]
+STEPS_PER_EPOCH = 7  # tiny_shards: 56 train samples // batch 8
+
+
+# Distinct mean colours per class: learnable by resnet18 in a handful of steps.
+_COLOURS = np.array(
+    [[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [200, 40, 200], [40, 200, 200], [120, 120, 120]]
+)
+
+
+def write_shards(out: Path, shards: dict[str, list[int]], size: int = 40, seed: int = 0) -> Path:
+    """Write {split: [samples per shard, ...]} as prepare would (tars + manifest.json); classes cycle."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, counts in shards.items():
+        files, class_counts, index = [], Counter(), 0
+        for number, count in enumerate(counts):
+            name = f"{split}-{number:06d}.tar"
+            with wds.TarWriter(str(out / name)) as sink:
+                for _ in range(count):
+                    label = index % len(CLASSES)
+                    pixels = _COLOURS[label] + rng.normal(0, 25, (size, size, 3))
+                    buf = io.BytesIO()
+                    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG")
+                    meta = {"image_id": f"ISIC_{index:07d}", "dx": CLASSES[label]}
+                    sink.write(
+                        {
+                            "__key__": f"{split}_{index:06d}",
+                            "jpg": buf.getvalue(),
+                            "cls": str(label).encode(),
+                            "json": json.dumps(meta).encode(),
+                        }
+                    )
+                    class_counts[CLASSES[label]] += 1
+                    index += 1
+            files.append(name)
+        splits[split] = {
+            "samples": sum(counts),
+            "shards": len(counts),
+            "files": files,
+            "shard_samples": counts,
+            "class_counts": dict(class_counts),
+        }
+    manifest = {"classes": list(CLASSES), "splits": splits, "image_size": size, "seed": seed}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def tiny_shards(out: Path) -> Path:
+    """56 train (8 per class), 14 val and 7 test samples at 36 px."""
+    return write_shards(out, {"train": [14, 14, 14, 14], "val": [7, 7], "test": [7]}, size=36)
+
+
+def env(**extra: str) -> dict[str, str]:
+    """One thread per process (2 shared cores) and no W&B network access."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"} | extra
+
+
+def train_cmd(out: Path, shards: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
+            f"data.shards={shards}", f"train.output_dir={out}", *TINY, *overrides]  # fmt: skip
+
+
+def run_train(out: Path, shards: Path, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(out, shards, *overrides), capture_output=True, text=True, timeout=timeout,
+                          env=env(), cwd=out.parent)  # fmt: skip
+
+
+def start_train(out: Path, shards: Path, *overrides: str) -> subprocess.Popen:
+    """A training in the background, in its own session (so a test can signal or kill the whole group)."""
+    log = (out.parent / f"{out.name}.log").open("w")  # a file, not a pipe: nobody drains a pipe while we poll
+    return subprocess.Popen(train_cmd(out, shards, *overrides), env=env(), cwd=out.parent, start_new_session=True,
+                            stdout=log, stderr=log)  # fmt: skip
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, out: Path, min_step: int, timeout: float = 120) -> int:
+    """Poll until a complete checkpoint at `min_step` or later exists; return its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*/COMPLETE")]
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        assert proc.poll() is None, (out.parent / f"{out.name}.log").read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no checkpoint at step >= {min_step} within {timeout} s")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from skinlesion.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[str, dict]:

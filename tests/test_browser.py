@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def server(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPath
     shutil.copy(random_run / "best.pt", folder / "best.pt")
     loaded = load_for_inference(folder / "best.pt")
     calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
-    port = _free_port()
+    port = free_port()
     log = (folder / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "skinlesion", "serve", "--checkpoint", str(folder / "best.pt"),
                              "--port", str(port)], stdout=log, stderr=log)  # fmt: skip

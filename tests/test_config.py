@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from skinlesion.config import Config, load_config
 from skinlesion.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("recipe", ["smoke.yaml", "ham10000.yaml"])

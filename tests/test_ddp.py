@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,8 +18,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from test_pipeline import write_shards
-from test_train import REPO, TINY, env, metrics
+from helpers import REPO, TINY, env, free_port, metrics, write_shards
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -43,12 +41,6 @@ sys.exit(main(sys.argv[1:]))
 def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 train shards of unequal size for 2 ranks x 2 workers: the case that hangs naive pipelines."""
     return write_shards(tmp_path_factory.mktemp("uneven") / "shards", {"train": [20, 9, 13], "val": [7, 5, 4]})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_cmd(launcher: str, script: Path) -> list[str]:

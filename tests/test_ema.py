@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import STEPS_PER_EPOCH, metrics, run_train, tiny_shards
 from torch import nn
 
 from skinlesion.ema import make_ema
@@ -36,8 +37,6 @@ def test_ema_matches_its_closed_form_on_a_toy_model() -> None:
 
 @pytest.mark.slow
 def test_training_with_ema_records_both_and_resume_reproduces_it(tmp_path: Path) -> None:
-    from test_resume import STEPS_PER_EPOCH
-    from test_train import metrics, run_train, tiny_shards
 
     shards = tiny_shards(tmp_path / "shards")
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -63,7 +62,6 @@ def test_training_with_ema_records_both_and_resume_reproduces_it(tmp_path: Path)
 
 @pytest.mark.slow
 def test_an_ema_file_that_would_run_code_is_refused_on_resume(tmp_path: Path) -> None:
-    from test_train import run_train, tiny_shards
 
     shards = tiny_shards(tmp_path / "shards")
     out = tmp_path / "run"

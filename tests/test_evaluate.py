@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from skinlesion.cli import main
 from skinlesion.errors import UserError
@@ -74,9 +74,7 @@ def test_predictions_csv_is_isic_2018_task3_format(single, shards_dir):
 @pytest.mark.slow
 def test_two_processes_give_the_same_results_as_one(single, checkpoint, shards_dir, tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on CPU: same confusion matrix, same predictions.csv."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "two"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -117,11 +115,16 @@ def test_unknown_split_and_missing_shards_are_clear_errors(checkpoint, shards_di
     assert "missing.pt" in capsys.readouterr().err
 
 
-def test_flat_scalars_for_wandb_hold_per_class_recall(single):
-    from skinlesion.evaluate import flat_scalars
+def test_the_result_gives_wandb_scalars_and_metrics_jsonl_columns(single):
+    from skinlesion.evaluate import EvalResult
 
     metrics = json.loads((single / "metrics.json").read_text())
-    scalars = flat_scalars(metrics, "val")
+    result = EvalResult(metrics=metrics, predictions=None, files={})
+    assert result.record("val")["val_balanced_accuracy"] == metrics["balanced_accuracy"]
+    assert result.record("val")["val_samples"] == metrics["n_samples"]
+    assert "at specificity 0.9" in result.summary() and "balanced accuracy" in result.summary()
+    scalars = result.scalars("val")
+    assert scalars["val/mel_sensitivity_at_spec_0.9"] == metrics["melanoma"]["sensitivity_at_specificity_0.9"]
     assert scalars["val/balanced_accuracy"] == metrics["balanced_accuracy"]
     assert scalars["val/recall/mel"] == metrics["per_class"]["mel"]["recall"]
     assert all(isinstance(v, float) for v in scalars.values())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics, run_train, tiny_shards
 
 from skinlesion.config import load_config
 from skinlesion.errors import UserError
@@ -85,7 +86,6 @@ def test_prepare_records_the_class_counts_before_balancing(shards_dir: Path) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["weighted_ce", "logit_adjusted", "focal"])
 def test_training_runs_with_each_loss(tmp_path: Path, loss: str) -> None:
-    from test_train import metrics, run_train, tiny_shards
 
     shards = tiny_shards(tmp_path / "shards")
     done = run_train(tmp_path / "run", shards, f"train.loss={loss}", "train.epochs=1")

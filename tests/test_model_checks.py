@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
 from skinlesion import inference
@@ -31,7 +32,6 @@ from skinlesion.labels import CLASSES
 from skinlesion.model import load_for_inference
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,26 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from helpers import REPO, TINY_MODEL, free_port, wait_for
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=32", "data.num_workers=0",
-        "model.name=resnet18", "train.log_every_steps=1", "wandb.mode=disabled"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
+TINY = [*TINY_MODEL, "wandb.mode=disabled"]
 
 
 @pytest.fixture

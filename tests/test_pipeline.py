@@ -1,22 +1,21 @@
 """The shard pipeline: equal batches per rank whatever the shard count, exact eval reading, safe decoding.
 
-`write_shards` (also used by the training tests) writes tiny shards in the manifest format of
+`helpers.write_shards` (also used by the training tests) writes tiny shards in the manifest format of
 `skinlesion prepare`, with a colour per class so that a small CNN learns them in a few steps.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import tarfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import write_shards
 from PIL import Image
 
 from skinlesion.data.manifest import read_manifest
@@ -24,50 +23,6 @@ from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
 from skinlesion.data.transforms import eval_crop, train_crop, train_transform
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES
-
-# Distinct mean colours per class: learnable by resnet18 in a handful of steps.
-_COLOURS = np.array(
-    [[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [200, 40, 200], [40, 200, 200], [120, 120, 120]]
-)
-
-
-def write_shards(out: Path, shards: dict[str, list[int]], size: int = 40, seed: int = 0) -> Path:
-    """Write {split: [samples per shard, ...]} as prepare would (tars + manifest.json); classes cycle."""
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, counts in shards.items():
-        files, class_counts, index = [], Counter(), 0
-        for number, count in enumerate(counts):
-            name = f"{split}-{number:06d}.tar"
-            with wds.TarWriter(str(out / name)) as sink:
-                for _ in range(count):
-                    label = index % len(CLASSES)
-                    pixels = _COLOURS[label] + rng.normal(0, 25, (size, size, 3))
-                    buf = io.BytesIO()
-                    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG")
-                    meta = {"image_id": f"ISIC_{index:07d}", "dx": CLASSES[label]}
-                    sink.write(
-                        {
-                            "__key__": f"{split}_{index:06d}",
-                            "jpg": buf.getvalue(),
-                            "cls": str(label).encode(),
-                            "json": json.dumps(meta).encode(),
-                        }
-                    )
-                    class_counts[CLASSES[label]] += 1
-                    index += 1
-            files.append(name)
-        splits[split] = {
-            "samples": sum(counts),
-            "shards": len(counts),
-            "files": files,
-            "shard_samples": counts,
-            "class_counts": dict(class_counts),
-        }
-    manifest = {"classes": list(CLASSES), "splits": splits, "image_size": size, "seed": seed}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
 
 
 @pytest.fixture(scope="module")

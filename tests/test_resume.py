@@ -6,42 +6,18 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_train import REPO, TINY, env, metrics, run_train, tiny_shards
+from helpers import STEPS_PER_EPOCH, metrics, run_train, start_train, tiny_shards, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
-STEPS_PER_EPOCH = 7  # 56 train samples // batch 8
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_shards(tmp_path_factory.mktemp("tiny") / "shards")
-
-
-def start_train(out: Path, shards: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
-           f"data.shards={shards}", f"train.output_dir={out}", *TINY, *overrides]  # fmt: skip
-    log = (out.parent / f"{out.name}.log").open("w")  # a file, not a pipe: nobody drains a pipe while we poll
-    return subprocess.Popen(cmd, env=env(), cwd=out.parent, start_new_session=True, stdout=log, stderr=log)
-
-
-def wait_for_checkpoint(proc: subprocess.Popen, out: Path, min_step: int, timeout: float = 120) -> int:
-    """Poll until a complete checkpoint at `min_step` or later exists; return its step."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = [int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*/COMPLETE")]
-        if steps and max(steps) >= min_step:
-            return max(steps)
-        assert proc.poll() is None, (out.parent / f"{out.name}.log").read_text()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"no checkpoint at step >= {min_step} within {timeout} s")
 
 
 def test_resuming_at_an_epoch_boundary_reproduces_the_uninterrupted_weights(shards: Path, tmp_path: Path) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from test_resume import start_train, wait_for_checkpoint
-from test_train import metrics, run_train, tiny_shards
+from helpers import metrics, run_train, start_train, tiny_shards, wait_for_checkpoint, write_shards
 from torchvision.models import resnet18
 
 from skinlesion.checkpoint import TrainerState
@@ -125,7 +124,6 @@ def test_a_second_run_into_the_same_folder_fails_at_once_naming_the_first(shards
 
 @pytest.mark.slow
 def test_training_without_a_val_split_skips_validation_and_keeps_the_last_epoch(tmp_path: Path) -> None:
-    from test_pipeline import write_shards
 
     shards = write_shards(tmp_path / "shards", {"train": [14, 14, 14, 14], "val": [], "test": [7]}, size=36)
     out = tmp_path / "run"

@@ -16,16 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, TINY_MODEL, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=32", "data.num_workers=0",
-        "model.name=resnet18", "train.log_every_steps=1"]  # fmt: skip
+TINY = TINY_MODEL  # W&B stays on: its offline default is under test
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -78,14 +77,6 @@ def cluster() -> Iterator[Cluster]:
 def job_info(job_id: int) -> dict[str, str]:
     done = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, timeout=20)
     return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -1,49 +1,19 @@
 """Training end to end on tiny colour-coded shards: outputs per the contract, loss falls, clear failures.
 
-Runs go through `python -m skinlesion train` in a subprocess, as a user would run them; `run_train`
-and `tiny_shards` are shared with the resume and DDP tests.
+Runs go through `python -m skinlesion train` in a subprocess, as a user would run them (tests/helpers.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import metrics, run_train, tiny_shards
 from torchvision.models import resnet18
 
 from skinlesion.model import load_for_inference
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
-        "data.shuffle_buffer=16", "model.name=resnet18", "train.epochs=2", "train.warmup_epochs=0.5",
-        "train.log_every_steps=1", "wandb.mode=disabled"]  # fmt: skip
-
-
-def tiny_shards(out: Path) -> Path:
-    from test_pipeline import write_shards
-
-    return write_shards(out, {"train": [14, 14, 14, 14], "val": [7, 7], "test": [7]}, size=36)
-
-
-def env(**extra: str) -> dict[str, str]:
-    """One thread per process (2 shared cores) and no W&B network access."""
-    return os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"} | extra
-
-
-def run_train(out: Path, shards: Path, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
-           f"data.shards={shards}", f"train.output_dir={out}", *TINY, *overrides]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=out.parent)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_train import metrics, run_train, tiny_shards
+from helpers import metrics, run_train, tiny_shards
 
 pytestmark = pytest.mark.slow
 BLOCK, HEADER = 32768, 7

@@ -86,9 +86,15 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last) if out.device.type == "cuda" else out
 
 
+def batch_seed(seed: int, epoch: int, rank: int, batch: int, purpose: str = "") -> int:
+    """A seed that is a function of where the batch is in the run only (and of what it seeds), so a resumed
+    epoch draws what the uninterrupted one drew."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}/{batch}{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def batch_generator(device: torch.device, seed: int, epoch: int, rank: int, batch: int) -> torch.Generator:
-    """The generator for one batch's augmentation: a function of where the batch is in the run only."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}/{batch}".encode(), digest_size=8).digest()
+    """The generator for one batch's augmentation."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest, "little") >> 1)
+    generator.manual_seed(batch_seed(seed, epoch, rank, batch))
     return generator

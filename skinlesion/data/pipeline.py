@@ -254,6 +254,7 @@ def train_loader(
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
     augment: str = "cpu",
+    manifest: dict | None = None,
 ) -> DataLoader:
     """Exactly ``batches - skip_batches`` training batches for this rank in `epoch`: dict(image, label, key,
     meta, skipped), plus ``affine`` with ``augment="device"`` (uint8 images, augmented later on the device by
@@ -261,9 +262,10 @@ def train_loader(
 
     `batches` must be the same on every rank (use `batches_per_rank`); `skip_batches` resumes an epoch
     mid-way without decoding the batches already trained on. A sample whose image does not decode is
-    skipped, replaced by the next one, logged once and counted in each batch's ``skipped``.
+    skipped, replaced by the next one, logged once and counted in each batch's ``skipped``. The trainer
+    passes the `manifest` it read at start, so a whole run sees one version of the folder.
     """
-    manifest = read_manifest(shards)
+    manifest = manifest or read_manifest(shards)
     files = split_shards(shards, manifest, "train")
     slots = world_size * max(num_workers, 1)
     if len(files) < slots and rank == 0 and epoch == 0 and skip_batches == 0:
@@ -303,10 +305,11 @@ class EvalStream(IterableDataset):
 
 
 def eval_loader(
-    shards: Path, split: str, image_size: int, batch_size: int, num_workers: int, rank: int, world_size: int
-) -> DataLoader:
+    shards: Path, split: str, image_size: int, batch_size: int, num_workers: int, rank: int, world_size: int,
+    manifest: dict | None = None,
+) -> DataLoader:  # fmt: skip
     """Batches dict(image, label, key, meta) of `split`: every sample once across all ranks, none padded."""
-    files = [path for path, _ in split_shards(shards, read_manifest(shards), split)]
+    files = [path for path, _ in split_shards(shards, manifest or read_manifest(shards), split)]
     return _loader(EvalStream(files, image_size, batch_size, rank, world_size), num_workers)
 
 
