@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from skinlesion import __version__, tracking
+from skinlesion import __version__, tracking, tracking_eval
 from skinlesion.card import calibrate
 from skinlesion.checkpoint import (
     TrainerState,
@@ -140,6 +140,7 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
         state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
         save_config(cfg, out / "config.yaml", runtime_info(accelerator))
     tracking.start_run(accelerator, cfg, state.wandb_run_id, cfg.to_dict() | {"runtime": runtime_info(accelerator)})
+    tracking.log_dataset(accelerator, cfg.data.shards)  # W&B: manifest.json, the run's input artifact
 
     for epoch in range(state.epoch, cfg.train.epochs):
         state.epoch = epoch
@@ -165,6 +166,8 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         _update_best(accelerator, shipped, state, facts, out, epoch, score)
+        if has_val and state.best_epoch == epoch:  # W&B: charts + most confident mistakes of what best.pt holds
+            tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step)
         save_checkpoint(accelerator, out, state, cfg.train.keep_checkpoints, run.ema)
 
     if accelerator.is_main_process:
@@ -186,12 +189,14 @@ def _train(cfg: Config, accelerator: Accelerator, manifest: dict[str, Any], trai
             checkpoint=out / "best.pt", batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
         )  # fmt: skip
         accelerator.log(flat_scalars(test.metrics, "test") | _wandb_images(accelerator, test.files, "test"))
+        tracking_eval.log_test_charts(accelerator, test)  # W&B: interactive confusion matrix and ROC
         accelerator.print(format_summary(test.metrics, test.files))
     if has_val and accelerator.is_main_process:  # model_card.json + ood.pt beside best.pt (skinlesion.card)
         calibrate(best.model, out / "best.pt", cfg.data.shards, best.image_size, best.arch,
                   cfg.data.eval_batch_size, test_metrics=test.metrics if test else None)  # fmt: skip
         accelerator.print(f"wrote {out}/model_card.json and ood.pt (risk bands and out-of-distribution threshold)")
     accelerator.wait_for_everyone()
+    tracking.log_model(accelerator, out)  # W&B: best.pt, model card, ood.pt, config.yaml as the model artifact
     accelerator.end_training()
     return out
 
