@@ -91,10 +91,11 @@ def _accelerator(run: object | None, main: bool = True) -> SimpleNamespace:
 
 
 def test_a_failing_wandb_warns_and_the_training_carries_on(
-    random_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    random_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from test_pipeline import write_shards
 
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb"))  # W&B stages a copy before it fails
     shards = write_shards(tmp_path / "shards", {"val": [7]})
     tracking.log_model(_accelerator(_FailingRun()), random_run)
     tracking.log_dataset(_accelerator(_FailingRun()), shards)
