@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from skinlesion import tracking
+from skinlesion import tracking, tracking_eval
 from skinlesion.card import calibrate
 from skinlesion.checkpoint import (
     TrainerState,
@@ -177,6 +177,7 @@ def resume(run: Run) -> TrainerState:
         state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
         save_config(cfg, out / "config.yaml", runtime_info(accelerator))
     tracking.start_run(accelerator, cfg, state.wandb_run_id, cfg.to_dict() | {"runtime": runtime_info(accelerator)})
+    tracking.log_dataset(accelerator, cfg.data.shards)  # W&B: manifest.json, the run's input artifact
     return state
 
 
@@ -191,7 +192,7 @@ def fit(run: Run, state: TrainerState) -> bool:
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         record: dict[str, Any] = {"epoch": epoch, "step": state.step, **epoch_stats}
         accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
-        score = None
+        score, result = None, None
         if run.has("val"):
             result = validate(accelerator, run.shipped, cfg, out=run.out / "eval-val", manifest=run.manifest)
             record |= result.record("val")
@@ -199,12 +200,14 @@ def fit(run: Run, state: TrainerState) -> bool:
             if run.ema is not None:  # the raw weights too, to compare
                 raw = validate(accelerator, run.model, cfg, manifest=run.manifest)
                 record["val_balanced_accuracy_raw"] = raw.balanced_accuracy
-            images = _wandb_images(accelerator, result.files, "val")
+            images = tracking_eval.png_images(accelerator, result.files, "val")
             accelerator.log(result.scalars("val") | images | {"epoch": epoch}, step=state.step)
         if accelerator.is_main_process:
             with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score)
+        if result is not None and state.best_epoch == epoch:  # W&B: charts + most confident mistakes of best.pt
+            tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step)
         save_checkpoint(accelerator, run.out, state, cfg.train.keep_checkpoints, run.ema)
     return True
 
@@ -227,7 +230,8 @@ def finish(run: Run, state: TrainerState) -> None:
         test, best = evaluate_checkpoint(accelerator, out / "best.pt", cfg.data.shards, "test", out / "eval",
                                          manifest=run.manifest, batch_size=cfg.data.eval_batch_size,
                                          num_workers=cfg.data.num_workers)  # fmt: skip
-        accelerator.log(test.scalars("test") | _wandb_images(accelerator, test.files, "test"))
+        accelerator.log(test.scalars("test") | tracking_eval.png_images(accelerator, test.files, "test"))
+        tracking_eval.log_test_charts(accelerator, test)  # W&B: interactive confusion matrix and ROC
         accelerator.print(test.summary())
     else:
         best = load_for_inference(out / "best.pt")
@@ -237,6 +241,7 @@ def finish(run: Run, state: TrainerState) -> None:
                   cfg.data.eval_batch_size, test_metrics=test.metrics if test else None)  # fmt: skip
         accelerator.print(f"wrote {out}/model_card.json and ood.pt (risk bands and out-of-distribution threshold)")
     accelerator.wait_for_everyone()
+    tracking.log_model(accelerator, out)  # W&B: best.pt, model card, ood.pt, config.yaml as the model artifact
 
 
 def _update_best(
@@ -370,15 +375,6 @@ def validate(
         net, accelerator, cfg.data.shards, split, cfg.data.image_size, out=out, batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers, n_bootstrap=0, manifest=manifest,
     )  # fmt: skip
-
-
-def _wandb_images(accelerator: Accelerator, files: dict[str, Path], prefix: str) -> dict[str, Any]:
-    """The PNGs the evaluator wrote, as W&B images (only where a W&B tracker is running)."""
-    if not files or not any(t.name == "wandb" for t in accelerator.trackers):
-        return {}
-    import wandb
-
-    return {f"{prefix}/{name}": wandb.Image(str(p)) for name, p in files.items() if p.suffix == ".png"}
 
 
 def _sync_buffers(accelerator: Accelerator, net: nn.Module) -> None:
