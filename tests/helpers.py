@@ -69,12 +69,12 @@ class Cluster:
         self.jobs: list[int] = []
 
     def submit(
-        self, *args: str, log_dir: Path, env: dict | None = None, wait: bool = False
+        self, *args: str, log_dir: Path, env: dict | None = None, wait: bool = False, log_name: str = "%x-%j.out"
     ) -> tuple[int, subprocess.CompletedProcess]:
         # The job inherits this environment (sbatch --export=ALL): the venv's python and accelerate come first.
         job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
         job_env.pop("WANDB_MODE", None)  # the script's default (offline) is under test
-        cmd = ["sbatch", "--parsable", "--time=10", f"--output={log_dir}/%x-%j.out", *(["--wait"] if wait else []),
+        cmd = ["sbatch", "--parsable", "--time=10", f"--output={log_dir}/{log_name}", *(["--wait"] if wait else []),
                *args]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=job_env | (env or {}))
         job_id = int(done.stdout.split()[0].split(";")[0]) if done.stdout.strip() else -1
