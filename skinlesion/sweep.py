@@ -10,12 +10,14 @@ node, not in task 7 an hour later. Format and defaults: docs/training.md, "Sweep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import itertools
 import json
 import random
 import re
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +72,15 @@ class Sweep:
             raise UserError(f"{self.file}: output_root {root} cannot be created ({exc.strerror or exc})") from exc
         plan = {"name": self.name, "file": str(self.file), "base": str(self.base), "seed": self.seed,
                 "fixed": list(self.fixed), "tasks": [list(t) for t in self.tasks]}  # fmt: skip
-        return atomic_write(root / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
+        text, path = json.dumps(plan, indent=1) + "\n", root / PLAN_FILE
+        with contextlib.suppress(OSError):
+            if path.read_text(encoding="utf-8") == text:
+                return path  # the usual case: an earlier task wrote it
+        try:
+            return atomic_write(path, text)
+        except OSError as exc:  # tasks starting together on hosts with equal PIDs can race for the temporary name
+            print(f"warning: could not write {path} ({exc.strerror or exc})", file=sys.stderr)
+            return path
 
 
 def dotted_keys() -> list[str]:
