@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from skinlesion.config import Config, _Loader, load_config
+from skinlesion.config import Config, _Loader, load_config  # _Loader: values parse exactly as overrides do
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 
@@ -98,6 +98,8 @@ def load_sweep(path: Path) -> Sweep:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path} is not a valid YAML sweep file: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read sweep file {path} ({exc.strerror or exc})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a sweep file is a mapping with keys {', '.join(FIELDS)}")
     for key in raw:

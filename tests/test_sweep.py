@@ -236,7 +236,8 @@ def test_job_array_task_preempted_requeues_alone_and_the_sweep_finishes(
     cluster: Cluster, tiny_shards: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "runs" / "tiny"
-    fixed = dict(item.split("=") for item in TINY) | {"data.shards": str(tiny_shards), "wandb.mode": "disabled"}
+    fixed = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in TINY)}
+    fixed |= {"data.shards": str(tiny_shards), "wandb.mode": "disabled"}
     # Task 3 (lr 2e-3, 4 epochs) is the one preempted: the last task of an array holds the array's own job id,
     # whose plain `scontrol requeue` would requeue every task.
     body = {"output_root": str(root), "max_parallel": 2, "fixed": fixed,
@@ -246,18 +247,28 @@ def test_job_array_task_preempted_requeues_alone_and_the_sweep_finishes(
                                  log_name="%x-%A_%a.out")  # fmt: skip
     assert done.returncode == 0, done.stderr
     tasks = [f"{array}_{i}" for i in range(4)]
+    # SLURM forgets a finished job after MinJobAge (16 s on the local cluster), so every wait below records each
+    # task's latest state while it is still known.
+    last: dict[str, dict[str, str]] = {}
 
-    wait_for(lambda: (root / "3" / "metrics.jsonl").is_file(), 420, f"epoch 0 of task {tasks[3]}")
+    def state(task: str, key: str = "JobState") -> str | None:
+        last.update({t: info for t in tasks if (info := job_info(t))})
+        return last.get(task, {}).get(key)
+
+    started = root / "3" / "metrics.jsonl"
+    wait_for(lambda: state(tasks[3]) in FINISHED or started.is_file(), 420, f"epoch 0 of {tasks[3]}")
+    assert started.is_file(), job_log(tmp_path, tasks[3])[-4000:]
     subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[3]], check=True, timeout=20)
-    wait_for(lambda: int(job_info(tasks[3]).get("Restarts", 0)) >= 1, 180, f"{tasks[3]} to requeue itself")
-    wait_for(lambda: job_info(tasks[3]).get("JobState") in ("PENDING", "REQUEUED"), 120, f"{tasks[3]} pending again")
+    wait_for(lambda: int(state(tasks[3], "Restarts") or 0) >= 1, 180, f"{tasks[3]} to requeue itself")
+    wait_for(lambda: state(tasks[3]) in ("PENDING", "REQUEUED"), 120, f"{tasks[3]} to be pending again")
     time.sleep(2)  # see test_slurm.py: a release within the second of the requeue is refused
     subprocess.run(["scontrol", "update", f"jobid={tasks[3]}", "StartTime=now"], check=True, timeout=20)
-    wait_for(lambda: all(job_info(t).get("JobState") in FINISHED for t in tasks), 600, f"array {array} to finish")
+    wait_for(lambda: all(state(t) in FINISHED for t in tasks), 600, f"array {array} to finish")
 
     logs = {t: job_log(tmp_path, t) for t in tasks}
-    assert [job_info(t)["JobState"] for t in tasks] == ["COMPLETED"] * 4, logs[tasks[3]][-4000:]
-    assert [int(job_info(t)["Restarts"]) for t in tasks] == [0, 0, 0, 1]  # the preempted task alone came back
+    assert [last[t]["JobState"] for t in tasks] == ["COMPLETED"] * 4, logs[tasks[3]][-4000:]
+    assert [int(last[t]["Restarts"]) for t in tasks] == [0, 0, 0, 1]  # the preempted task alone came back
+    assert [log.count("(restart 1)") for log in logs.values()] == [0, 0, 0, 1]
     assert f"requeueing job {tasks[3]}" in logs[tasks[3]] and "(restart 1)" in logs[tasks[3]]
     assert "resuming from" in logs[tasks[3]]
     epochs = [json.loads(line)["epoch"] for line in (root / "3" / "metrics.jsonl").read_text().splitlines()]
