@@ -55,6 +55,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    if args.sweep == "summarize":
+        from skinlesion.leaderboard import summarize_command
+
+        return summarize_command(args.folder, args.out)
+    from skinlesion.sweep import args_command, plan_command
+
+    return plan_command(args.file) if args.sweep == "plan" else args_command(args.file, args.task)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from skinlesion.evaluate import evaluate_command
 
@@ -140,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
     p.set_defaults(func=_train)
 
+    _add_sweep(sub)
+
     p = sub.add_parser("evaluate", help="clinical metrics, predictions.csv and plots for a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="model.pt or best.pt")
     p.add_argument("--shards", type=Path, required=True, help="folder written by `skinlesion prepare`")
@@ -169,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
     _add_bench(sub)
     return parser
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="hyperparameter sweeps as SLURM job arrays: plan, args, summarize")
+    kinds = p.add_subparsers(dest="sweep", required=True, metavar="ACTION")
+    plan = kinds.add_parser("plan", help="validate a sweep file; print its numbered override sets and the sbatch line")
+    plan.add_argument("file", type=Path, help="sweep file, e.g. configs/sweeps/smoke-lr-ls.yaml")
+    args = kinds.add_parser("args", help="one task's training arguments, one a line (used by slurm/sweep.sbatch)")
+    args.add_argument("file", type=Path, help="sweep file")
+    args.add_argument("--task", type=int, required=True, help="task number ($SLURM_ARRAY_TASK_ID)")
+    summary = kinds.add_parser("summarize", help="leaderboard of a sweep folder: CSV, Markdown and a plot")
+    summary.add_argument("folder", type=Path, help="the sweep's output folder, e.g. runs/smoke-lr-ls")
+    summary.add_argument("--out", type=Path, default=None, help="where to write leaderboard.* (default: FOLDER)")
+    for parser in (plan, args, summary):
+        parser.set_defaults(func=_sweep)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

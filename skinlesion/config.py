@@ -81,6 +81,7 @@ class WandbConfig:
     project: str = "skinlesion"
     entity: str | None = None
     name: str | None = None  # run name; default: the output folder's name
+    group: str | None = None  # W&B run group (a sweep sets it to the sweep's name); none by default
 
 
 @dataclass

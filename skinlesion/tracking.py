@@ -57,8 +57,12 @@ def log_with(cfg: Config) -> str | None:
 
 
 def new_run_id() -> str:
-    """A W&B-compatible run id (lowercase letters and digits), made before W&B starts so checkpoints carry it."""
-    return secrets.token_hex(6)
+    """A W&B-compatible run id (lowercase letters and digits), made before W&B starts so checkpoints carry it.
+
+    WANDB_RUN_ID wins when set: `wandb agent` sets it for each run of a W&B sweep, and an id of our own would
+    open a second run outside the sweep (the id is passed to wandb.init explicitly, which beats the variable).
+    """
+    return os.environ.get("WANDB_RUN_ID") or secrets.token_hex(6)
 
 
 def start_run(accelerator: Accelerator, cfg: Config, run_id: str | None, config: dict[str, Any]) -> None:
@@ -79,6 +83,7 @@ def start_run(accelerator: Accelerator, cfg: Config, run_id: str | None, config:
                 "mode": resolve_mode(cfg.wandb.mode),
                 "name": cfg.wandb.name or output_dir.name,
                 "entity": cfg.wandb.entity,
+                "group": cfg.wandb.group,
             }
         },
     )

@@ -5,11 +5,13 @@ Building them once keeps the suite fast; tests that change data make their own c
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import FINISHED, REPO, Cluster, cluster_nodes, job_info
 from torchvision import models
 
 from skinlesion.labels import CLASSES
@@ -73,3 +75,16 @@ def shared_sample() -> Path:
     if not (SHARED_SAMPLE / "HAM10000_metadata.csv").is_file():
         pytest.skip("../shared/data/ham10000-sample is not present")
     return SHARED_SAMPLE
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """The cluster `sinfo` answers for (the test module is skipped without one); leftover jobs are cancelled."""
+    nodes = cluster_nodes()
+    if nodes == 0:
+        pytest.skip("no SLURM cluster answers `sinfo` (start one: slurm/local-cluster.sh start --nodes 2)")
+    cluster = Cluster(nodes)
+    yield cluster
+    for job_id in cluster.jobs:
+        if job_id > 0 and job_info(job_id).get("JobState") not in (*FINISHED, None):  # None: already purged
+            subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=20)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -163,3 +165,50 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
+
+
+# SLURM: tests/test_slurm.py and tests/test_sweep.py submit jobs to the local cluster (slurm/local-cluster.sh).
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def cluster_nodes() -> int:
+    """Nodes of the default partition that can run jobs; 0 when no cluster answers."""
+    if shutil.which("sinfo") is None:
+        return 0
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    states = dict(line.split() for line in done.stdout.splitlines() if line.strip()) if done.returncode == 0 else {}
+    return sum(state.rstrip("*") in ("idle", "mixed", "allocated", "completing") for state in states.values())
+
+
+class Cluster:
+    """Submits from the repository root, as a user would, with job logs in `log_dir`."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = nodes
+        self.jobs: list[int] = []
+
+    def submit(
+        self, *args: str, log_dir: Path, env: dict | None = None, wait: bool = False, log_name: str = "%x-%j.out"
+    ) -> tuple[int, subprocess.CompletedProcess]:
+        # The job inherits this environment (sbatch --export=ALL): the venv's python and accelerate come first.
+        job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+        job_env.pop("WANDB_MODE", None)  # the script's default (offline) is under test
+        cmd = ["sbatch", "--parsable", "--time=10", f"--output={log_dir}/{log_name}", *(["--wait"] if wait else []),
+               *args]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=job_env | (env or {}))
+        job_id = int(done.stdout.split()[0].split(";")[0]) if done.stdout.strip() else -1
+        self.jobs.append(job_id)
+        return job_id, done
+
+
+def job_info(job_id: int | str) -> dict[str, str]:
+    """scontrol's fields of a job (an array task as "JOB_TASK"); {} once SLURM has forgotten it."""
+    done = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, timeout=20)
+    return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
+
+
+def job_log(tmp_path: Path, job_id: int | str) -> str:
+    return "".join(p.read_text(errors="replace") for p in tmp_path.glob(f"*-{job_id}.out"))

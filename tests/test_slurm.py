@@ -16,67 +16,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, TINY_MODEL, wait_for
+from helpers import FINISHED, REPO, TINY_MODEL, Cluster, job_info, job_log, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TINY = TINY_MODEL  # W&B stays on: its offline default is under test
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def cluster_nodes() -> int:
-    """Nodes of the default partition that can run jobs; 0 when no cluster answers."""
-    if shutil.which("sinfo") is None:
-        return 0
-    try:
-        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    states = dict(line.split() for line in done.stdout.splitlines() if line.strip()) if done.returncode == 0 else {}
-    return sum(state.rstrip("*") in ("idle", "mixed", "allocated", "completing") for state in states.values())
-
-
-class Cluster:
-    """Submits from the repository root, as a user would, with job logs in `log_dir`."""
-
-    def __init__(self, nodes: int) -> None:
-        self.nodes = nodes
-        self.jobs: list[int] = []
-
-    def submit(
-        self, *args: str, log_dir: Path, env: dict | None = None, wait: bool = False
-    ) -> tuple[int, subprocess.CompletedProcess]:
-        # The job inherits this environment (sbatch --export=ALL): the venv's python and accelerate come first.
-        job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-        job_env.pop("WANDB_MODE", None)  # the script's default (offline) is under test
-        cmd = ["sbatch", "--parsable", "--time=10", f"--output={log_dir}/%x-%j.out", *(["--wait"] if wait else []),
-               *args]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=job_env | (env or {}))
-        job_id = int(done.stdout.split()[0].split(";")[0]) if done.stdout.strip() else -1
-        self.jobs.append(job_id)
-        return job_id, done
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    """The cluster `sinfo` answers for (the test module is skipped without one); leftover jobs are cancelled."""
-    nodes = cluster_nodes()
-    if nodes == 0:
-        pytest.skip("no SLURM cluster answers `sinfo` (start one: slurm/local-cluster.sh start --nodes 2)")
-    cluster = Cluster(nodes)
-    yield cluster
-    for job_id in cluster.jobs:
-        if job_id > 0 and job_info(job_id).get("JobState") not in (*FINISHED, None):  # None: already purged
-            subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=20)
-
-
-def job_info(job_id: int) -> dict[str, str]:
-    done = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, timeout=20)
-    return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +40,6 @@ def job_shards(cluster: Cluster, synthetic_dir: Path, tmp_path_factory: pytest.T
     log = job_log(logs, job)
     assert done.returncode == 0, log[-4000:]
     return out, log
-
-
-def job_log(tmp_path: Path, job_id: int) -> str:
-    return "".join(p.read_text(errors="replace") for p in tmp_path.glob(f"*-{job_id}.out"))
 
 
 def epochs(out: Path) -> list[int]:

@@ -1,0 +1,220 @@
+"""`skinlesion sweep summarize`: one row per run of a sweep folder, best validation score first.
+
+The score of a finished run is the validation balanced accuracy of its best.pt and the 95% interval from
+its ``model_card.json`` (`skinlesion.card.calibrate` re-evaluates best.pt on the whole val split at the end of
+training and bootstraps over lesions, 1000 resamples), so a winner whose interval overlaps the runner-up's
+is visibly not a clear winner. A run that has not finished has no card: its best epoch so far comes from
+metrics.jsonl, without an interval, and it is listed below the finished runs, marked. Tasks that the plan
+(``sweep.json``, written by ``sweep args``) lists but that never made a folder are listed as not started.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from skinlesion.errors import UserError
+from skinlesion.files import atomic_write
+from skinlesion.sweep import PLAN_FILE
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", ".lock", "preempted", "failed", "checkpoints")
+CI_SOURCE = "model_card.json: best.pt on the val split, 95% bootstrap interval over lesions (1000 resamples)"
+OUTPUTS = ("leaderboard.csv", "leaderboard.md", "leaderboard.png")
+
+
+@dataclass
+class Row:
+    task: str
+    overrides: str
+    status: str  # finished | unfinished | failed | not started
+    score: float | None = None  # best val balanced accuracy
+    ci: tuple[float, float] | None = None
+    best_epoch: int | None = None
+    epochs: str = "-"  # epochs done / planned
+    note: str = ""
+
+
+def summarize(root: Path) -> list[Row]:
+    """The rows of the sweep folder `root`: finished runs best first, then the rest (best first), then tasks
+    without a score, each group in task order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; pass a sweep's output folder, e.g. runs/<sweep>")
+    planned = _read_plan(root)
+    folders = {p.name: p for p in root.iterdir() if p.is_dir() and any((p / f).exists() for f in RUN_FILES)}
+    names = sorted(set(planned) | set(folders), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    if not names:
+        raise UserError(f"{root} holds no runs (no sub-folder with config.yaml or metrics.jsonl, no {PLAN_FILE})")
+    labels = planned or _differing_keys({n: folders[n] for n in names})
+    rows = [_row(name, root / name, labels.get(name, "")) for name in names]
+    order = {"finished": 0, "unfinished": 1, "failed": 1, "not started": 2}
+    return sorted(rows, key=lambda r: (order[r.status], r.score is None, -(r.score or 0.0)))
+
+
+def _read_plan(root: Path) -> dict[str, str]:
+    path = root / PLAN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+        return {str(i): " ".join(overrides) for i, overrides in enumerate(tasks)}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a sweep plan ({exc}); delete it, or rerun a task to write it again") from None
+
+
+def _differing_keys(folders: dict[str, Path]) -> dict[str, str]:
+    """Without a plan (runs made by `wandb agent`, say): label each run by the config keys that differ."""
+    flat = {name: _flat_config(path / "config.yaml") for name, path in folders.items()}
+    keys = sorted({k for cfg in flat.values() for k in cfg} - {"train.output_dir", "wandb.name"})
+    varying = [k for k in keys if len({json.dumps(cfg.get(k), default=str) for cfg in flat.values()}) > 1]
+    return {name: " ".join(f"{k}={cfg.get(k)}" for k in varying if k in cfg) for name, cfg in flat.items()}
+
+
+def _flat_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        f"{s}.{k}": v for s, keys in raw.items() if s != "runtime" and isinstance(keys, dict) for k, v in keys.items()
+    }
+
+
+def _row(name: str, run: Path, overrides: str) -> Row:
+    row = Row(task=name, overrides=overrides, status="not started")
+    if not run.is_dir():
+        return row
+    history = _metrics(run / "metrics.jsonl")
+    planned = _flat_config(run / "config.yaml").get("train.epochs", "?")
+    row.epochs = f"{len(history)}/{planned}"
+    scored = [m for m in history if isinstance(m.get("val_balanced_accuracy"), int | float)]
+    if scored:
+        best = max(scored, key=lambda m: m["val_balanced_accuracy"])  # the first of equal epochs, as best.pt keeps
+        row.score, row.best_epoch = float(best["val_balanced_accuracy"]), best.get("epoch")
+    card = _json(run / "model_card.json")
+    if (run / "failed").is_file():
+        row.status, row.note = "failed", (run / "failed").read_text(errors="replace").strip()
+    elif (run / "preempted").is_file():
+        row.status = "unfinished"
+        row.note = f"preempted at {(run / 'preempted').read_text(errors='replace').strip()}; resumes when rerun"
+    elif card is not None or ((run / "model.pt").is_file() and (run / "eval" / "metrics.json").is_file()):
+        row.status = "finished"
+    else:
+        row.status, row.note = "unfinished", "running, waiting, or stopped (no model.pt yet)"
+    validation = (card or {}).get("validation") or {}
+    if row.status == "finished" and isinstance(validation.get("balanced_accuracy"), int | float):
+        row.score = float(validation["balanced_accuracy"])
+        low, high = validation.get("balanced_accuracy_ci95") or (None, None)
+        row.ci = (float(low), float(high)) if low is not None and high is not None else None
+    elif row.status == "finished":
+        row.note = "no model_card.json (no val split?): best epoch from metrics.jsonl, no interval"
+    return row
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's epochs; a line cut short by a crash is skipped, not fatal."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fmt(row: Row) -> str:
+    if row.score is None:
+        return "-"
+    return f"{row.score:.3f}" + (f" ({row.ci[0]:.3f}-{row.ci[1]:.3f})" if row.ci else " (no CI)")
+
+
+def _ranks(rows: list[Row]) -> list[str]:
+    return [str(i + 1) if r.status == "finished" and r.score is not None else "-" for i, r in enumerate(rows)]
+
+
+def to_csv(rows: list[Row]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["rank", "task", "status", "val_balanced_accuracy", "ci95_low", "ci95_high", "best_epoch",
+                     "epochs", "overrides", "note"])  # fmt: skip
+    for rank, r in zip(_ranks(rows), rows, strict=True):
+        low, high = r.ci or ("", "")
+        writer.writerow([rank, r.task, r.status, "" if r.score is None else r.score, low, high,
+                         "" if r.best_epoch is None else r.best_epoch, r.epochs, r.overrides, r.note])  # fmt: skip
+    return buffer.getvalue()
+
+
+def to_markdown(rows: list[Row], title: str) -> str:
+    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "unfinished", "failed", "not started")}
+    lines = [f"# Sweep {title}", "", f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
+             "", f"Score: best val balanced accuracy. Interval: {CI_SOURCE}. Runs that are not finished show their "
+             "best epoch so far from metrics.jsonl, without an interval, and have no rank.", "",
+             "| rank | task | val balanced accuracy (95% CI) | status | best epoch | epochs | overrides | note |",
+             "|---:|---|---|---|---:|---|---|---|"]  # fmt: skip
+    for rank, r in zip(_ranks(rows), rows, strict=True):
+        status = r.status if r.status == "finished" else f"**{r.status}**"
+        epoch = "-" if r.best_epoch is None else str(r.best_epoch)
+        cells = [rank, r.task, _fmt(r), status, epoch, r.epochs, f"`{r.overrides}`" if r.overrides else "", r.note]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], out: Path, title: str) -> Path:
+    """Best first, top to bottom: a dot with its 95% interval for finished runs, a hollow grey one otherwise."""
+    shown = [r for r in rows if r.score is not None]
+    fig = Figure(figsize=(9, 1.2 + 0.4 * max(len(shown), 1)), layout="constrained")
+    ax = fig.add_subplot()
+    for y, r in enumerate(shown):
+        done = r.status == "finished"
+        error = [[r.score - r.ci[0]], [r.ci[1] - r.score]] if r.ci else None
+        ax.errorbar([r.score], [y], xerr=error, fmt="o", capsize=4, color="tab:blue" if done else "grey",
+                    markerfacecolor="tab:blue" if done else "white")  # fmt: skip
+    labels = [f"{r.task}: {r.overrides}" + ("" if r.status == "finished" else f" ({r.status})") for r in shown]
+    ax.set_yticks(range(len(shown)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("best val balanced accuracy (95% bootstrap CI over lesions; hollow: not finished, no CI)")
+    ax.set_title(f"sweep {title}" + ("" if shown else ": no run has a validation score yet"))
+    ax.grid(axis="x", alpha=0.3)
+    FigureCanvasAgg(fig)
+    return atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))
+
+
+def summarize_command(root: Path, out: Path | None = None) -> int:
+    """Print the leaderboard and write leaderboard.csv, .md and .png into `out` (default: the sweep folder)."""
+    rows = summarize(root)
+    out = Path(out or root)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    title = Path(root).resolve().name
+    markdown = to_markdown(rows, title)
+    atomic_write(out / OUTPUTS[0], to_csv(rows))
+    atomic_write(out / OUTPUTS[1], markdown)
+    plot(rows, out / OUTPUTS[2], title)
+    print(markdown, end="")
+    print(f"\nwrote {out}/: {', '.join(OUTPUTS)}")
+    return 0

@@ -1,0 +1,289 @@
+"""Sweeps: the plan a sweep file expands to, the errors a bad one gets, the leaderboard of a sweep folder, and
+(on the local SLURM cluster) a job array whose preempted task requeues alone, resumes and finishes.
+
+What a user relies on: every array task computes the same plan (random choices come from the file's seed); a
+mistake fails at plan time in one line naming the file and key; summarize ranks finished runs by their best
+val balanced accuracy with its interval and marks the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import FINISHED, REPO, Cluster, job_info, job_log, wait_for
+from helpers import TINY_MODEL as TINY
+
+from skinlesion import tracking
+from skinlesion.cli import main
+from skinlesion.config import load_config
+from skinlesion.errors import UserError
+from skinlesion.leaderboard import summarize, summarize_command
+from skinlesion.sweep import load_sweep
+
+BASE = str(REPO / "configs" / "smoke.yaml")
+
+
+def write_sweep(tmp_path: Path, body: dict, name: str = "mysweep") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE} | body, sort_keys=False))
+    return path
+
+
+def test_grid_is_the_product_in_file_order_with_the_sweeps_own_keys(tmp_path: Path, capsys) -> None:
+    grid = {"train.lr": [1e-3, 3e-3], "train.label_smoothing": [0.0, 0.1], "model.name": ["resnet18"]}
+    body = {"output_root": str(tmp_path / "runs"), "max_parallel": 3, "fixed": {"train.epochs": 2}, "grid": grid}
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    assert sweep.name == "mysweep"
+    assert [list(t) for t in sweep.tasks] == [
+        ["train.lr=0.001", "train.label_smoothing=0.0", "model.name=resnet18"],
+        ["train.lr=0.001", "train.label_smoothing=0.1", "model.name=resnet18"],
+        ["train.lr=0.003", "train.label_smoothing=0.0", "model.name=resnet18"],
+        ["train.lr=0.003", "train.label_smoothing=0.1", "model.name=resnet18"],
+    ]
+    args = sweep.train_args(2)
+    cfg = load_config(Path(args[0]), args[1:])
+    assert (cfg.train.lr, cfg.train.label_smoothing, cfg.train.epochs) == (3e-3, 0.0, 2)
+    assert cfg.train.output_dir == tmp_path / "runs" / "2"
+    assert (cfg.wandb.group, cfg.wandb.name) == ("mysweep", "mysweep-2")
+
+    assert main(["sweep", "plan", str(sweep.file)]) == 0
+    out = capsys.readouterr().out
+    assert "  3  train.lr=0.003 train.label_smoothing=0.1 model.name=resnet18" in out
+    assert f"sbatch --array=0-3%3 slurm/sweep.sbatch {sweep.file}" in out
+
+
+def test_random_choices_are_reproducible_from_the_seed(tmp_path: Path) -> None:
+    choices = {"train.weight_decay": [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09],
+               "train.seed": list(range(10))}  # fmt: skip
+    body = {"seed": 7, "grid": {"train.lr": [1e-3, 2e-3]}, "random": {"samples": 6, "choices": choices}}
+    first, again = load_sweep(write_sweep(tmp_path, body)), load_sweep(write_sweep(tmp_path, body, "again"))
+    other = load_sweep(write_sweep(tmp_path, body | {"seed": 8}, "other"))
+    assert len(first.tasks) == 12  # each grid point gets `samples` draws
+    assert first.tasks == again.tasks
+    assert first.tasks != other.tasks
+    allowed = {f"train.weight_decay={v!r}" for v in choices["train.weight_decay"]}
+    assert all(t[0].startswith("train.lr=") and t[1] in allowed for t in first.tasks)
+    assert [t[0] for t in first.tasks] == ["train.lr=0.001"] * 6 + ["train.lr=0.002"] * 6
+
+
+def test_string_values_that_yaml_would_read_otherwise_stay_strings(tmp_path: Path) -> None:
+    sweep = load_sweep(write_sweep(tmp_path, {"grid": {"model.pretrained": ["1.5", "none"],
+                                                       "train.mixed_precision": ["no"]}}))  # fmt: skip
+    args = sweep.train_args(0)
+    cfg = load_config(Path(args[0]), args[1:])
+    assert cfg.model.pretrained == "1.5" and cfg.train.mixed_precision == "no"
+
+
+def test_the_shipped_example_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # its base is relative to the checkout, where a user runs it
+    sweep = load_sweep(Path("configs/sweeps/smoke-lr-ls.yaml"))
+    assert len(sweep.tasks) == 4 and sweep.output_root == Path("runs/smoke-lr-ls")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"gird": {"train.lr": [1]}}, "unknown key 'gird' (did you mean 'grid'?)"),
+        ({"grid": {"train.lr": []}}, "grid key 'train.lr' has an empty list of values"),
+        ({"grid": {"train.lr": 0.1}}, "grid key 'train.lr' must be a list of values"),
+        ({"grid": {"lr": [0.1]}}, "grid key 'lr' is not a dotted config key (section.key); did you mean 'train.lr'?"),
+        ({"grid": {"train.lr_rate": [0.1]}}, "grid key 'train.lr_rate' is not a config key; did you mean 'train.lr'?"),
+        ({"grid": {"train.lr": [1e-3, -1.0]}}, "task 1 (train.lr=-1.0): config key 'train.lr' must be > 0, got -1.0"),
+        ({"grid": {"train.epochs": ["two"]}}, "config key 'train.epochs' must be an integer, got 'two'"),
+        ({"grid": {"train.output_dir": ["a"]}}, "grid key 'train.output_dir' is set by the sweep for each task"),
+        ({"grid": {"train.lr": [0.1, 0.1]}}, "grid key 'train.lr' lists 0.1 more than once"),
+        ({"fixed": {"train.epochs": 2}}, "nothing to sweep"),
+        ({"fixed": {"train.lr": 1}, "grid": {"train.lr": [2]}}, "key 'train.lr' is in both 'fixed' and 'grid'"),
+        ({"random": {"samples": 0, "choices": {"train.lr": [1]}}}, "random 'samples' must be an integer >= 1"),
+        ({"random": {"samples": 2, "choices": {"train.nope": [1]}}}, "random choices key 'train.nope' is not a"),
+        ({"base": "configs/missing.yaml", "grid": {"train.lr": [1]}}, "base config configs/missing.yaml does not"),
+        ({"name": "a/b", "grid": {"train.lr": [1]}}, "'name' must be a folder name"),
+    ],
+)
+def test_bad_sweep_files_get_one_line_naming_file_and_key(tmp_path: Path, capsys, body: dict, message: str) -> None:
+    path = write_sweep(tmp_path, body)
+    with pytest.raises(UserError) as info:
+        load_sweep(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+    assert main(["sweep", "plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_or_non_mapping_sweep_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"sweep file .*nope\.yaml does not exist"):
+        load_sweep(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(UserError, match=r"list\.yaml: a sweep file is a mapping"):
+        load_sweep(tmp_path / "list.yaml")
+
+
+def test_args_prints_one_argument_a_line_and_records_the_plan(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "runs" / "s"
+    path = write_sweep(tmp_path, {"output_root": str(root), "grid": {"train.lr": [1e-3, 2e-3]}})
+    assert main(["sweep", "args", str(path), "--task", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        BASE, "train.lr=0.002", f"train.output_dir={root}/1", "wandb.group=mysweep", "wandb.name=mysweep-1"
+    ]  # fmt: skip
+    plan = json.loads((root / "sweep.json").read_text())
+    assert plan["tasks"] == [["train.lr=0.001"], ["train.lr=0.002"]]
+    assert main(["sweep", "args", str(path), "--task", "2"]) == 2
+    assert "task 2 does not exist; the sweep has tasks 0-1" in capsys.readouterr().err
+
+
+def test_the_wandb_group_reaches_wandb_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Recorder:
+        def init_trackers(self, project: str, config: dict, init_kwargs: dict) -> None:
+            self.kwargs = init_kwargs["wandb"]
+
+    # start_run points W&B's staging folder at the run (an environment variable): keep it inside this test
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb"))
+    accelerator = Recorder()
+    out = tmp_path / "lr-sweep" / "0"
+    cfg = load_config(None, ["wandb.mode=offline", "wandb.group=lr-sweep", f"train.output_dir={out}"])
+    tracking.start_run(accelerator, cfg, "abc123", {"train": {"lr": 0.1}})
+    assert accelerator.kwargs["group"] == "lr-sweep" and accelerator.kwargs["id"] == "abc123"
+    assert load_config(None).wandb.group is None
+
+
+# --- summarize ---------------------------------------------------------------------------------------------------
+
+
+def fake_run(run: Path, scores: list[float], epochs: int = 2, card: tuple[float, float, float] | None = None) -> None:
+    """A run folder as training leaves it: config.yaml, metrics.jsonl so far and, when `card` is given, the files
+    of a finished run (model.pt, eval/metrics.json, model_card.json with this validation score and interval)."""
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": epochs}, "runtime": {"world_size": 1}}))
+    lines = [json.dumps({"epoch": i, "val_balanced_accuracy": s}) for i, s in enumerate(scores)]
+    (run / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    if card:
+        (run / "model.pt").write_bytes(b"weights")
+        (run / "eval").mkdir()
+        (run / "eval" / "metrics.json").write_text("{}")
+        validation = {"balanced_accuracy": card[0], "balanced_accuracy_ci95": [card[1], card[2]]}
+        (run / "model_card.json").write_text(json.dumps({"validation": validation}))
+
+
+def test_summarize_ranks_finished_runs_and_marks_the_others(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "runs" / "lr"
+    tasks = [[f"train.lr={lr}"] for lr in ("0.001", "0.002", "0.003", "0.004", "0.005")]
+    root.mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({"name": "lr", "tasks": tasks}))
+    fake_run(root / "0", [0.4, 0.6], card=(0.6, 0.5, 0.7))
+    fake_run(root / "1", [0.7, 0.8], card=(0.8, 0.72, 0.88))
+    fake_run(root / "2", [0.9])  # higher, but unfinished: listed after the finished runs, without a rank
+    fake_run(root / "3", [0.3])
+    (root / "3" / "failed").write_text("exit status 1 of job 7_3 at 2026-01-01 00:00:00; see its log\n")
+    # task 4 never started: no folder
+
+    assert summarize_command(root) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader((root / "leaderboard.csv").open()))
+    assert [(r["rank"], r["task"], r["status"]) for r in rows] == [
+        ("1", "1", "finished"), ("2", "0", "finished"), ("-", "2", "unfinished"), ("-", "3", "failed"),
+        ("-", "4", "not started"),
+    ]  # fmt: skip
+    assert (rows[0]["ci95_low"], rows[0]["ci95_high"], rows[0]["overrides"]) == ("0.72", "0.88", "train.lr=0.002")
+    assert rows[0]["best_epoch"] == "1" and rows[0]["epochs"] == "2/2"
+    assert rows[2]["val_balanced_accuracy"] == "0.9" and rows[2]["ci95_low"] == "" and rows[2]["epochs"] == "1/2"
+    assert "exit status 1 of job 7_3" in rows[3]["note"]
+    markdown = (root / "leaderboard.md").read_text()
+    assert markdown == printed.split("\nwrote ")[0]
+    assert "| 1 | 1 | 0.800 (0.720-0.880) | finished |" in markdown and "| **failed** |" in markdown
+    assert "5 runs: 2 finished, 1 unfinished, 1 failed, 1 not started." in markdown
+    assert (root / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_summarize_without_a_plan_labels_runs_by_the_keys_that_differ(tmp_path: Path) -> None:
+    for name, lr, score in (("a", 0.1, 0.5), ("b", 0.2, 0.6)):
+        fake_run(tmp_path / name, [score], epochs=1, card=(score, score - 0.1, score + 0.1))
+        config = {"train": {"epochs": 1, "lr": lr, "output_dir": f"runs/{name}"}, "model": {"name": "resnet18"}}
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = summarize(tmp_path)
+    assert [(r.task, r.overrides) for r in rows] == [("b", "train.lr=0.2"), ("a", "train.lr=0.1")]
+
+
+def test_summarize_errors(tmp_path: Path, capsys) -> None:
+    assert main(["sweep", "summarize", str(tmp_path / "none")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["sweep", "summarize", str(tmp_path)]) == 2
+    assert f"{tmp_path} holds no runs" in capsys.readouterr().err
+
+
+# --- on the local SLURM cluster ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """84 train samples (12 per class) at 32 px, ~40 each for val and test: the shards test_slurm.py's jobs use."""
+    from skinlesion.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("sweep-shards") / "shards"
+    images = tuple(synthetic_dir / f"HAM10000_images_part_{i}" for i in (1, 2))
+    meta = synthetic_dir / "HAM10000_metadata.csv"
+    prepare(PrepareOptions(metadata=meta, images=images, out=out, image_size=32, samples_per_class=12,
+                           val_fraction=0.1, test_fraction=0.1, min_shards=2, workers=1))  # fmt: skip
+    return out
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_array_task_preempted_requeues_alone_and_the_sweep_finishes(
+    cluster: Cluster, tiny_shards: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "runs" / "tiny"
+    fixed = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in TINY)}
+    fixed |= {"data.shards": str(tiny_shards), "wandb.mode": "disabled"}
+    # Task 3 (lr 2e-3, 4 epochs) is the one preempted: the last task of an array holds the array's own job id,
+    # whose plain `scontrol requeue` would requeue every task.
+    body = {"output_root": str(root), "max_parallel": 2, "fixed": fixed,
+            "grid": {"train.lr": [1e-3, 2e-3], "train.epochs": [1, 4]}}  # fmt: skip
+    sweep_file = write_sweep(tmp_path, body, name="tiny")
+    array, done = cluster.submit("--array=0-3%2", "slurm/sweep.sbatch", str(sweep_file), log_dir=tmp_path,
+                                 log_name="%x-%A_%a.out")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    tasks = [f"{array}_{i}" for i in range(4)]
+    # SLURM forgets a finished job after MinJobAge (16 s on the local cluster), so every wait below records each
+    # task's latest state while it is still known.
+    last: dict[str, dict[str, str]] = {}
+
+    def state(task: str, key: str = "JobState") -> str | None:
+        last.update({t: info for t in tasks if (info := job_info(t))})
+        return last.get(task, {}).get(key)
+
+    started = root / "3" / "metrics.jsonl"
+    wait_for(lambda: state(tasks[3]) in FINISHED or started.is_file(), 420, f"epoch 0 of {tasks[3]}")
+    assert started.is_file(), job_log(tmp_path, tasks[3])[-4000:]
+    subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[3]], check=True, timeout=20)
+    wait_for(lambda: int(state(tasks[3], "Restarts") or 0) >= 1, 180, f"{tasks[3]} to requeue itself")
+    wait_for(lambda: state(tasks[3]) in ("PENDING", "REQUEUED"), 120, f"{tasks[3]} to be pending again")
+    time.sleep(2)  # see test_slurm.py: a release within the second of the requeue is refused
+    subprocess.run(["scontrol", "update", f"jobid={tasks[3]}", "StartTime=now"], check=True, timeout=20)
+    wait_for(lambda: all(state(t) in FINISHED for t in tasks), 600, f"array {array} to finish")
+
+    logs = {t: job_log(tmp_path, t) for t in tasks}
+    assert [last[t]["JobState"] for t in tasks] == ["COMPLETED"] * 4, logs[tasks[3]][-4000:]
+    assert [int(last[t]["Restarts"]) for t in tasks] == [0, 0, 0, 1]  # the preempted task alone came back
+    assert [log.count("(restart 1)") for log in logs.values()] == [0, 0, 0, 1]
+    assert f"requeueing job {tasks[3]}" in logs[tasks[3]] and "(restart 1)" in logs[tasks[3]]
+    assert "resuming from" in logs[tasks[3]]
+    epochs = [json.loads(line)["epoch"] for line in (root / "3" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+
+    done = subprocess.run([sys.executable, "-m", "skinlesion", "sweep", "summarize", str(root)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "4 runs: 4 finished, 0 unfinished, 0 failed, 0 not started." in done.stdout
+    rows = list(csv.DictReader((root / "leaderboard.csv").open()))
+    assert sorted(r["rank"] for r in rows) == ["1", "2", "3", "4"]
+    assert all(r["status"] == "finished" and r["ci95_low"] and r["ci95_high"] for r in rows)
+    planned = {f"train.lr={lr} train.epochs={e}" for lr in (0.001, 0.002) for e in (1, 4)}
+    assert {r["overrides"] for r in rows} == planned
