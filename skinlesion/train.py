@@ -173,6 +173,9 @@ def resume(run: Run) -> TrainerState:
         if not run.has("val"):
             accelerator.print(f"notice: {cfg.data.shards} has no val samples: validation is skipped and best.pt "
                               "is the last epoch's weights")  # fmt: skip
+        if cfg.train.freeze_backbone_epochs and cfg.model.pretrained == "none":
+            accelerator.print(f"notice: train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} with "
+                              "model.pretrained=none holds a random backbone still; set model.pretrained")  # fmt: skip
         _keep_metrics_before(out / "metrics.jsonl", state.epoch)
         state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
         save_config(cfg, out / "config.yaml", runtime_info(accelerator))
