@@ -2,12 +2,14 @@
 
 `calibrate` writes two files beside the checkpoint:
 
-- ``ood.pt``: the statistics of an out-of-distribution score, loaded with ``weights_only=True``. The score
-  is the Mahalanobis distance of an image's penultimate features to the nearest class mean, under one
-  covariance shared by the classes (Lee et al. 2018), with means and covariance from the train split. Its
-  threshold lets 95% of the validation images through. Measured on the demo model, scores from the logits
-  (maximum softmax probability, energy) let many noise and flat-colour images through at that pass rate;
-  the feature-space distance does not (docs/serve.md).
+- ``ood.pt``: the statistics of the out-of-distribution check, loaded with ``weights_only=True``. An image
+  is flagged when either (a) the Mahalanobis distance of its penultimate features to the nearest class mean,
+  under one covariance shared by the classes (Lee et al. 2018, means and covariance from the train split),
+  is large, or (b) the centre of the image, where a dermoscopic image has its lesion, has about the colour of
+  its edges. The two thresholds together let 95% of the validation images through (`OODStats`). Measured on
+  the demo model, scores from the logits (maximum softmax probability, energy) let many noise and flat-colour
+  images through at that pass rate and the feature distance alone lets most plain skin through; the pair
+  catches both (docs/serve.md).
 - ``model_card.json``: what the model is, what it was trained on, how well it did on validation and test,
   the risk thresholds on the malignant probability (mel + bcc + akiec) at the validation operating points
   of sensitivity 0.95 and 0.80, the OOD threshold, and its intended use and limitations, in words for a
@@ -23,7 +25,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -61,47 +63,99 @@ LIMITATIONS = [
 
 @dataclass(frozen=True)
 class OODStats:
-    """Class means [7, D], the shared precision matrix [D, D] and the score threshold."""
+    """Two checks, either of which flags an image, with thresholds that together let PASS_RATE of validation through.
+
+    - Distance: the squared Mahalanobis distance of the penultimate features to the nearest class mean, under
+      one covariance shared by the classes (Lee et al. 2018): class means [7, D] and precision [D, D] from the
+      train split. It catches what looks like no training image at all (noise, flat colour, gradients).
+    - Centre contrast (`inference.centre_contrast`): a dermoscopic image is centred on a lesion whose colour
+      differs from the skin around it. Skin with no lesion is the near miss the distance cannot see: the
+      classifier's features only need to tell the 7 classes apart, and "no visible lesion" sits close to a
+      small pale class (docs/serve.md). A contrast below its threshold flags the image.
+
+    Each check flags the same share of validation images (its own tail), chosen so that together they flag
+    1 - PASS_RATE of them. `scores` puts both on one scale: the larger of distance / its threshold and
+    contrast threshold / contrast, so an image is flagged when its score exceeds THRESHOLD = 1.
+    """
 
     means: torch.Tensor
     precision: torch.Tensor
-    threshold: float
+    distance_threshold: float
+    contrast_threshold: float
+    threshold: ClassVar[float] = 1.0
+    FORMAT: ClassVar[int] = 2  # ood.pt layout; 1 (one Mahalanobis threshold) predates the contrast check
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of each feature row [B, D] to its nearest class mean."""
-        diff = features.double()[:, None, :] - self.means.double()[None]  # [B, 7, D]
+        diff = features.double().cpu()[:, None, :] - self.means.double()[None]  # [B, 7, D]
         return torch.einsum("bcd,de,bce->bc", diff, self.precision.double(), diff).min(dim=1).values
 
+    def scores(self, outputs: inference.Outputs) -> torch.Tensor:
+        """[B] max(distance / its threshold, contrast threshold / contrast); above 1 means flagged.
+
+        The contrast ratio is capped at 1000 so that a flat image (contrast 0) gets a finite, JSON-able score.
+        """
+        by_distance = self.distances(outputs.features) / self.distance_threshold
+        contrast = outputs.contrast.double().cpu().clamp(min=self.contrast_threshold / 1000)
+        return torch.maximum(by_distance, self.contrast_threshold / contrast)
+
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor) -> OODStats:
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, val: inference.Outputs) -> OODStats:
+        """Means and covariance from the train features; thresholds from the validation outputs."""
         f, y = features.double(), labels.long()
         means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(len(CLASSES))])
         centred = f - means[y]
         cov = centred.T @ centred / max(1, len(f) - 1)
         # Shrinkage keeps the inverse stable when features outnumber samples (512-2048 vs a few thousand).
         cov += torch.eye(cov.shape[0], dtype=cov.dtype) * (1e-2 * cov.diagonal().mean().clamp(min=1e-12))
-        stats = cls(means=means, precision=torch.linalg.inv(cov), threshold=math.inf)
-        threshold = float(torch.quantile(stats.scores(val_features), PASS_RATE))
-        return cls(means=means.float(), precision=stats.precision.float(), threshold=threshold)
+        unfitted = cls(means=means, precision=torch.linalg.inv(cov), distance_threshold=1.0, contrast_threshold=0.0)
+        distance, contrast = unfitted.distances(val.features), val.contrast.double().cpu()
+        # The largest per-check tail share whose union still flags at most 1 - PASS_RATE of validation
+        # (about half of it each when the checks rarely agree, all of it when they always do).
+        budget, share = 1 - PASS_RATE, 0.0
+        for candidate in torch.linspace(0, 1 - PASS_RATE, 201, dtype=torch.float64)[1:]:
+            high, low = torch.quantile(distance, 1 - candidate), torch.quantile(contrast, candidate)
+            if float(((distance > high) | (contrast < low)).double().mean()) > budget + 1e-12:
+                break
+            share = float(candidate)
+        return cls(
+            means=means.float(),
+            precision=unfitted.precision.float(),
+            distance_threshold=float(torch.quantile(distance, 1 - share)),
+            contrast_threshold=float(torch.quantile(contrast, share)),
+        )
 
     def save(self, path: Path) -> None:
-        payload = {"means": self.means, "precision": self.precision, "threshold": torch.tensor(self.threshold)}
+        payload = {
+            "format": torch.tensor(self.FORMAT),
+            "means": self.means,
+            "precision": self.precision,
+            "distance_threshold": torch.tensor(self.distance_threshold),
+            "contrast_threshold": torch.tensor(self.contrast_threshold),
+        }
         atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: Path, feature_dim: int) -> OODStats:
-        """Read ood.pt with weights_only and check every shape before using it."""
+        """Read ood.pt with weights_only and check its format, every shape and both thresholds before use."""
+        rewrite = "rerun `skinlesion evaluate --split val` on this checkpoint to rewrite it"
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-            means, precision, threshold = raw["means"], raw["precision"], float(raw["threshold"])
+            if int(raw.get("format", 1)) != cls.FORMAT:
+                raise UserError(f"{path} was written by an older skinlesion (format {int(raw.get('format', 1))}, "
+                                f"one OOD score, no centre-contrast check); {rewrite}")  # fmt: skip
+            means, precision = raw["means"], raw["precision"]
+            distance, contrast = float(raw["distance_threshold"]), float(raw["contrast_threshold"])
+        except UserError:
+            raise
         except Exception as exc:  # unpickling refusal, missing key, wrong type: all mean "unusable"
-            raise UserError(f"{path} is not a readable skinlesion OOD file ({exc}); rerun `skinlesion evaluate "
-                            f"--split val` to rewrite it") from exc  # fmt: skip
+            raise UserError(f"{path} is not a readable skinlesion OOD file ({exc}); {rewrite}") from exc
         if tuple(means.shape) != (len(CLASSES), feature_dim) or tuple(precision.shape) != (feature_dim,) * 2:
             raise UserError(f"{path} does not fit this model (means {tuple(means.shape)}, features {feature_dim})")
-        if not math.isfinite(threshold):
-            raise UserError(f"{path}: threshold {threshold} is not finite")
-        return cls(means=means.float(), precision=precision.float(), threshold=threshold)
+        if not (math.isfinite(distance) and distance > 0 and math.isfinite(contrast) and contrast >= 0):
+            raise UserError(f"{path}: thresholds {distance}, {contrast} are not a positive distance and contrast")
+        return cls(means=means.float(), precision=precision.float(), distance_threshold=distance,
+                   contrast_threshold=contrast)  # fmt: skip
 
 
 def risk_thresholds(malignant: np.ndarray, is_malignant: np.ndarray) -> dict[str, float | None]:
@@ -129,18 +183,20 @@ def risk_band(malignant_probability: float, thresholds: dict[str, float | None])
 
 
 def _pass(model: nn.Module, shards: Path, split: str, image_size: int, batch_size: int) -> dict[str, Any]:
-    """Probabilities, features, labels and lesion ids of every sample of `split` (one process)."""
+    """Probabilities, features, centre contrasts, labels and lesion ids of every sample of `split` (one process)."""
     from skinlesion.data.pipeline import eval_loader
 
     device = next(model.parameters()).device
-    probs, feats, labels, lesions = [], [], [], []
+    probs, feats, contrast, labels, lesions = [], [], [], [], []
     for batch in eval_loader(shards, split, image_size, batch_size, 0, 0, 1):
         out = inference.run(model, batch["image"].to(device))
         probs.append(out.probs.cpu())
         feats.append(out.features.cpu())
+        contrast.append(out.contrast.cpu())
         labels.append(batch["label"])
         lesions += [m.get("lesion_id") for m in batch["meta"]]
-    return {"probs": torch.cat(probs), "features": torch.cat(feats), "labels": torch.cat(labels), "lesions": lesions}
+    return {"probs": torch.cat(probs), "features": torch.cat(feats), "contrast": torch.cat(contrast),
+            "labels": torch.cat(labels), "lesions": lesions}  # fmt: skip
 
 
 def calibrate(
@@ -158,7 +214,8 @@ def calibrate(
     model.eval()
     train = _pass(model, shards, "train", image_size, batch_size)
     val = _pass(model, shards, "val", image_size, batch_size)
-    ood = OODStats.fit(train["features"], train["labels"], val["features"])
+    val_outputs = inference.Outputs(probs=val["probs"], features=val["features"], contrast=val["contrast"])
+    ood = OODStats.fit(train["features"], train["labels"], val_outputs)
     ood.save(checkpoint.parent / OOD)
 
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
@@ -189,9 +246,11 @@ def calibrate(
             },
         },
         "ood": {
-            "score": "mahalanobis_min_class",
+            "score": "max(mahalanobis_min_class / distance_threshold, contrast_threshold / centre_contrast)",
             "file": OOD,
             "threshold": ood.threshold,
+            "distance_threshold": ood.distance_threshold,
+            "contrast_threshold": ood.contrast_threshold,
             "validation_pass_rate": PASS_RATE,
         },
         "intended_use": INTENDED_USE,

@@ -5,7 +5,7 @@ Preprocessing is `data.transforms.eval_uint8` (resize the shorter side, centre c
 probabilities for the same image file (tests/test_serve.py checks it to 1e-6).
 
 The ResNet forward is written out here (`forward`) instead of called as ``model(x)``: one pass then
-yields the logits, the penultimate features (what the out-of-distribution score measures) and, for
+yields the logits, the penultimate features (what the out-of-distribution distance measures) and, for
 Grad-CAM, the activations of the last stages to differentiate. That makes Grad-CAM a few lines on tensors
 autograd already holds, with no hooks to register and remove and no extra dependency; it is exact for
 torchvision's ResNets, the only architectures skinlesion builds.
@@ -64,17 +64,36 @@ def class_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = Fals
     return total / 8
 
 
+def centre_contrast(x: torch.Tensor) -> torch.Tensor:
+    """[B] distance between the mean colour of the central half of normalised images [B, 3, S, S] and that of
+    the rest (the outer ring), in units of the normalisation's per-channel standard deviation.
+
+    Dermoscopic images are centred on the lesion (HAM10000's are), and a lesion differs in colour from the
+    skin around it. Plain skin, a flat colour, noise and linear gradients (uneven lighting) give about 0:
+    a symmetric ring cancels a linear ramp. The out-of-distribution check uses it (`skinlesion.card`).
+    """
+    side_h, side_w = x.shape[-2:]
+    mask = torch.zeros(side_h, side_w, dtype=torch.bool, device=x.device)
+    mask[round(side_h / 4) : side_h - round(side_h / 4), round(side_w / 4) : side_w - round(side_w / 4)] = True
+    flat = x.float().flatten(2)  # [B, 3, S*S]
+    centre, ring = flat[..., mask.flatten()].mean(-1), flat[..., ~mask.flatten()].mean(-1)
+    return (centre - ring).norm(dim=1)
+
+
 @dataclass(frozen=True)
 class Outputs:
-    """What one forward pass gives for a batch: probabilities [B, 7] and penultimate features [B, D]."""
+    """What one forward pass gives for a batch: probabilities [B, 7], penultimate features [B, D] and the
+    centre-to-ring colour contrast of the model's input [B] (`centre_contrast`)."""
 
     probs: torch.Tensor
     features: torch.Tensor
+    contrast: torch.Tensor
 
 
 @torch.inference_mode()
 def run(model: nn.Module, images_uint8: torch.Tensor, tta: bool = False) -> Outputs:
-    """uint8 [B, 3, S, S] on the model's device -> probabilities (TTA optional) and un-augmented features."""
+    """uint8 [B, 3, S, S] on the model's device -> probabilities (TTA optional), and the features and contrast
+    of the un-augmented view."""
     x = to_model_input(images_uint8)
     views = list(dihedral_views(x)) if tta else [x]  # the first view is the image itself
     probs = torch.zeros(x.shape[0], len(CLASSES), device=x.device)
@@ -83,7 +102,7 @@ def run(model: nn.Module, images_uint8: torch.Tensor, tta: bool = False) -> Outp
         probs += logits.float().softmax(dim=1)
         if i == 0:
             features = view_features.float()
-    return Outputs(probs=probs / len(views), features=features)
+    return Outputs(probs=probs / len(views), features=features, contrast=centre_contrast(x))
 
 
 def grad_cam(
@@ -112,7 +131,9 @@ def grad_cam(
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
     cam = nnf.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp(min=1e-12).view(-1, 1, 1)
-    outputs = Outputs(probs=logits.detach().float().softmax(dim=1), features=features.detach().float())
+    outputs = Outputs(
+        probs=logits.detach().float().softmax(dim=1), features=features.detach().float(), contrast=centre_contrast(x)
+    )
     return (cam / peak).float(), outputs
 
 

@@ -109,7 +109,7 @@ class Model:
 
     def _forward(self, images: list[torch.Tensor], tta: bool) -> list[tuple[torch.Tensor, float | None]]:
         out = inference.run(self.loaded.model, torch.stack(images).to(self.device), tta=tta)
-        scores = self.ood.scores(out.features.cpu()).tolist() if self.ood else [None] * len(images)
+        scores = self.ood.scores(out).tolist() if self.ood else [None] * len(images)
         return list(zip(out.probs.cpu(), scores, strict=True))
 
     def describe(self, probs: torch.Tensor, score: float | None) -> dict[str, Any]:
@@ -127,7 +127,7 @@ class Model:
         """Probabilities, OOD score and Grad-CAM for the top class from one pass (no TTA): the heat map alone
         (RGBA), over the model's view of the image, and that view."""
         maps, out = inference.grad_cam(self.loaded.model, image[None].to(self.device))
-        score = float(self.ood.scores(out.features.cpu())[0]) if self.ood else None
+        score = float(self.ood.scores(out)[0]) if self.ood else None
         cam = maps[0].cpu().numpy()
         from matplotlib import colormaps
 

@@ -1,9 +1,10 @@
 """Falsifiable checks of what the page shows, on a model trained like the demo's (smoke recipe, 64 px):
 the out-of-distribution flag and the Grad-CAM heat map.
 
-- OOD: at most 10% of the synthetic test split is flagged; random noise, flat colour and colour gradients are
-  flagged at least 90% of the time. Synthetic skin with no lesion is measured and reported, not required
-  (docs/serve.md: the penultimate-feature distance misses most of those near-misses).
+- OOD: at most 10% of the synthetic test split is flagged; random noise, flat colour, colour gradients and
+  synthetic skin with no lesion are flagged at least 90% of the time. Skin with no lesion is the near miss that
+  the feature distance alone lets through (3-10% flagged); the centre-contrast check is there for it
+  (docs/serve.md), and the test requires that check on its own to catch them.
 - Grad-CAM: on correctly classified synthetic images that the model never saw, the share of the map's mass
   inside the lesion (the generator knows where it drew it) is above the lesion's share of the image, which is
   what a uniform map would score, for the mean and for most images.
@@ -76,18 +77,26 @@ def test_ood_flags_few_test_images_and_most_non_dermoscopy(trained: tuple[Path, 
     run, shards = trained
     loaded = load_for_inference(run / "best.pt")
     stats = OODStats.load(run / OOD, loaded.model.fc.in_features)
-    test = torch.cat([stats.scores(inference.run(loaded.model, b["image"]).features)
-                      for b in eval_loader(shards, "test", loaded.image_size, 64, 0, 0, 1)])  # fmt: skip
-    flagged = {"synthetic test split": float((test > stats.threshold).float().mean())}
+    size = loaded.image_size
+    test = [inference.run(loaded.model, b["image"]) for b in eval_loader(shards, "test", size, 64, 0, 0, 1)]
+    groups = {"synthetic test split": test}
     for kind, images in _non_dermoscopy(np.random.default_rng(0)).items():
-        batch = torch.stack([inference.preprocess(im, loaded.image_size) for im in images])
-        flagged[kind] = float(
-            (stats.scores(inference.run(loaded.model, batch).features) > stats.threshold).float().mean()
-        )
-    print(json.dumps(flagged))
+        groups[kind] = [inference.run(loaded.model, torch.stack([inference.preprocess(im, size) for im in images]))]
+    flagged, by_distance, by_contrast = {}, {}, {}
+    for kind, outputs in groups.items():
+        flagged[kind] = float(torch.cat([stats.scores(o) > stats.threshold for o in outputs]).double().mean())
+        distance = torch.cat([stats.distances(o.features) for o in outputs])
+        by_distance[kind] = float((distance > stats.distance_threshold).double().mean())
+        contrast = torch.cat([o.contrast for o in outputs])
+        by_contrast[kind] = float((contrast < stats.contrast_threshold).double().mean())
+    print(json.dumps({"flagged": flagged, "by distance": by_distance, "by contrast": by_contrast}))
     assert flagged["synthetic test split"] <= 0.10, flagged
-    required = [flagged[k] for k in ("noise", "flat colour", "gradient")]
-    assert min(required) >= 0.90, flagged
+    assert min(flagged[k] for k in ("noise", "flat colour", "gradient", "skin without a lesion")) >= 0.90, flagged
+    # Plain skin must be caught by the check built for it, not by chance: the distance lets most of it
+    # through (0-7% flagged over three seeds), while the contrast of every plain-skin image stayed below
+    # 0.85 times its threshold. The distance's share is printed, not required: at its half of the 5% budget it
+    # flagged 0-100% of noise depending on the seed (docs/serve.md).
+    assert by_contrast["skin without a lesion"] >= 0.90, by_contrast
 
 
 def test_grad_cam_points_at_the_lesion(trained: tuple[Path, Path]) -> None:
