@@ -21,6 +21,10 @@ if compgen -G "$repo/.whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/skinlesion-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=disabled PYTHONUNBUFFERED=1
+if [ "$cpu" -eq 0 ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+    echo "error: no CUDA GPU visible to $PYTHON; run with --cpu for the scaled-down CPU check" >&2
+    exit 2
+fi
 if [ "$cpu" -eq 1 ]; then
     images=400 stored=72 size=64 model=resnet18 batch=16 workers=1 steps=6 precision=no
     launch=(--num_processes 1 --cpu)

@@ -69,6 +69,17 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
     assert "| bench train, device augmentation" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
+def test_gpu_loop_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
+    env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(REPO / "benchmarks/gpu-loop.sh"), "--cpu", str(tmp_path / "loop")], capture_output=True,
+                          text=True, timeout=900, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "bench train:" in done.stdout and "train.py plain: images/s per epoch" in done.stdout
+    recipe = [json.loads(line) for line in (tmp_path / "loop" / "metrics-recipe.jsonl").read_text().splitlines()]
+    assert len(recipe) == 2 and all("val_balanced_accuracy_raw" in r for r in recipe)  # the EMA was on
+
+
 def test_gpu_check_without_a_gpu_says_to_use_cpu_mode(tmp_path: Path) -> None:
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is present")
