@@ -138,7 +138,8 @@ class OODStats:
     @classmethod
     def load(cls, path: Path, feature_dim: int) -> OODStats:
         """Read ood.pt with weights_only and check its format, every shape and both thresholds before use."""
-        rewrite = "rerun `skinlesion evaluate --split val` on this checkpoint to rewrite it"
+        rewrite = (f"rewrite it with `skinlesion evaluate --checkpoint {path.parent}/best.pt --shards SHARDS --split "
+                   "val` (SHARDS: the folder the model was trained on)")  # fmt: skip
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
             if int(raw.get("format", 1)) != cls.FORMAT:

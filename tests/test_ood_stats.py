@@ -68,7 +68,7 @@ def test_ood_file_round_trips_and_refuses_old_or_foreign(fitted: tuple[OODStats,
         OODStats.load(tmp_path / "ood.pt", D + 1)
     old = {"means": stats.means, "precision": stats.precision, "threshold": torch.tensor(30.0)}  # before format 2
     torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(UserError, match=r"older skinlesion .*skinlesion evaluate --split val"):
+    with pytest.raises(UserError, match=r"older skinlesion .*skinlesion evaluate --checkpoint .* --split val"):
         OODStats.load(tmp_path / "old.pt", D)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="not a readable skinlesion OOD file"):
