@@ -183,13 +183,15 @@ def risk_band(malignant_probability: float, thresholds: dict[str, float | None])
     return "elevated" if malignant_probability >= elevated else "low"
 
 
-def _pass(model: nn.Module, shards: Path, split: str, image_size: int, batch_size: int) -> dict[str, Any]:
+def _pass(
+    model: nn.Module, shards: Path, split: str, image_size: int, batch_size: int, manifest: dict[str, Any]
+) -> dict[str, Any]:
     """Probabilities, features, centre contrasts, labels and lesion ids of every sample of `split` (one process)."""
     from skinlesion.data.pipeline import eval_loader
 
     device = next(model.parameters()).device
     probs, feats, contrast, labels, lesions = [], [], [], [], []
-    for batch in eval_loader(shards, split, image_size, batch_size, 0, 0, 1):
+    for batch in eval_loader(shards, split, image_size, batch_size, 0, 0, 1, manifest=manifest):
         out = inference.run(model, batch["image"].to(device))
         probs.append(out.probs.cpu())
         feats.append(out.features.cpu())
@@ -202,19 +204,20 @@ def _pass(model: nn.Module, shards: Path, split: str, image_size: int, batch_siz
 
 def calibrate(
     model: nn.Module, checkpoint: Path, shards: Path, image_size: int, arch: str, batch_size: int = 64,
-    test_metrics: dict[str, Any] | None = None,
+    test_metrics: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Write ood.pt and model_card.json beside `checkpoint`; return the card. Needs train and val samples."""
+    """Write ood.pt and model_card.json beside `checkpoint`; return the card. Needs train and val samples.
+    The trainer passes the `manifest` it read at start."""
     from skinlesion.data.manifest import read_manifest
     from skinlesion.metrics import compute_metrics
 
-    manifest = read_manifest(shards)
+    manifest = manifest or read_manifest(shards)
     for split in ("train", "val"):
         if not manifest["splits"].get(split, {}).get("samples"):
             raise UserError(f"{shards} has no {split} samples: the model card's calibration needs train and val")
     model.eval()
-    train = _pass(model, shards, "train", image_size, batch_size)
-    val = _pass(model, shards, "val", image_size, batch_size)
+    train = _pass(model, shards, "train", image_size, batch_size, manifest)
+    val = _pass(model, shards, "val", image_size, batch_size, manifest)
     val_outputs = inference.Outputs(probs=val["probs"], features=val["features"], contrast=val["contrast"])
     ood = OODStats.fit(train["features"], train["labels"], val_outputs)
     ood.save(checkpoint.parent / OOD)

@@ -40,14 +40,16 @@ def png_images(accelerator: Accelerator, files: dict[str, Path], prefix: str) ->
     return {f"{prefix}/{name}": wandb.Image(str(p)) for name, p in files.items() if p.suffix == ".png"}
 
 
-def log_val_best(accelerator: Accelerator, result: EvalResult, shards: Path, epoch: int, step: int) -> None:
+def log_val_best(
+    accelerator: Accelerator, result: EvalResult, shards: Path, epoch: int, step: int, manifest: dict | None = None
+) -> None:
     """Charts and the most-confident-mistakes table of the validation that made `epoch` the best, at `step`
     (the step its val/* scalars were logged at), under ``val_best/``."""
     if wandb_run(accelerator) is None:
         return
     try:
         values = charts(result.predictions, "val_best")
-        values["val_best/mistakes"] = mistakes_table(result.predictions, Path(shards), "val")
+        values["val_best/mistakes"] = mistakes_table(result.predictions, Path(shards), "val", manifest=manifest)
         values["val_best/epoch"] = epoch
         accelerator.log(values, step=step)
     except Exception as exc:  # any W&B failure: warn, never end a training
@@ -101,13 +103,15 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, k: int = MIST
     return wrong[np.argsort(-confidence, kind="stable")[:k]]
 
 
-def mistakes_table(preds: Predictions, shards: Path, split: str, k: int = MISTAKES) -> Any:
+def mistakes_table(
+    preds: Predictions, shards: Path, split: str, k: int = MISTAKES, manifest: dict | None = None
+) -> Any:
     """A wandb.Table of the `k` most confident mistakes: thumbnail, key, image id, true and predicted class,
     the predicted class's probability and the true class's. Fewer rows when there are fewer mistakes."""
     import wandb
 
     chosen = most_confident_mistakes(preds.labels, preds.probs, k)
-    images = read_jpegs(shards, split, {preds.keys[i] for i in chosen})
+    images = read_jpegs(shards, split, {preds.keys[i] for i in chosen}, manifest)
     table = wandb.Table(columns=list(MISTAKE_COLUMNS))
     for i in chosen:
         true, predicted = int(preds.labels[i]), int(preds.probs[i].argmax())
@@ -123,7 +127,7 @@ def mistakes_table(preds: Predictions, shards: Path, split: str, k: int = MISTAK
     return table
 
 
-def read_jpegs(shards: Path, split: str, keys: set[str]) -> dict[str, bytes]:
+def read_jpegs(shards: Path, split: str, keys: set[str], manifest: dict | None = None) -> dict[str, bytes]:
     """{key: jpg bytes} for `keys` from the shards that the manifest lists for `split`.
 
     A walk over tar headers (data of other members is skipped, not read) that stops once every key is
@@ -134,7 +138,7 @@ def read_jpegs(shards: Path, split: str, keys: set[str]) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     if not keys:
         return found
-    for path, _ in split_shards(shards, read_manifest(shards), split):
+    for path, _ in split_shards(shards, manifest or read_manifest(shards), split):
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")

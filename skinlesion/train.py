@@ -210,7 +210,7 @@ def fit(run: Run, state: TrainerState) -> bool:
                 f.write(json.dumps(record) + "\n")
         _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score)
         if result is not None and state.best_epoch == epoch:  # W&B: charts + most confident mistakes of best.pt
-            tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step)
+            tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step, run.manifest)
         save_checkpoint(accelerator, run.out, state, cfg.train.keep_checkpoints, run.ema)
     return True
 
@@ -240,8 +240,8 @@ def finish(run: Run, state: TrainerState) -> None:
         best = load_for_inference(out / "best.pt")
         best.model.to(accelerator.device)
     if run.has("val") and accelerator.is_main_process:  # model_card.json + ood.pt beside best.pt (skinlesion.card)
-        calibrate(best.model, out / "best.pt", cfg.data.shards, best.image_size, best.arch,
-                  cfg.data.eval_batch_size, test_metrics=test.metrics if test else None)  # fmt: skip
+        calibrate(best.model, out / "best.pt", cfg.data.shards, best.image_size, best.arch, cfg.data.eval_batch_size,
+                  test_metrics=test.metrics if test else None, manifest=run.manifest)  # fmt: skip
         accelerator.print(f"wrote {out}/model_card.json and ood.pt (risk bands and out-of-distribution threshold)")
     accelerator.wait_for_everyone()
     tracking.log_model(accelerator, out)  # W&B: best.pt, model card, ood.pt, config.yaml as the model artifact
