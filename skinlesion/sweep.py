@@ -62,17 +62,37 @@ class Sweep:
         last = len(self.tasks) - 1
         return f"sbatch --array=0-{last}%{min(self.max_parallel, len(self.tasks))} slurm/sweep.sbatch {self.file}"
 
+    def plan(self) -> dict[str, Any]:
+        return {"name": self.name, "file": str(self.file), "base": str(self.base), "seed": self.seed,
+                "fixed": list(self.fixed), "tasks": [list(t) for t in self.tasks]}  # fmt: skip
+
+    def check_recorded(self) -> None:
+        """Refuse an output_root whose sweep.json holds another plan under this name. Task N resumes from the
+        checkpoints in <output_root>/N, so a changed grid would silently continue old runs with new settings."""
+        path = self.output_root / PLAN_FILE
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # none yet (or unreadable: record() rewrites it)
+        if not isinstance(old, dict):
+            return
+        mine = self.plan()
+        if [old.get(k) for k in ("fixed", "tasks")] != [mine[k] for k in ("fixed", "tasks")]:
+            raise UserError(
+                f"{self.output_root} holds a sweep with another plan ({path}); its task folders would resume "
+                f"with this file's settings. Give the changed sweep a new 'name' (or 'output_root')"
+            )
+
     def record(self) -> Path:
         """Write the plan to ``<output_root>/sweep.json`` (atomically; every task writes the same bytes), so that
         `summarize` knows the overrides of every task, including those that never started."""
         root = self.output_root
+        self.check_recorded()
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"{self.file}: output_root {root} cannot be created ({exc.strerror or exc})") from exc
-        plan = {"name": self.name, "file": str(self.file), "base": str(self.base), "seed": self.seed,
-                "fixed": list(self.fixed), "tasks": [list(t) for t in self.tasks]}  # fmt: skip
-        text, path = json.dumps(plan, indent=1) + "\n", root / PLAN_FILE
+        text, path = json.dumps(self.plan(), indent=1) + "\n", root / PLAN_FILE
         with contextlib.suppress(OSError):
             if path.read_text(encoding="utf-8") == text:
                 return path  # the usual case: an earlier task wrote it
@@ -221,6 +241,7 @@ def _text(path: Path, key: str, value: Any) -> str:
 def plan_command(path: Path) -> int:
     """`skinlesion sweep plan FILE`: the numbered override sets and the line that runs them."""
     sweep = load_sweep(path)
+    sweep.check_recorded()
     n = len(sweep.tasks)
     print(f"sweep {sweep.name}: {n} task(s) of {sweep.base} into {sweep.output_root}/<task> (W&B group {sweep.name})")
     if sweep.fixed:

@@ -117,6 +117,20 @@ def test_bad_sweep_files_get_one_line_naming_file_and_key(tmp_path: Path, capsys
     assert err.startswith(f"error: {path}: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_changed_sweep_under_the_same_name_is_refused(tmp_path: Path, capsys) -> None:
+    """Task 1 of the changed file would resume task 1 of the old sweep with other settings."""
+    root = tmp_path / "runs" / "s"
+    path = write_sweep(tmp_path, {"output_root": str(root), "grid": {"train.lr": [1e-3, 2e-3]}})
+    assert main(["sweep", "args", str(path), "--task", "0"]) == 0
+    assert main(["sweep", "args", str(path), "--task", "1"]) == 0  # the same plan: fine
+    path = write_sweep(tmp_path, {"output_root": str(root), "grid": {"train.lr": [5e-4, 1e-3, 2e-3]}})
+    capsys.readouterr()
+    for command in (["sweep", "plan", str(path)], ["sweep", "args", str(path), "--task", "1"]):
+        assert main(command) == 2
+        assert "holds a sweep with another plan" in capsys.readouterr().err
+    assert json.loads((root / "sweep.json").read_text())["tasks"] == [["train.lr=0.001"], ["train.lr=0.002"]]
+
+
 def test_missing_or_non_mapping_sweep_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"sweep file .*nope\.yaml does not exist"):
         load_sweep(tmp_path / "nope.yaml")
