@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check: data -> bench step / loader / train -> a real 2-epoch training + evaluation.
 #
-#   benchmarks/gpu-check.sh OUTDIR          on a machine with one CUDA GPU (~16 cores); under 8 minutes
+#   benchmarks/gpu-check.sh OUTDIR          on a machine with one CUDA GPU (~16 cores); 301 s on one H200
 #   benchmarks/gpu-check.sh --cpu OUTDIR    the same steps scaled down, on the CPU (what CI runs)
 #   make gpu-check                          = benchmarks/gpu-check.sh runs/gpu-check
 #
@@ -11,42 +11,7 @@
 # command's own JSON and log.
 set -euo pipefail
 
-cpu=0
-if [ "${1:-}" = "--cpu" ]; then
-    cpu=1
-    shift
-fi
-if [ $# -ne 1 ]; then
-    echo "usage: benchmarks/gpu-check.sh [--cpu] OUTDIR" >&2
-    exit 2
-fi
-repo=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$1"
-out=$(cd "$1" && pwd)
-PYTHON=${PYTHON:-python3}
-
-if compgen -G "$repo/.whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/skinlesion-site \
-        "$repo"/.whl/*.whl
-    export PYTHONPATH=/tmp/skinlesion-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
-export WANDB_MODE=disabled PYTHONUNBUFFERED=1
-
-missing=$("$PYTHON" - <<'EOF'
-import importlib.util
-needed = ["torch", "torchvision", "accelerate", "webdataset", "pandas", "PIL", "sklearn", "yaml", "tqdm", "matplotlib"]
-print(" ".join(n for n in needed if importlib.util.find_spec(n) is None))
-EOF
-)
-if [ -n "$missing" ]; then
-    echo "error: $PYTHON lacks: $missing. Install them, or carry them as wheels in $repo/.whl/ (docs/benchmarks.md)" >&2
-    exit 2
-fi
-if [ "$cpu" -eq 0 ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
-    echo "error: no CUDA GPU visible to $PYTHON; run with --cpu for the scaled-down CPU check" >&2
-    exit 2
-fi
+source "$(dirname "$0")/setup.sh" "$@"  # [--cpu] OUTDIR -> $cpu, $out, $repo, $PYTHON; sl, stage, logged
 
 if [ "$cpu" -eq 1 ]; then
     images=300 stored=80 size=64 model=resnet18 batch=8 step_batch=8 workers=1 steps=6 precision=no epochs=2
@@ -55,14 +20,12 @@ else
     images=4000 stored=256 size=224 model=resnet50 batch=128 step_batch=256 workers=14 steps=300 precision=bf16 epochs=2
     launch=(--num_processes 1 --mixed_precision bf16)
 fi
-sl() { "$PYTHON" -m skinlesion "$@"; }
-stage() { echo "[$(date +%T)] $*"; }
 
 stage "synth $images images, prepare at $stored px"
-sl synth "$out/data" --images "$images" --overwrite >"$out/synth.log" 2>&1
-sl prepare --metadata "$out/data/HAM10000_metadata.csv" --images "$out/data/HAM10000_images_part_1" \
-    --images "$out/data/HAM10000_images_part_2" --out "$out/shards" --image-size "$stored" --min-shards 16 \
-    --overwrite >"$out/prepare.log" 2>&1
+logged "$out/synth.log" sl synth "$out/data" --images "$images" --overwrite
+logged "$out/prepare.log" sl prepare --metadata "$out/data/HAM10000_metadata.csv" \
+    --images "$out/data/HAM10000_images_part_1" --images "$out/data/HAM10000_images_part_2" --out "$out/shards" \
+    --image-size "$stored" --min-shards 16 --overwrite
 
 stage "bench step: $model at $size px, batch $step_batch"
 if [ "$cpu" -eq 1 ]; then
@@ -93,10 +56,10 @@ done
 
 stage "train $epochs epochs under accelerate launch, then evaluate"
 rm -rf "$out/run"
-"$PYTHON" -m accelerate.commands.launch "${launch[@]}" --num_machines 1 --dynamo_backend no -m skinlesion train \
-    --config "$repo/configs/smoke.yaml" "${common[@]}" train.epochs="$epochs" train.output_dir="$out/run" \
-    >"$out/train.log" 2>&1 || { tail -20 "$out/train.log" >&2; exit 1; }
-sl evaluate --checkpoint "$out/run/best.pt" --shards "$out/shards" --out "$out/run/eval-test" >"$out/evaluate.log" 2>&1
+logged "$out/train.log" "$PYTHON" -m accelerate.commands.launch "${launch[@]}" --num_machines 1 --dynamo_backend no \
+    -m skinlesion train --config "$repo/configs/smoke.yaml" "${common[@]}" train.epochs="$epochs" \
+    train.output_dir="$out/run"
+logged "$out/evaluate.log" sl evaluate --checkpoint "$out/run/best.pt" --shards "$out/shards" --out "$out/run/eval-test"
 
 "$PYTHON" - "$out" "$cpu" <<'EOF'
 import json, sys, pathlib, platform

@@ -3,28 +3,13 @@
 # per-step work costs (divergence check, stop agreement, EMA, MixUp/CutMix), and that the fine-tuning recipe
 # (frozen backbone, EMA, MixUp/CutMix) runs on CUDA.
 #
-#   benchmarks/gpu-loop.sh OUTDIR          on one CUDA GPU (~16 cores); about 3 minutes
+#   benchmarks/gpu-loop.sh OUTDIR          on one CUDA GPU (~16 cores); 160 s on one H200
 #   benchmarks/gpu-loop.sh --cpu OUTDIR    scaled down on the CPU, to check the script
 #
 # Like gpu-check.sh: no downloads; packages the machine lacks travel as wheels in .whl/.
 set -euo pipefail
-cpu=0
-if [ "${1:-}" = "--cpu" ]; then cpu=1; shift; fi
-[ $# -eq 1 ] || { echo "usage: benchmarks/gpu-loop.sh [--cpu] OUTDIR" >&2; exit 2; }
-repo=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$1"
-out=$(cd "$1" && pwd)
-PYTHON=${PYTHON:-python3}
-if compgen -G "$repo/.whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/skinlesion-site \
-        "$repo"/.whl/*.whl
-    export PYTHONPATH=/tmp/skinlesion-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=disabled PYTHONUNBUFFERED=1
-if [ "$cpu" -eq 0 ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
-    echo "error: no CUDA GPU visible to $PYTHON; run with --cpu for the scaled-down CPU check" >&2
-    exit 2
-fi
+source "$(dirname "$0")/setup.sh" "$@"  # [--cpu] OUTDIR -> $cpu, $out, $repo, $PYTHON; sl, stage, logged
+
 if [ "$cpu" -eq 1 ]; then
     images=400 stored=72 size=64 model=resnet18 batch=16 workers=1 steps=6 precision=no
     launch=(--num_processes 1 --cpu)
@@ -32,13 +17,6 @@ else
     images=12000 stored=256 size=224 model=resnet50 batch=128 workers=14 steps=200 precision=bf16
     launch=(--num_processes 1 --mixed_precision bf16)
 fi
-sl() { "$PYTHON" -m skinlesion "$@"; }
-logged() {  # logged LOG COMMAND...: run it into LOG; on failure show the log's end and stop
-    local log=$1
-    shift
-    "$@" >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
-}
-stage() { echo "[$(date +%T)] $*"; }
 
 stage "synth $images images, prepare at $stored px (no balancing)"
 logged "$out/synth.log" sl synth "$out/data" --images "$images" --overwrite
