@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO
-from PIL import Image
 
 from skinlesion import inference
 from skinlesion.card import OOD, OODStats
-from skinlesion.data.lesions import make_lesion, render
+from skinlesion.data.lesions import make_lesion, not_lesions, render
 from skinlesion.data.pipeline import eval_loader
 from skinlesion.data.synthetic import _lesion_rng, generate, plan
 from skinlesion.data.transforms import eval_uint8
@@ -54,25 +53,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "run", root / "shards"
 
 
-def _non_dermoscopy(rng: np.random.Generator) -> dict[str, list[Image.Image]]:
-    def gradient() -> Image.Image:
-        ramp = np.linspace(0, 1, 600)[None, :, None] * rng.uniform(0, 255, 3)
-        ramp = ramp + np.linspace(0, 1, 450)[:, None, None] * rng.uniform(0, 255, 3)
-        return Image.fromarray(np.clip(ramp / 2, 0, 255).astype(np.uint8))
-
-    def skin_only(i: int) -> Image.Image:
-        lesion = make_lesion(np.random.default_rng([5, i]), "nv")
-        lesion.opacity, lesion.layers = 0.0, []
-        return render(lesion, np.random.default_rng([6, i]))
-
-    return {
-        "noise": [Image.fromarray(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8)) for _ in range(30)],
-        "flat colour": [Image.new("RGB", (600, 450), tuple(map(int, rng.integers(0, 256, 3)))) for _ in range(30)],
-        "gradient": [gradient() for _ in range(30)],
-        "skin without a lesion": [skin_only(i) for i in range(30)],
-    }
-
-
 def test_ood_flags_few_test_images_and_most_non_dermoscopy(trained: tuple[Path, Path]) -> None:
     run, shards = trained
     loaded = load_for_inference(run / "best.pt")
@@ -80,7 +60,7 @@ def test_ood_flags_few_test_images_and_most_non_dermoscopy(trained: tuple[Path, 
     size = loaded.image_size
     test = [inference.run(loaded.model, b["image"]) for b in eval_loader(shards, "test", size, 64, 0, 0, 1)]
     groups = {"synthetic test split": test}
-    for kind, images in _non_dermoscopy(np.random.default_rng(0)).items():
+    for kind, images in not_lesions(seed=0).items():
         groups[kind] = [inference.run(loaded.model, torch.stack([inference.preprocess(im, size) for im in images]))]
     flagged, by_distance, by_contrast = {}, {}, {}
     for kind, outputs in groups.items():

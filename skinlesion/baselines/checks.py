@@ -28,7 +28,7 @@ from PIL import Image
 from skinlesion import inference
 from skinlesion.card import OODStats
 from skinlesion.data.augment import to_model_input
-from skinlesion.data.lesions import make_lesion, render
+from skinlesion.data.lesions import make_lesion, not_lesions, render
 from skinlesion.data.pipeline import eval_loader
 from skinlesion.data.synthetic import _lesion_rng, plan
 from skinlesion.data.transforms import eval_uint8
@@ -52,25 +52,7 @@ def _outputs(model: torch.nn.Module, images: torch.Tensor) -> tuple[inference.Ou
 
 
 def _groups(size: int) -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(0)
-
-    def gradient() -> Image.Image:
-        ramp = np.linspace(0, 1, 600)[None, :, None] * rng.uniform(0, 255, 3)
-        ramp = ramp + np.linspace(0, 1, 450)[:, None, None] * rng.uniform(0, 255, 3)
-        return Image.fromarray(np.clip(ramp / 2, 0, 255).astype(np.uint8))
-
-    def skin(i: int) -> Image.Image:
-        lesion = make_lesion(np.random.default_rng([5, i]), "nv")
-        lesion.opacity, lesion.layers = 0.0, []
-        return render(lesion, np.random.default_rng([6, i]))
-
-    images = {
-        "noise": [Image.fromarray(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8)) for _ in range(30)],
-        "flat colour": [Image.new("RGB", (600, 450), tuple(map(int, rng.integers(0, 256, 3)))) for _ in range(30)],
-        "gradient": [gradient() for _ in range(30)],
-        "skin without a lesion": [skin(i) for i in range(30)],
-    }
-    return {k: torch.stack([inference.preprocess(im, size) for im in v]) for k, v in images.items()}
+    return {k: torch.stack([inference.preprocess(im, size) for im in v]) for k, v in not_lesions(seed=0).items()}
 
 
 def _split(shards: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -275,3 +275,27 @@ def render(
             shade = int(u(20, 70))
             draw.line([tuple(p) for p in curve.tolist()], fill=(shade, shade - 10, shade - 15), width=int(u(1, 4)))
     return (pic, region.repeat(2, axis=0).repeat(2, axis=1)) if with_mask else pic
+
+
+def not_lesions(seed: int = 0, n: int = 30) -> dict[str, list[Image.Image]]:
+    """`n` 600x450 images per kind that are not dermoscopic lesion images: random noise, flat colour, colour
+    gradients, and synthetic skin with no lesion on it. What the out-of-distribution notice must catch; used by
+    `skinlesion bench checks` and its test, so both measure the same images."""
+    rng = np.random.default_rng(seed)
+
+    def gradient() -> Image.Image:
+        ramp = np.linspace(0, 1, 600)[None, :, None] * rng.uniform(0, 255, 3)
+        ramp = ramp + np.linspace(0, 1, 450)[:, None, None] * rng.uniform(0, 255, 3)
+        return Image.fromarray(np.clip(ramp / 2, 0, 255).astype(np.uint8))
+
+    def skin(i: int) -> Image.Image:
+        lesion = make_lesion(np.random.default_rng([5, i]), "nv")
+        lesion.opacity, lesion.layers = 0.0, []
+        return render(lesion, np.random.default_rng([6, i]))
+
+    return {
+        "noise": [Image.fromarray(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8)) for _ in range(n)],
+        "flat colour": [Image.new("RGB", (600, 450), tuple(map(int, rng.integers(0, 256, 3)))) for _ in range(n)],
+        "gradient": [gradient() for _ in range(n)],
+        "skin without a lesion": [skin(i) for i in range(n)],
+    }
