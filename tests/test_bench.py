@@ -95,6 +95,18 @@ def test_the_baseline_benchmarks_are_under_skinlesion_bench(name: str, capsys) -
     assert exited.value.code == 0 and f"usage: skinlesion bench {name}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_harness_times_the_real_trainer_against_a_bare_loop(shards_dir: Path, capsys) -> None:
+    """It patches the trainer's loader, manifest and validation for its run, and leaves them as they were."""
+    import skinlesion.train as T
+
+    before = (T.train_loader, T.read_manifest, T.verify_split, T.validate, T.train_epoch)
+    assert main(["bench", "harness", "--shards", str(shards_dir), "--steps", "2", "--repeats", "1",
+                 "--batch-size", "4", "--image-size", "32"]) in (0, None)  # fmt: skip
+    assert "ratio harness / bare" in capsys.readouterr().out
+    assert (T.train_loader, T.read_manifest, T.verify_split, T.validate, T.train_epoch) == before
+
+
 def test_bench_files_compares_shards_with_jpeg_files(shards_dir: Path, capsys) -> None:
     assert main(["bench", "files", "--shards", str(shards_dir), "--image-size", "32", "--batch-size", "8",
                  "--workers", "0", "--repeats", "1"]) == 0  # fmt: skip

@@ -17,6 +17,7 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -58,19 +59,21 @@ def harness_loop(batches: list[dict], shards: Path, arch: str, image_size: int, 
         timings.append((time.perf_counter() - start) / run.batches)
         return result
 
-    harness.train_loader = lambda *args, **kwargs: iter(batches)
     untimed = compute_metrics(np.arange(7), np.eye(7), n_bootstrap=0)  # validation is not what is timed
-    harness.validate = lambda *args, **kwargs: EvalResult(metrics=untimed, predictions=None, files={})
-    harness.train_epoch = timed_epoch
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"data.shards={shards}", f"train.output_dir={out}", f"model.name={arch}", "train.epochs=1",
                      f"data.image_size={image_size}", f"data.batch_size={len(batches[0]['label'])}",
                      f"train.lr={lr}", "wandb.mode=disabled", "train.log_every_steps=10"]  # fmt: skip
-        cfg = load_config(Path(__file__).resolve().parents[1] / "configs/smoke.yaml", overrides)
+        cfg = load_config(Path(__file__).resolve().parents[2] / "configs/smoke.yaml", overrides)
         samples = len(batches) * cfg.data.batch_size  # make the epoch exactly len(batches) steps
-        harness.read_manifest = lambda path: {"splits": {"train": {"samples": samples}}}
-        harness.train(cfg)
-    harness.train_epoch = real_epoch
+        # The trainer as is, fed the in-memory batches: only its loader, manifest and validation are stubbed.
+        with mock.patch.multiple(
+            harness, train_loader=lambda *args, **kwargs: iter(batches), train_epoch=timed_epoch,
+            read_manifest=lambda path: {"splits": {"train": {"samples": samples}}},
+            verify_split=lambda *args, **kwargs: None,
+            validate=lambda *args, **kwargs: EvalResult(metrics=untimed, predictions=None, files={}),
+        ):  # fmt: skip
+            harness.train(cfg)
     return timings[0]
 
 
