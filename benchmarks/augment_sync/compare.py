@@ -47,7 +47,11 @@ for name, fn in impl.items():
         torch.cuda.set_sync_debug_mode(0)
 
 x, affine = batches[2]["image"].to(device), batches[2]["affine"].to(device)
-result[f"augment_ms_per_batch_{batch_size}"] = {}
+if not cuda:  # the CPU figure of docs/benchmarks.md: a batch of 32 at 224 px
+    x = torch.randint(0, 256, (32, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    affine = torch.tensor([[0.9, 0.1, 0.05], [-0.1, 0.9, 0.0]]).expand(32, 2, 3)
+key = f"augment_ms_per_batch_{len(x)}_at_{x.shape[-1]}px"
+result[key] = {}
 for name, fn in impl.items():
     times = []
     for i in range(20):
@@ -56,7 +60,7 @@ for name, fn in impl.items():
         fn(x, affine, augment_new.batch_generator(device, 0, 0, 0, i))
         bench._sync(device)
         times.append(time.perf_counter() - start)
-    result[f"augment_ms_per_batch_{batch_size}"][name] = statistics.median(times[5:]) * 1000
+    result[key][name] = statistics.median(times[5:]) * 1000
 
 overrides = [f"data.shards={shards}", f"data.image_size={size}", f"data.batch_size={batch_size}",
              f"data.num_workers={workers}", "wandb.mode=disabled", "data.augment=device",
