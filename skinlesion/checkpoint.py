@@ -48,6 +48,31 @@ class TrainerState:
     best_metric: float | None = None  # best val_balanced_accuracy so far
     best_epoch: int | None = None
     arch: str | None = None  # model.name of the run: a checkpoint of another architecture is never loaded
+    recipe: dict[str, Any] | None = None  # the run's config (Config.to_dict()): a resume must not change it
+
+
+# What a resume may change: how long the run is, where its files are (a moved run or shards folder, a path
+# spelled from another working directory), how it logs, checkpoints, loads and compiles, and where W&B files
+# it. Everything else is the recipe (data, model, optimisation): changing it mid-run would train one run under
+# two recipes while config.yaml and best.pt claim one. (data.num_workers changes the order in which samples
+# arrive, not what is trained, and a requeue on another node may resolve `auto` differently.)
+MAY_CHANGE = frozenset(
+    "train.epochs train.resume train.output_dir train.log_every_steps train.checkpoint_every_steps "
+    "train.keep_checkpoints train.dist_timeout_s train.compile train.compile_backend data.shards data.num_workers "
+    "data.eval_batch_size data.augment data.decode wandb.mode wandb.project wandb.entity wandb.name wandb.group".split()
+)
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every recipe key that differs (keys in MAY_CHANGE excepted)."""
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            dotted = f"{section}.{key}"
+            if dotted not in MAY_CHANGE and old.get(key) != new.get(key):
+                changes.append(f"{dotted}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
 
 
 def read_state(path: Path) -> TrainerState:
@@ -56,7 +81,7 @@ def read_state(path: Path) -> TrainerState:
     if not isinstance(raw, dict):
         raise ValueError("not a JSON object")
     counts = ("epoch", "step", "batches_in_epoch")
-    optional = {"wandb_run_id": str, "best_metric": (int, float), "best_epoch": int, "arch": str}
+    optional = {"wandb_run_id": str, "best_metric": (int, float), "best_epoch": int, "arch": str, "recipe": dict}
     for key, value in raw.items():
         if key in counts:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -118,14 +143,20 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    accelerator: Accelerator, resume: str, output_dir: Path, arch: str, ema: nn.Module | None = None
+    accelerator: Accelerator,
+    resume: str,
+    output_dir: Path,
+    arch: str,
+    ema: nn.Module | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> tuple[TrainerState, Path] | None:
     """Restore model, optimizer and RNG from the checkpoint `resume` names; None when there is none.
 
     ``auto`` tries the complete checkpoints newest first. One that is corrupt is skipped with a warning
     when an older one loads. One that does not fit this run (another architecture) stops the run, and so
     does a folder whose checkpoints all fail: starting from scratch there would overwrite metrics.jsonl,
-    best.pt and the checkpoints of the run that wrote them. A path must load or the run stops.
+    best.pt and the checkpoints of the run that wrote them. So does a checkpoint whose recorded recipe differs
+    from `recipe` in any key outside MAY_CHANGE. A path must load or the run stops.
     """
     if resume == "never":
         return None
@@ -140,6 +171,14 @@ def load_checkpoint(
         if state.arch is not None and state.arch != arch:
             failures.append((folder, f"it was saved by a model.name={state.arch} run, and this run has {arch}"))
             break  # a run of another model: never fall back past it
+        changes = recipe_changes(state.recipe, recipe) if state.recipe is not None and recipe is not None else []
+        if changes:
+            raise UserError(
+                f"cannot resume from {folder}: it was trained with another recipe ({'; '.join(changes[:4])}"
+                f"{'; ...' if len(changes) > 4 else ''}). Nothing was overwritten; resume with the run's own "
+                f"settings ({Path(output_dir) / 'config.yaml'}), or pass another train.output_dir. Keys a resume "
+                f"may change: {', '.join(sorted(MAY_CHANGE))}"
+            )
         if ema is not None and not (folder / EMA_FILE).is_file():
             failures.append((folder, "it was saved without train.ema_decay, and this run has an EMA"))
             break

@@ -31,7 +31,7 @@ class DataConfig:
     image_size: int = 224  # training crop / eval centre-crop side, px
     batch_size: int = 64  # per process
     eval_batch_size: int = 128  # per process, validation
-    num_workers: int = 4  # loader processes per training process
+    num_workers: int | str = "auto"  # loader processes per training process; auto: its share of the cores, less one
     shuffle_buffer: int = 1000  # samples held for the in-stream shuffle
     augment: str = "auto"  # where per-pixel augmentation runs: auto (device on CUDA, else cpu) | device | cpu
 
@@ -65,7 +65,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (launcher's choice, else bf16 on a bf16 GPU) | no | bf16 | fp16
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (from its first epoch with an unfrozen backbone)
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor | aot_eager | eager (the last two debug)
+    reference_batch: int = 0  # the global batch train.lr and ema_decay are meant for; others are scaled. 0 = off
     seed: int = 0
     output_dir: Path = Path("runs/ham10000")
     resume: str = "auto"  # auto | never | path to a checkpoint folder
@@ -106,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.loss": ("ce", "weighted_ce", "logit_adjusted", "focal"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 # Keys whose value must be > 0 (or >= 0 for the second set).
@@ -115,7 +118,8 @@ NON_NEGATIVE = {"data.num_workers", "train.weight_decay", "train.warmup_epochs",
 NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr_ratio", "train.loss_tau"}
 NON_NEGATIVE |= {"train.focal_gamma", "train.label_smoothing", "train.ema_decay"}
 NON_NEGATIVE |= {"train.mixup_alpha", "train.cutmix_alpha", "train.mix_prob", "train.backbone_lr_mult"}
-NON_NEGATIVE |= {"train.freeze_backbone_epochs"}
+NON_NEGATIVE |= {"train.freeze_backbone_epochs", "train.reference_batch"}
+AUTO = {"data.num_workers"}  # a count, or "auto": resolved when the machine is known (distributed.loader_workers)
 POSITIVE |= {"train.ema_every_steps"}
 
 
@@ -199,6 +203,10 @@ def _build(raw: dict[str, Any], source: str) -> Config:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the field's type; accept ints for floats and strings for paths."""
+    if key in AUTO:
+        if value == "auto":
+            return value
+        hint = int
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     if optional:
         if value is None:
@@ -227,6 +235,8 @@ def _check_values(cfg: Config) -> None:
     for key in POSITIVE | NON_NEGATIVE | set(CHOICES):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if key in AUTO and value == "auto":
+            continue
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"config key {key!r} is {value!r}; choose one of {', '.join(CHOICES[key])}")
         if key in POSITIVE and not value > 0:

@@ -6,6 +6,7 @@ them (which parameters decay, what the backbone gets, what "frozen" means) are i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -21,6 +22,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     backbone train.backbone_lr_mult of the rate, or none while it is frozen (train.freeze_backbone_epochs).
     Freezing by learning rate, not by requires_grad, keeps the set of parameters with gradients fixed,
     which DDP requires; AdamW's decoupled weight decay scales with the rate, so a frozen weight does not move.
+
+    The fused implementations (one kernel for all parameters, on CUDA and on the CPU) keep their step counts
+    on the device: the default ones keep them on the host and read them back at every step (`.item()` per
+    parameter), which on a CPU looks exactly like a device synchronisation (tests/test_host_sync.py).
     """
     groups = []
     for head in (False, True):
@@ -29,9 +34,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
             groups.append({"params": [p for p in params if (p.ndim > 1) == decay], "backbone": not head,
                            "weight_decay": cfg.weight_decay if decay else 0.0})  # fmt: skip
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=True)
     optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(groups, lr=cfg.lr)
+    return optimizer(groups, lr=cfg.lr, fused=True)
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
@@ -54,3 +59,14 @@ def freeze_batchnorm(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+def scaled_schedule(cfg: TrainConfig, global_batch: int) -> TrainConfig:
+    """train.reference_batch: the recipe's lr and ema_decay are for that global batch. Another world size
+    keeps the same schedule per image: lr scales linearly with the global batch, and the EMA decay per
+    step is decay ** (global / reference), so it averages over as many images (torchvision's recipes adjust
+    their EMA the same way)."""
+    if not cfg.reference_batch or global_batch == cfg.reference_batch:
+        return cfg
+    scale = global_batch / cfg.reference_batch
+    return dataclasses.replace(cfg, lr=cfg.lr * scale, ema_decay=cfg.ema_decay**scale)

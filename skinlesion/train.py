@@ -6,15 +6,17 @@ fresh. `fit` runs per epoch `train_epoch` (the optimizer step fits on one screen
 best.pt. `finish` exports model.pt and evaluates best.pt on the test split through `evaluate_checkpoint`,
 the function behind `skinlesion evaluate`, then writes the model card.
 
-Every rank runs the same number of steps (the loader guarantees it), agrees at each step whether to stop
-(preemption signal) or fail (non-finite loss), and only the main process writes files other than checkpoints.
+Every rank runs the same number of steps (the loader guarantees it), and only the main process writes files
+other than checkpoints. The step reads nothing back from the device: ranks agree whether to stop (preemption
+signal) or fail (non-finite loss) every ``train.log_every_steps`` steps and before every save (`StepCheck`), so
+the CPU queues step k+1 while the GPU still runs step k. One loader serves every epoch of the run, so its
+workers start once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
 from skinlesion import tracking, tracking_eval
 from skinlesion.card import calibrate
@@ -37,29 +37,28 @@ from skinlesion.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from skinlesion.config import Config, save_config
-from skinlesion.data.augment import augment, batch_generator
+from skinlesion.config import Config, TrainConfig, save_config
+from skinlesion.data.batches import resolve_augment
 from skinlesion.data.manifest import read_manifest, verify_split
 from skinlesion.data.pipeline import batches_per_rank, train_loader
 from skinlesion.distributed import (
+    StepCheck,
     StopSignal,
-    any_rank,
+    loader_workers,
     lock_on_main,
     make_accelerator,
     runtime_info,
-    signal_name,
 )
-from skinlesion.ema import make_ema
+from skinlesion.ema import EMA, make_ema
+from skinlesion.epoch import train_epoch, validate
 from skinlesion.errors import UserError
-from skinlesion.evaluate import EvalResult, evaluate, evaluate_checkpoint
+from skinlesion.evaluate import EvalResult, evaluate_checkpoint
 from skinlesion.files import FolderLock, atomic_write, output_folder
 from skinlesion.labels import CLASSES
 from skinlesion.losses import make_criterion
 from skinlesion.mixing import Mixer, make_mixer
 from skinlesion.model import ModelFacts, build_model, load_for_inference
-from skinlesion.optim import freeze_batchnorm, lr_at, make_optimizer, set_lr
-
-CPU_AUGMENT = "device"  # what data.augment=auto means without CUDA (measured: docs/benchmarks.md)
+from skinlesion.optim import make_optimizer, scaled_schedule
 
 
 @dataclass
@@ -77,13 +76,17 @@ class Run:
     optimizer: torch.optim.Optimizer
     criterion: nn.Module
     stop: StopSignal
+    check: StepCheck  # the loss's health and the stop signal, read every train.log_every_steps steps
+    schedule: TrainConfig  # cfg.train with lr and ema_decay scaled to the global batch (train.reference_batch)
     batches: int  # per rank per epoch
     augment: str  # where per-pixel augmentation runs: "device" (uint8 batches) or "cpu" (loader workers)
     mixer: Mixer | None  # MixUp/CutMix on a share of the device batches (train.mix_prob > 0)
-    ema: AveragedModel | None  # the weights' moving average (train.ema_decay > 0): validated and exported
+    ema: EMA | None  # the weights' moving average (train.ema_decay > 0): validated and exported
     total_steps: int
     warmup_steps: int
     facts: ModelFacts  # what best.pt and model.pt carry: arch, classes, image size
+    compiled: nn.Module | None = None  # torch.compile(model), made at the first unfrozen epoch (train.compile)
+    compile_seconds: float | None = None  # wall time of the first compiled step: the compile itself
 
     @property
     def shipped(self) -> nn.Module:
@@ -103,6 +106,7 @@ def train(cfg: Config) -> Path:
             finish(run, state)
         run.accelerator.end_training()
     finally:
+        run.stop.restore()  # the process may go on (tests, notebooks): it must not keep ignoring SIGTERM
         run.lock.release()
     return run.out
 
@@ -130,24 +134,37 @@ def setup(cfg: Config) -> Run:
         if cfg.train.resume == "never" and complete_checkpoints(out):
             raise UserError(f"{out} already holds checkpoints; pass train.resume=auto or another train.output_dir")
 
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, num_workers=loader_workers(cfg.data.num_workers))
+        )
+        schedule = scaled_schedule(cfg.train, cfg.data.batch_size * world * cfg.train.grad_accum)
         set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
         model = build_model(cfg.model.name, cfg.model.pretrained)
         if accelerator.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, cfg.train)
+        optimizer = make_optimizer(model, schedule)
         model, optimizer = accelerator.prepare(model, optimizer)
-        if cfg.train.compile:
-            model = torch.compile(model)
         steps_per_epoch = batches // cfg.train.grad_accum
         run = Run(
-            cfg=cfg, out=out, manifest=manifest, accelerator=accelerator, lock=lock, model=model, optimizer=optimizer,
-            criterion=make_criterion(cfg.train, manifest).to(accelerator.device), stop=StopSignal(), batches=batches,
-            augment=resolve_augment(cfg.data.augment, accelerator.device), mixer=make_mixer(cfg.train),
-            ema=make_ema(accelerator.unwrap_model(model), cfg.train.ema_decay),
+            cfg=cfg,
+            out=out,
+            manifest=manifest,
+            accelerator=accelerator,
+            lock=lock,
+            model=model,
+            optimizer=optimizer,
+            criterion=make_criterion(cfg.train, manifest).to(accelerator.device),
+            stop=StopSignal(),
+            check=StepCheck(accelerator.device),
+            schedule=schedule,
+            batches=batches,
+            augment=resolve_augment(cfg.data.augment, accelerator.device),
+            mixer=make_mixer(cfg.train),
+            ema=make_ema(accelerator.unwrap_model(model), schedule.ema_decay),
             total_steps=steps_per_epoch * cfg.train.epochs,
             warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
             facts=ModelFacts(arch=cfg.model.name, classes=CLASSES, image_size=cfg.data.image_size),
-        )  # fmt: skip
+        )
     except BaseException:
         lock.release()
         raise
@@ -159,23 +176,28 @@ def resume(run: Run) -> TrainerState:
     """The state to continue from: the newest checkpoint's (train.resume=auto), or a fresh one. Also records
     the resolved config and starts the W&B run (the same run id after a requeue)."""
     cfg, accelerator, out = run.cfg, run.accelerator, run.out
-    resumed = load_checkpoint(accelerator, cfg.train.resume, out, arch=cfg.model.name, ema=run.ema)
+    recipe = cfg.to_dict()
+    resumed = load_checkpoint(accelerator, cfg.train.resume, out, arch=cfg.model.name, ema=run.ema, recipe=recipe)
     if resumed is None and (out / "model.pt").exists():
         raise UserError(
             f"{out} holds model.pt of a finished run but no checkpoint to resume from; starting over would "
             f"overwrite it: choose another train.output_dir"
         )
     state = resumed[0] if resumed else TrainerState(arch=cfg.model.name)
-    state.arch = cfg.model.name
+    state.arch, state.recipe = cfg.model.name, recipe
     if accelerator.is_main_process:
         if resumed:
             accelerator.print(f"resuming from {resumed[1]} (epoch {state.epoch}, step {state.step})")
         if not run.has("val"):
-            accelerator.print(f"notice: {cfg.data.shards} has no val samples: validation is skipped and best.pt "
-                              "is the last epoch's weights")  # fmt: skip
+            accelerator.print(
+                f"notice: {cfg.data.shards} has no val samples: validation is skipped and best.pt "
+                "is the last epoch's weights"
+            )
         if cfg.train.freeze_backbone_epochs and cfg.model.pretrained == "none":
-            accelerator.print(f"notice: train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} with "
-                              "model.pretrained=none holds a random backbone still; set model.pretrained")  # fmt: skip
+            accelerator.print(
+                f"notice: train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} with "
+                "model.pretrained=none holds a random backbone still; set model.pretrained"
+            )
         _keep_metrics_before(out / "metrics.jsonl", state.epoch)
         state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
         save_config(cfg, out / "config.yaml", runtime_info(accelerator))
@@ -187,9 +209,31 @@ def resume(run: Run) -> TrainerState:
 def fit(run: Run, state: TrainerState) -> bool:
     """Train the remaining epochs, validating after each and keeping best.pt; False when preempted."""
     cfg, accelerator = run.cfg, run.accelerator
+    if state.epoch >= cfg.train.epochs:
+        return True
+    # One loader, and one set of workers, for every remaining epoch: they prefetch the next epoch's first
+    # batches while this one is validated and checkpointed.
+    batches = iter(
+        train_loader(
+            cfg.data.shards,
+            image_size=cfg.data.image_size,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=cfg.train.seed,
+            epoch=state.epoch,
+            epochs=cfg.train.epochs - state.epoch,
+            batches=run.batches,
+            skip_batches=state.batches_in_epoch,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            augment=run.augment,
+            manifest=run.manifest,
+        )
+    )
     for epoch in range(state.epoch, cfg.train.epochs):
         state.epoch = epoch
-        epoch_stats = train_epoch(run, state)
+        epoch_stats = train_epoch(run, state, batches)
         if epoch_stats is None:  # preempted: checkpoint written, every rank leaves cleanly
             return False
         state.epoch, state.batches_in_epoch = epoch + 1, 0
@@ -222,17 +266,30 @@ def finish(run: Run, state: TrainerState) -> None:
         weights = bare_state_dict(accelerator, run.shipped)
         if not (out / "best.pt").is_file():  # resumed after the last epoch, and best.pt was deleted since
             accelerator.print(f"warning: {out}/best.pt was missing; exported the final weights as best.pt")
-            export_best(weights, out / "best.pt", facts=run.facts, epoch=state.epoch - 1, step=state.step,
-                        metric={"name": "val_balanced_accuracy", "value": None})  # fmt: skip
+            export_best(
+                weights,
+                out / "best.pt",
+                facts=run.facts,
+                epoch=state.epoch - 1,
+                step=state.step,
+                metric={"name": "val_balanced_accuracy", "value": None},
+            )
         export_model(weights, out / "model.pt", run.facts)
         (out / "preempted").unlink(missing_ok=True)
         accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
     accelerator.wait_for_everyone()  # best.pt is written by the main process
     test: EvalResult | None = None
     if run.has("test"):
-        test, best = evaluate_checkpoint(accelerator, out / "best.pt", cfg.data.shards, "test", out / "eval",
-                                         manifest=run.manifest, batch_size=cfg.data.eval_batch_size,
-                                         num_workers=cfg.data.num_workers)  # fmt: skip
+        test, best = evaluate_checkpoint(
+            accelerator,
+            out / "best.pt",
+            cfg.data.shards,
+            "test",
+            out / "eval",
+            manifest=run.manifest,
+            batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers,
+        )
         accelerator.log(test.scalars("test") | tracking_eval.png_images(accelerator, test.files, "test"))
         tracking_eval.log_test_charts(accelerator, test)  # W&B: interactive confusion matrix and ROC
         accelerator.print(test.summary())
@@ -240,17 +297,30 @@ def finish(run: Run, state: TrainerState) -> None:
         best = load_for_inference(out / "best.pt")
         best.model.to(accelerator.device)
     if run.has("val") and accelerator.is_main_process:  # model_card.json + ood.pt beside best.pt (skinlesion.card)
-        calibrate(best.model, out / "best.pt", cfg.data.shards, best.image_size, best.arch, cfg.data.eval_batch_size,
-                  test_metrics=test.metrics if test else None, manifest=run.manifest)  # fmt: skip
+        calibrate(
+            best.model,
+            out / "best.pt",
+            cfg.data.shards,
+            best.image_size,
+            best.arch,
+            cfg.data.eval_batch_size,
+            test_metrics=test.metrics if test else None,
+            manifest=run.manifest,
+        )
         accelerator.print(f"wrote {out}/model_card.json and ood.pt (risk bands and out-of-distribution threshold)")
     accelerator.wait_for_everyone()
     tracking.log_model(accelerator, out)  # W&B: best.pt, model card, ood.pt, config.yaml as the model artifact
 
 
 def _update_best(
-    accelerator: Accelerator, model: nn.Module, state: TrainerState, facts: ModelFacts, out: Path, epoch: int,
+    accelerator: Accelerator,
+    model: nn.Module,
+    state: TrainerState,
+    facts: ModelFacts,
+    out: Path,
+    epoch: int,
     score: float | None,
-) -> None:  # fmt: skip
+) -> None:
     """Export best.pt when validation improved strictly (a tie keeps the earlier epoch), when there is no
     validation (the last epoch), or when best.pt is missing from this folder (a run branched from a copied
     checkpoint, or the file was deleted): then the best weights available are this epoch's, and it says so.
@@ -260,147 +330,21 @@ def _update_best(
     if not (improved or missing):
         return
     if missing and not improved and accelerator.is_main_process:
-        accelerator.print(f"warning: {out}/best.pt was missing (epoch {state.best_epoch}'s weights are not in this "
-                          f"folder); wrote epoch {epoch}'s as best.pt")  # fmt: skip
+        accelerator.print(
+            f"warning: {out}/best.pt was missing (epoch {state.best_epoch}'s weights are not in this "
+            f"folder); wrote epoch {epoch}'s as best.pt"
+        )
     state.best_metric, state.best_epoch = score, epoch
     if accelerator.is_main_process:
         metric = {"name": "val_balanced_accuracy", "value": score}
-        export_best(bare_state_dict(accelerator, model), out / "best.pt", facts=facts, epoch=epoch, step=state.step,
-                    metric=metric)  # fmt: skip
-
-
-def train_epoch(run: Run, state: TrainerState) -> dict[str, float] | None:
-    """Train the rest of `state.epoch`; per-epoch stats, or None when the ranks agreed to stop (preempted)."""
-    cfg, accelerator, model, accum = run.cfg, run.accelerator, run.model, run.cfg.train.grad_accum
-    rank = accelerator.process_index
-    loader = train_loader(
-        cfg.data.shards, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers, rank=rank, world_size=accelerator.num_processes,
-        seed=cfg.train.seed, epoch=state.epoch, batches=run.batches, skip_batches=state.batches_in_epoch,
-        shuffle_buffer=cfg.data.shuffle_buffer, augment=run.augment, manifest=run.manifest,
-    )  # fmt: skip
-    batches = iter(loader)
-    steps = (run.batches - state.batches_in_epoch) // accum
-    bar = tqdm(total=run.batches // accum, initial=run.batches // accum - steps, desc=f"epoch {state.epoch}",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
-    loss_sum = torch.zeros((), device=accelerator.device)  # sum of sample losses on this rank, kept on the device
-    images, skipped, started = 0, 0, time.perf_counter()  # host numbers: no per-step host-to-device copy
-    frozen = state.epoch < cfg.train.freeze_backbone_epochs
-    model.train()
-    if frozen:  # the head learns on the pretrained features: BatchNorm keeps their statistics
-        freeze_batchnorm(model)
-    for _ in range(steps):
-        lr = lr_at(state.step, run.total_steps, run.warmup_steps, cfg.train)
-        set_lr(run.optimizer, lr, cfg.train, frozen)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(accum):
-            batch, index = next(batches), state.batches_in_epoch + micro
-            x, y = model_input(batch, accelerator.device, cfg.train.seed, state.epoch, rank, index)
-            if run.mixer is not None:
-                x, y = run.mixer(x, y, state.epoch, rank, index)
-            skipped += batch.get("skipped", 0)
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync:
-                loss = run.criterion(model(x), y)
-                accelerator.backward(loss / accum)
-            step_loss += loss.detach() / accum
-            loss_sum += loss.detach() * len(y)
-            images += len(y)
-        stop_signal, diverged = any_rank(accelerator, run.stop.received, int(not torch.isfinite(step_loss)))
-        if diverged:
-            last = complete_checkpoints(cfg.train.output_dir)
-            raise UserError(
-                f"the loss became {step_loss.item()} at epoch {state.epoch}, step {state.step} (lr {lr:.3g}); "
-                f"stopped without updating the weights. Last good checkpoint: {last[0] if last else 'none'}. "
-                f"Lower train.lr, keep train.grad_clip > 0, or try train.mixed_precision=no"
-            )
-        if cfg.train.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        if run.ema is not None and state.step % cfg.train.ema_every_steps == 0:
-            run.ema.update_parameters(accelerator.unwrap_model(model))
-        state.batches_in_epoch += accum
-
-        throughput = images * accelerator.num_processes / (time.perf_counter() - started)
-        bar.update()
-        if state.step % cfg.train.log_every_steps == 0 or stop_signal:
-            loss_value = step_loss.item()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{throughput:.0f}")
-            accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/images_per_second": throughput},
-                            step=state.step)  # fmt: skip
-        every = cfg.train.checkpoint_every_steps
-        if stop_signal or (every and state.step % every == 0 and state.batches_in_epoch < run.batches):
-            save_checkpoint(accelerator, cfg.train.output_dir, state, cfg.train.keep_checkpoints, run.ema)
-        if stop_signal:
-            bar.close()
-            _write_preempted(accelerator, Path(cfg.train.output_dir), state, stop_signal)
-            return None
-    bar.close()
-    counts = torch.tensor([images, skipped], dtype=loss_sum.dtype, device=loss_sum.device)
-    total = accelerator.reduce(torch.cat([loss_sum[None], counts]), reduction="sum")
-    return {
-        "train_loss": (total[0] / total[1].clamp(min=1)).item(),
-        "lr": lr_at(max(state.step - 1, 0), run.total_steps, run.warmup_steps, cfg.train),  # the head's
-        "images_per_second": images * accelerator.num_processes / (time.perf_counter() - started),
-        "skipped_samples": int(total[2].item()),
-    }
-
-
-def model_input(
-    batch: dict[str, Any], device: torch.device, seed: int, epoch: int, rank: int, index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch on the device, ready for the model: uint8 tiles are augmented and normalised here, per
-    sample, with flips and jitter drawn from (seed, epoch, rank, batch index): a resumed epoch draws the same."""
-    x = batch["image"].to(device, non_blocking=True)
-    if "affine" in batch:
-        generator = batch_generator(device, seed, epoch, rank, index)
-        x = augment(x, batch["affine"].to(device, non_blocking=True), generator)
-    elif device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["label"].to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def validate(
-    accelerator: Accelerator, model: nn.Module, cfg: Config, split: str = "val", out: Path | None = None,
-    manifest: dict[str, Any] | None = None,
-) -> EvalResult:  # fmt: skip
-    """The evaluator of `skinlesion evaluate` on `split`: every sample once across ranks, same metrics on all.
-
-    BatchNorm statistics are first made identical on every rank (DDP only broadcasts them at the next
-    forward), so the result does not depend on the number of processes.
-    """
-    net = accelerator.unwrap_model(model)
-    _sync_buffers(accelerator, net)
-    return evaluate(
-        net, accelerator, cfg.data.shards, split, cfg.data.image_size, out=out, batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers, n_bootstrap=0, manifest=manifest,
-    )  # fmt: skip
-
-
-def _sync_buffers(accelerator: Accelerator, net: nn.Module) -> None:
-    """Give every rank rank 0's BatchNorm statistics (DDP broadcasts them only at the next forward)."""
-    if accelerator.num_processes > 1:
-        for buffer in net.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-
-
-def resolve_augment(setting: str, device: torch.device) -> str:
-    """data.augment=auto: on the device on CUDA, where the loader's CPU time is the bottleneck; on CPU too,
-    where it spends less CPU in total (docs/benchmarks.md)."""
-    if setting != "auto":
-        return setting
-    return "device" if device.type == "cuda" else CPU_AUGMENT
-
-
-def _write_preempted(accelerator: Accelerator, out: Path, state: TrainerState, signum: int) -> None:
-    """The file the sbatch script looks for to requeue the job."""
-    if accelerator.is_main_process:
-        atomic_write(out / "preempted", json.dumps({"step": state.step, "epoch": state.epoch,
-                                                    "signal": signal_name(signum)}))  # fmt: skip
-        accelerator.print(f"stopped by {signal_name(signum)} at step {state.step}; checkpoint saved, resume to go on")
+        export_best(
+            bare_state_dict(accelerator, model),
+            out / "best.pt",
+            facts=facts,
+            epoch=epoch,
+            step=state.step,
+            metric=metric,
+        )
 
 
 def _keep_metrics_before(path: Path, epoch: int) -> None:

@@ -185,7 +185,9 @@ def _shuffled(samples: Iterator[dict[str, Any]], buffer: int, rng: random.Random
 
 
 class TrainStream(IterableDataset):
-    """One epoch of one rank's training batches; see the module docstring for how slots share shards."""
+    """One rank's training batches for `epochs` epochs from `epoch`; see the module docstring for how slots
+    share shards. One stream for the whole run keeps the loader's workers alive from epoch to epoch: a new
+    DataLoader per epoch starts its workers again (seconds with many workers, while the GPU idles)."""
 
     def __init__(
         self,
@@ -198,26 +200,38 @@ class TrainStream(IterableDataset):
         world_size: int,
         seed: int,
         epoch: int,
+        epochs: int = 1,
         skip_batches: int = 0,
         shuffle_buffer: int = 1000,
         augment: str = "cpu",
     ) -> None:
         self.shards, self.image_size, self.batch_size, self.batches = shards, image_size, batch_size, batches
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.rank, self.world_size, self.seed, self.epoch, self.epochs = rank, world_size, seed, epoch, epochs
         self.skip_batches, self.shuffle_buffer, self.augment = skip_batches, shuffle_buffer, augment
 
     def __iter__(self) -> Iterator[Batch]:
+        # The DataLoader takes batches from its workers round-robin: the k-th batch it yields comes from worker
+        # k % workers. Batch i of an epoch must come from the same *logical* worker whatever the run's start
+        # (an uninterrupted run, or a resume mid-epoch), since that fixes which shards and random draws it
+        # gets. So each epoch this worker plays the logical worker whose batches land on it, given how many
+        # batches the stream has yielded before the epoch's batch 0.
         worker, workers = _worker()
+        before = -self.skip_batches  # stream position of the first epoch's batch 0 (its skipped ones not yielded)
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            skip = self.skip_batches if epoch == self.epoch else 0
+            yield from self._epoch(epoch, (worker - before) % workers, workers, skip)
+            before += self.batches
+
+    def _epoch(self, epoch: int, worker: int, workers: int, skip_batches: int) -> Iterator[Batch]:
+        """Logical `worker`'s batches of `epoch`: those with index i % workers == worker, from `skip_batches`."""
         slot, slots = self.rank * workers + worker, self.world_size * workers
-        # The DataLoader takes batches from its workers round-robin, so batch i of the rank comes from
-        # worker i % workers: that fixes each worker's share of the epoch and of the batches to skip.
         quota = _share(self.batches, worker, workers)
-        skip = _share(self.skip_batches, worker, workers)
-        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
+        skip = _share(skip_batches, worker, workers)
+        rng = random.Random(f"{self.seed}/{epoch}/{slot}")
         torch.manual_seed(rng.getrandbits(63))  # augmentation draws: reproducible per (seed, epoch, slot)
 
         order = [shard for shard in self.shards if shard[1] > 0]  # an empty shard would make cycle() spin
-        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)  # same on every rank and worker
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)  # same on every rank and worker
         mine = [p for p, _ in order[slot::slots]] or [order[slot % len(order)][0]]
 
         def passes() -> Iterator[dict[str, Any]]:
@@ -251,12 +265,14 @@ def train_loader(
     seed: int,
     epoch: int,
     batches: int,
+    epochs: int = 1,
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
     augment: str = "cpu",
     manifest: dict | None = None,
 ) -> DataLoader:
-    """Exactly ``batches - skip_batches`` training batches for this rank in `epoch`: dict(image, label, key,
+    """Exactly ``batches - skip_batches`` training batches for this rank in `epoch`, then `batches` for each of
+    the next ``epochs - 1`` epochs, from one set of workers: dict(image, label, key,
     meta, skipped), plus ``affine`` with ``augment="device"`` (uint8 images, augmented later on the device by
     `data.augment.augment`); ``augment="cpu"`` gives augmented, normalised float32 images.
 
@@ -283,6 +299,7 @@ def train_loader(
         world_size=world_size,
         seed=seed,
         epoch=epoch,
+        epochs=epochs,
         skip_batches=skip_batches,
         shuffle_buffer=shuffle_buffer,
         augment=augment,
