@@ -56,10 +56,13 @@ class TrainerState:
 # it. Everything else is the recipe (data, model, optimisation): changing it mid-run would train one run under
 # two recipes while config.yaml and best.pt claim one. (data.num_workers changes the order in which samples
 # arrive, not what is trained, and a requeue on another node may resolve `auto` differently.)
+_RUN = ("epochs", "resume", "output_dir", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+_MACHINE = ("dist_timeout_s", "compile", "compile_backend")
+_DATA = ("shards", "num_workers", "eval_batch_size", "augment", "decode")
 MAY_CHANGE = frozenset(
-    "train.epochs train.resume train.output_dir train.log_every_steps train.checkpoint_every_steps "
-    "train.keep_checkpoints train.dist_timeout_s train.compile train.compile_backend data.shards data.num_workers "
-    "data.eval_batch_size data.augment data.decode wandb.mode wandb.project wandb.entity wandb.name wandb.group".split()
+    [f"train.{k}" for k in _RUN + _MACHINE]
+    + [f"data.{k}" for k in _DATA]
+    + [f"wandb.{k}" for k in ("mode", "project", "entity", "name", "group")]
 )
 
 

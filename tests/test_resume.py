@@ -69,3 +69,29 @@ def test_sigusr1_checkpoints_writes_preempted_and_exits_0_then_resume_finishes(s
     assert [m["epoch"] for m in metrics(out)] == [0, 1]
     assert metrics(out)[-1]["step"] == 2 * STEPS_PER_EPOCH
     assert not (out / "preempted").exists() and (out / "model.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["data.image_size=40", "train.lr=0.02"], "data.image_size: 32 -> 40"),
+        (["train.ema_decay=0"], "train.ema_decay: 0.9 -> 0.0"),
+    ],
+)
+def test_a_resume_with_another_recipe_is_refused_and_changes_nothing(
+    shards: Path, tmp_path: Path, change: list[str], named: str
+) -> None:
+    """Issue 16: a copied run trained on with other settings would mix two recipes under one config.yaml. The
+    checkpoint keeps the recipe; a resume that changes it stops with one line, and writes nothing. Keys a
+    resume may change (train.epochs here) are accepted."""
+    whole, copy = tmp_path / "whole", tmp_path / "copy"
+    assert run_train(whole, shards, "train.ema_decay=0.9").returncode == 0
+    shutil.copytree(whole, copy)
+    before = {p.name: p.read_bytes() for p in (copy / "config.yaml", copy / "model.pt", copy / "metrics.jsonl")}
+    done = run_train(copy, shards, "train.ema_decay=0.9", "train.epochs=3", *change)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "another recipe" in done.stderr and named in done.stderr and "Traceback" not in done.stderr
+    assert {p: (copy / p).read_bytes() for p in before} == before
+    done = run_train(copy, shards, "train.ema_decay=0.9", "train.epochs=3")  # a longer run: allowed
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["epoch"] for m in metrics(copy)] == [0, 1, 2]
