@@ -216,6 +216,21 @@ def test_summarize_ranks_finished_runs_and_marks_the_others(tmp_path: Path, caps
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
+def test_summarize_reads_metrics_cut_short_and_notes_damaged_ones_without_rewriting_them(tmp_path, capsys) -> None:
+    fake_run(tmp_path / "0", [0.4, 0.6])
+    fake_run(tmp_path / "1", [0.5, 0.7])
+    cut, damaged = tmp_path / "0" / "metrics.jsonl", tmp_path / "1" / "metrics.jsonl"
+    with cut.open("a") as f:
+        f.write('{"epoch": 2, "val_balanced_acc')  # the run crashed (or is writing) mid-append
+    damaged.write_text(damaged.read_text().replace('"epoch": 0', '"epoch": 0 oops'))
+    before = cut.read_bytes(), damaged.read_bytes()
+    rows = {r.task: r for r in summarize(tmp_path)}
+    assert (rows["0"].score, rows["0"].epochs) == (0.6, "2/2")
+    assert "dropped its last line" in capsys.readouterr().err
+    assert rows["1"].score is None and f"{damaged}, line 1: not a JSON record" in rows["1"].note
+    assert (cut.read_bytes(), damaged.read_bytes()) == before  # a reader never rewrites a run's file
+
+
 def test_summarize_without_a_plan_labels_runs_by_the_keys_that_differ(tmp_path: Path) -> None:
     for name, lr, score in (("a", 0.1, 0.5), ("b", 0.2, 0.6)):
         fake_run(tmp_path / name, [score], epochs=1, card=(score, score - 0.1, score + 0.1))
