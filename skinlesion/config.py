@@ -119,9 +119,31 @@ NON_NEGATIVE |= {"train.freeze_backbone_epochs"}
 POSITIVE |= {"train.ema_every_steps"}
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice; the message says which and on what lines."""
+
+
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader with YAML 1.2 booleans: only true/false are booleans, so ``mixed_precision=no``
-    stays the string "no" instead of becoming False (YAML 1.1 also reads yes/no/on/off as booleans)."""
+    stays the string "no" instead of becoming False (YAML 1.1 also reads yes/no/on/off as booleans).
+
+    It also refuses a key given twice in one mapping: plain YAML keeps the last silently, so a recipe with two
+    ``train:`` sections would lose the first, and a sweep with two ``grid:`` sections would run half its grid.
+    Configs and sweep files both load through it. Keys merged in with ``<<:`` may still be overridden."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                with contextlib.suppress(TypeError):  # an unhashable key: the base class says so
+                    if key in seen:
+                        raise DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -150,6 +172,8 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
             raise UserError(
                 f"{path} is not a text file (not UTF-8); pass a YAML recipe, e.g. configs/smoke.yaml"
             ) from None
+        except DuplicateKey as exc:
+            raise UserError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         except OSError as exc:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from skinlesion.config import Config, _Loader, load_config  # _Loader: values parse exactly as overrides do
+from skinlesion.config import Config, DuplicateKey, _Loader, load_config  # _Loader: values parse as overrides do
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 
@@ -116,6 +116,8 @@ def load_sweep(path: Path) -> Sweep:
         raise UserError(f"sweep file {path} does not exist; see configs/sweeps/ for an example")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except DuplicateKey as exc:
+        raise UserError(f"{path}: {exc}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path} is not a valid YAML sweep file: {' '.join(str(exc).split())}") from None
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,34 @@ def test_no_on_the_command_line_is_the_string_no_not_false() -> None:
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["train.mixed_precision=no", "wandb.name=off"])
     assert (cfg.train.mixed_precision, cfg.wandb.name) == ("no", "off")
     assert load_config(None, ["train.compile=true"]).train.compile is True
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "train:\n  epochs: 3\nmodel:\n  name: resnet18\ntrain:\n  lr: 0.1\n",
+            "key 'train' appears twice (lines 1 and 5)",
+        ),
+        ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "key 'lr' appears twice (lines 2 and 4)"),
+    ],
+)
+def test_a_key_given_twice_in_a_recipe_is_refused_naming_it(tmp_path, capsys, text: str, message: str) -> None:
+    """Plain YAML keeps the last of two keys: the first `train:` section (or lr) would be dropped unseen."""
+    from skinlesion.cli import main
+
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(text)
+    with pytest.raises(UserError, match=f"^{re.escape(f'{recipe}: {message}; keep one')}$"):
+        load_config(recipe)
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_yaml_merge_keys_may_still_be_overridden() -> None:
+    import yaml
+
+    from skinlesion.config import _Loader
+
+    text = "base: &b {lr: 0.1, epochs: 2}\nrun:\n  <<: *b\n  lr: 0.2\n"
+    assert yaml.load(text, Loader=_Loader)["run"] == {"lr": 0.2, "epochs": 2}

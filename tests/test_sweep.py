@@ -117,6 +117,23 @@ def test_bad_sweep_files_get_one_line_naming_file_and_key(tmp_path: Path, capsys
     assert err.startswith(f"error: {path}: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("grid:\n  train.lr: [0.1, 0.2]\ngrid:\n  train.epochs: [1, 2]\n", "key 'grid' appears twice (lines 2 and 4)"),
+        ("grid:\n  train.lr: [0.1, 0.2]\n  train.lr: [0.3]\n", "key 'train.lr' appears twice (lines 3 and 4)"),
+        ("fixed: {train.epochs: 1, train.epochs: 2}\ngrid: {train.lr: [0.1]}\n", "key 'train.epochs' appears twice"),
+    ],
+)
+def test_a_key_given_twice_in_a_sweep_file_is_refused(tmp_path: Path, capsys, text: str, message: str) -> None:
+    """YAML keeps the last of two keys: half of the grid would silently never run."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(f"base: {BASE}\n{text}")
+    assert main(["sweep", "plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: {message}") and err.endswith("; keep one\n") and err.count("\n") == 1
+
+
 def test_a_changed_sweep_under_the_same_name_is_refused(tmp_path: Path, capsys) -> None:
     """Task 1 of the changed file would resume task 1 of the old sweep with other settings."""
     root = tmp_path / "runs" / "s"
