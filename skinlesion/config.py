@@ -15,6 +15,7 @@ import math
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,8 @@ NON_NEGATIVE |= {"train.focal_gamma", "train.label_smoothing", "train.ema_decay"
 NON_NEGATIVE |= {"train.mixup_alpha", "train.cutmix_alpha", "train.mix_prob", "train.backbone_lr_mult"}
 NON_NEGATIVE |= {"train.freeze_backbone_epochs"}
 POSITIVE |= {"train.ema_every_steps"}
+# Integers past int32 overflow torch and numpy (train.seed: numpy's seeds stop at 2**32 - 1); "*" is every key.
+INT_LIMIT = {"*": 2**31 - 1, "train.seed": 2**32 - 1}
 
 
 class DuplicateKey(yaml.YAMLError):
@@ -174,21 +177,23 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
             ) from None
         except DuplicateKey as exc:
             raise UserError(f"{path}: {exc}") from None
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4300 digits
             raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         except OSError as exc:
             raise UserError(f"cannot read config file {path} ({exc.strerror or exc})") from exc
         if not isinstance(raw, dict):
             raise UserError(f"{path} must hold a mapping of sections (data, model, train, wandb)")
     for item in overrides:
+        if (char := control_character(item)) is not None:  # YAML would fold a newline away, a shell would not
+            raise UserError(f"override {item!r} holds a control character ({char!r}); remove it")
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
             raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.epochs=3)")
         section, _, name = key.strip().partition(".")
         try:
             value = yaml.load(text, Loader=_Loader) if text.strip() else ""
-        except yaml.YAMLError as exc:
-            raise UserError(f"override {item!r}: cannot parse the value ({exc})") from exc
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4300 digits
+            raise UserError(f"override {item!r}: cannot parse the value ({' '.join(str(exc).split())})") from None
         current = raw.setdefault(section, {})
         if not isinstance(current, dict):
             raise UserError(f"override {item!r}: section {section!r} is not a mapping in the recipe")
@@ -242,9 +247,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise UserError(f"config key {key!r} must be {_type_name(hint)}, got {value!r}")
     if hint is float and not math.isfinite(value):
         raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
+    if hint in (str, Path) and (char := control_character(value)) is not None:
+        raise UserError(f"config key {key!r} holds a control character ({char!r}): {value!r}; remove it")
+    if hint is int and not abs(value) <= (limit := INT_LIMIT.get(key, INT_LIMIT["*"])):
+        shown = value if value.bit_length() < 128 else "a number of over 38 digits"
+        raise UserError(f"config key {key!r} is out of range: {shown} (at most {limit})")
     if hint is Path:
         return Path(value)
     return hint(value)
+
+
+def control_character(text: str) -> str | None:
+    """The first control character in `text` (newline, tab, NUL, a Unicode line separator...), or None. Paths and
+    names travel through log lines, shell variables and one-argument-a-line lists, where one splits them."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
 
 
 def _check_values(cfg: Config) -> None:

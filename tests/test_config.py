@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -135,3 +136,32 @@ def test_yaml_merge_keys_may_still_be_overridden() -> None:
 
     text = "base: &b {lr: 0.1, epochs: 2}\nrun:\n  <<: *b\n  lr: 0.2\n"
     assert yaml.load(text, Loader=_Loader)["run"] == {"lr": 0.2, "epochs": 2}
+
+
+CONTROL = [
+    "train.output_dir=runs/a\nmodel.name=resnet50",
+    "wandb.name=a\tb",
+    "data.shards=x\x00y",
+    "wandb.entity=a\u2028b",
+]
+
+
+@pytest.mark.parametrize("override", CONTROL)
+def test_control_characters_in_paths_and_names_are_refused(tmp_path: Path, override: str) -> None:
+    """YAML folds a newline in train.output_dir into a space; slurm/job.sh and a sweep's argument list split on it."""
+    with pytest.raises(UserError, match=f"^override {re.escape(repr(override))} holds a control character"):
+        load_config(None, [override])
+    key, _, value = override.partition("=")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"{key.split('.')[0]}:\n  {key.split('.')[1]}: {json.dumps(value)}\n")
+    with pytest.raises(UserError, match=f"config key '{key}' holds a control character"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    ("override", "limit"), [("train.seed=4294967296", 2**32 - 1), ("data.batch_size=3000000000", 2**31 - 1)]
+)
+def test_integers_past_what_torch_and_numpy_take_are_refused(override: str, limit: int) -> None:
+    with pytest.raises(UserError, match=f"is out of range: .* \\(at most {limit}\\)"):
+        load_config(None, [override])
+    assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1
