@@ -381,6 +381,7 @@ def tiny_shards(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its waits add up to 22 minutes on a busy cluster
 def test_job_array_task_preempted_requeues_alone_and_the_sweep_finishes(
     cluster: Cluster, tiny_shards: Path, tmp_path: Path
 ) -> None:
