@@ -62,7 +62,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return summarize_command(args.folder, args.out)
     from skinlesion.sweep import args_command, plan_command
 
-    return plan_command(args.file) if args.sweep == "plan" else args_command(args.file, args.task)
+    return plan_command(args.file) if args.sweep == "plan" else args_command(args.file, args.task, args.null)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -191,6 +191,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     args = kinds.add_parser("args", help="one task's training arguments, one a line (used by slurm/sweep.sbatch)")
     args.add_argument("file", type=Path, help="sweep file")
     args.add_argument("--task", type=int, required=True, help="task number ($SLURM_ARRAY_TASK_ID)")
+    args.add_argument("--null", action="store_true", help="end each argument with a NUL byte, not a newline")
     summary = kinds.add_parser("summarize", help="leaderboard of a sweep folder: CSV, Markdown and a plot")
     summary.add_argument("folder", type=Path, help="the sweep's output folder, e.g. runs/smoke-lr-ls")
     summary.add_argument("--out", type=Path, default=None, help="where to write leaderboard.* (default: FOLDER)")

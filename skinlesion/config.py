@@ -15,6 +15,7 @@ import math
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,11 +122,35 @@ NON_NEGATIVE |= {"train.mixup_alpha", "train.cutmix_alpha", "train.mix_prob", "t
 NON_NEGATIVE |= {"train.freeze_backbone_epochs", "train.reference_batch"}
 AUTO = {"data.num_workers"}  # a count, or "auto": resolved when the machine is known (distributed.loader_workers)
 POSITIVE |= {"train.ema_every_steps"}
+# Integers past int32 overflow torch and numpy (train.seed: numpy's seeds stop at 2**32 - 1); "*" is every key.
+INT_LIMIT = {"*": 2**31 - 1, "train.seed": 2**32 - 1}
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice; the message says which and on what lines."""
 
 
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader with YAML 1.2 booleans: only true/false are booleans, so ``mixed_precision=no``
-    stays the string "no" instead of becoming False (YAML 1.1 also reads yes/no/on/off as booleans)."""
+    stays the string "no" instead of becoming False (YAML 1.1 also reads yes/no/on/off as booleans).
+
+    It also refuses a key given twice in one mapping: plain YAML keeps the last silently, so a recipe with two
+    ``train:`` sections would lose the first, and a sweep with two ``grid:`` sections would run half its grid.
+    Configs and sweep files both load through it. Keys merged in with ``<<:`` may still be overridden."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                with contextlib.suppress(TypeError):  # an unhashable key: the base class says so
+                    if key in seen:
+                        raise DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -154,21 +179,25 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
             raise UserError(
                 f"{path} is not a text file (not UTF-8); pass a YAML recipe, e.g. configs/smoke.yaml"
             ) from None
-        except yaml.YAMLError as exc:
+        except DuplicateKey as exc:
+            raise UserError(f"{path}: {exc}") from None
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4300 digits
             raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         except OSError as exc:
             raise UserError(f"cannot read config file {path} ({exc.strerror or exc})") from exc
         if not isinstance(raw, dict):
             raise UserError(f"{path} must hold a mapping of sections (data, model, train, wandb)")
     for item in overrides:
+        if (char := control_character(item)) is not None:  # YAML would fold a newline away, a shell would not
+            raise UserError(f"override {item!r} holds a control character ({char!r}); remove it")
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
             raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.epochs=3)")
         section, _, name = key.strip().partition(".")
         try:
             value = yaml.load(text, Loader=_Loader) if text.strip() else ""
-        except yaml.YAMLError as exc:
-            raise UserError(f"override {item!r}: cannot parse the value ({exc})") from exc
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4300 digits
+            raise UserError(f"override {item!r}: cannot parse the value ({' '.join(str(exc).split())})") from None
         current = raw.setdefault(section, {})
         if not isinstance(current, dict):
             raise UserError(f"override {item!r}: section {section!r} is not a mapping in the recipe")
@@ -226,9 +255,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise UserError(f"config key {key!r} must be {_type_name(hint)}, got {value!r}")
     if hint is float and not math.isfinite(value):
         raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
+    if hint in (str, Path) and (char := control_character(value)) is not None:
+        raise UserError(f"config key {key!r} holds a control character ({char!r}): {value!r}; remove it")
+    if hint is int and not abs(value) <= (limit := INT_LIMIT.get(key, INT_LIMIT["*"])):
+        shown = value if value.bit_length() < 128 else "a number of over 38 digits"
+        raise UserError(f"config key {key!r} is out of range: {shown} (at most {limit})")
     if hint is Path:
         return Path(value)
     return hint(value)
+
+
+def control_character(text: str) -> str | None:
+    """The first control character in `text` (newline, tab, NUL, a Unicode line separator...), or None. Paths and
+    names travel through log lines, shell variables and one-argument-a-line lists, where one splits them."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
 
 
 def _check_values(cfg: Config) -> None:

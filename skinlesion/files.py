@@ -6,7 +6,7 @@ never half of one. `FolderLock` is an ``fcntl.flock`` on ``<folder>/.lock``: the
 when the holding process dies, so ``kill -9`` and a SLURM requeue need no clean-up, and a second
 writer fails at once with the host, PID and SLURM job of the first. `output_folder` turns the
 ways a folder can be unusable (a file in its place, no permission, a read-only mount) into one
-line naming it.
+line naming it. `read_jsonl` reads the append-only logs (metrics.jsonl) and survives a crash mid-append.
 """
 
 from __future__ import annotations
@@ -126,3 +126,47 @@ class FolderLock:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+def read_jsonl(path: Path, what: str, repair: bool = True) -> list[dict[str, Any]]:
+    """The records of the append-only JSON-lines file `path` (one JSON object a line); [] when it does not exist.
+
+    A process killed mid-append leaves its last line cut short (no newline, a JSON fragment, or the NUL bytes a
+    power cut can leave). That line is dropped with a one-line warning naming `what` (e.g. "the run's
+    metrics"), so a resume or requeue goes on instead of dying on it forever. With `repair`, the file is then
+    rewritten atomically without it (and with a final newline, so the next append starts a line of its own);
+    only the process that appends to the file may repair it, because a reader beside a live writer could cut
+    the line the writer is finishing. A bad line before the last is not a crash's trace but damage: a
+    `UserError` naming the file and line.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path} ({exc.strerror or exc})") from exc
+    *lines, last = data.split(b"\n")  # last: b"" when the file ends with a newline, else a line without one
+    kept = [(line, _json_record(path, what, n, line)) for n, line in enumerate(lines, start=1) if line.strip()]
+    if last.strip():
+        try:
+            kept.append((last, _json_record(path, what, len(lines) + 1, last)))
+        except UserError:
+            shown = repr(last[:60].decode("utf-8", "replace")) + ("..." if len(last) > 60 else "")
+            print(
+                f"warning: {what} {path}: dropped its last line, cut short by a crash while it was written: {shown}",
+                file=sys.stderr,
+            )
+    if repair and last:
+        atomic_write(path, b"".join(line + b"\n" for line, _ in kept))
+    return [record for _, record in kept]
+
+
+def _json_record(path: Path, what: str, number: int, line: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise UserError(f"{what} {path}, line {number}: not a JSON record ({exc}); fix or delete that line") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{what} {path}, line {number}: a JSON record must be an object, got {line[:60]!r}")
+    return record

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from skinlesion.errors import UserError
-from skinlesion.files import atomic_write
+from skinlesion.files import atomic_write, read_jsonl
 from skinlesion.sweep import PLAN_FILE
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", ".lock", "preempted", "failed", "checkpoints")
@@ -94,7 +94,7 @@ def _row(name: str, run: Path, overrides: str) -> Row:
     row = Row(task=name, overrides=overrides, status="not started")
     if not run.is_dir():
         return row
-    history = _metrics(run / "metrics.jsonl")
+    history, damage = _metrics(run / "metrics.jsonl")
     planned = _flat_config(run / "config.yaml").get("train.epochs", "?")
     row.epochs = f"{len(history)}/{planned}"
     scored = [m for m in history if isinstance(m.get("val_balanced_accuracy"), int | float)]
@@ -118,24 +118,18 @@ def _row(name: str, run: Path, overrides: str) -> Row:
         row.ci = (float(low), float(high)) if low is not None and high is not None else None
     elif row.status == "finished":
         row.note = "no model_card.json (no val split?): best epoch from metrics.jsonl, no interval"
+    row.note = "; ".join(n for n in (row.note, damage) if n)
     return row
 
 
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's epochs; a line cut short by a crash is skipped, not fatal."""
+def _metrics(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """metrics.jsonl's epochs, and a note when it is damaged. A line cut short by a crash is skipped with a
+    warning but not repaired: the run may be live, and only its trainer may rewrite the file. A damaged line
+    before the last leaves the run without a score from it, noted, rather than stopping the whole table."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+        return read_jsonl(path, "the run's metrics", repair=False), ""
+    except UserError as exc:
+        return [], str(exc)
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -5,7 +5,11 @@ or both); task N of ``sbatch --array`` trains override set N into ``<output_root
 function of the file (random choices come from its seed), so every array task, a requeued task and
 ``skinlesion sweep plan`` all compute the same list without talking to each other. Every override set is
 validated through `load_config` when the plan is made, so a value the config rejects fails on the login
-node, not in task 7 an hour later. Format and defaults: docs/training.md, "Sweeps".
+node, not in task 7 an hour later; an array task (`sweep args`) validates only its own. A sweep is refused
+before it is expanded if it has more tasks than SLURM takes in one array (MaxArraySize, 1001 by default).
+Paths and values may not hold control characters: a newline in one would become an extra argument on the
+cluster (`sweep args --null` separates arguments with NUL bytes as a second line of defence). Format and
+defaults: docs/training.md, "Sweeps".
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
 import random
 import re
+import shlex
 import sys
 import typing
 from dataclasses import dataclass
@@ -25,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from skinlesion.config import Config, _Loader, load_config  # _Loader: values parse exactly as overrides do
+# _Loader: values parse exactly as overrides do
+from skinlesion.config import Config, DuplicateKey, _Loader, control_character, load_config
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 
@@ -33,6 +40,8 @@ FIELDS = ("name", "base", "output_root", "seed", "max_parallel", "fixed", "grid"
 # Set by the sweep for every task: the task's folder, and the W&B group and run name.
 RESERVED = ("train.output_dir", "wandb.group", "wandb.name")
 PLAN_FILE = "sweep.json"  # written into output_root by `sweep args`, read by `sweep summarize`
+# SLURM's default MaxArraySize: an array holds tasks 0 to MaxArraySize - 1. A bigger sweep is several sweep files.
+MAX_TASKS = 1001
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,8 @@ class Sweep:
 
     def sbatch_line(self) -> str:
         last = len(self.tasks) - 1
-        return f"sbatch --array=0-{last}%{min(self.max_parallel, len(self.tasks))} slurm/sweep.sbatch {self.file}"
+        array = f"--array=0-{last}%{min(self.max_parallel, len(self.tasks))}"
+        return shlex.join(["sbatch", array, "slurm/sweep.sbatch", str(self.file)])
 
     def plan(self) -> dict[str, Any]:
         return {"name": self.name, "file": str(self.file), "base": str(self.base), "seed": self.seed,
@@ -109,13 +119,18 @@ def dotted_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
 
 
-def load_sweep(path: Path) -> Sweep:
-    """Read, expand and validate a sweep file; any fault is a one-line `UserError` naming the file and key."""
+def load_sweep(path: Path, check: int | None = None) -> Sweep:
+    """Read, expand and validate a sweep file; any fault is a one-line `UserError` naming the file and key.
+
+    Every task's config is validated, or only task `check`'s when given (an array task needs its own; plan has
+    checked them all, and a thousand validations would cost each task seconds)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep file {path} does not exist; see configs/sweeps/ for an example")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except DuplicateKey as exc:
+        raise UserError(f"{path}: {exc}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path} is not a valid YAML sweep file: {' '.join(str(exc).split())}") from None
     except OSError as exc:
@@ -133,12 +148,14 @@ def load_sweep(path: Path) -> Sweep:
         raise UserError(f"{path}: 'name' must be a folder name (letters, digits, . _ -), got {name!r}")
     if not isinstance(raw.get("base"), str) or not raw["base"]:
         raise UserError(f"{path}: 'base' must name the base recipe, e.g. base: configs/smoke.yaml")
+    _printable(path, "base", raw["base"])
     base = Path(raw["base"])
     if not base.is_file():
         raise UserError(f"{path}: base config {base} does not exist (paths are relative to where you run from)")
     output_root = raw.get("output_root", f"runs/{name}")
     if not isinstance(output_root, str) or not output_root:
         raise UserError(f"{path}: 'output_root' must be a folder path, got {output_root!r}")
+    _printable(path, "output_root", output_root)
     seed, max_parallel = raw.get("seed", 0), raw.get("max_parallel", 4)
     for key, value, low in (("seed", seed, 0), ("max_parallel", max_parallel, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -153,6 +170,11 @@ def load_sweep(path: Path) -> Sweep:
             raise UserError(f"{path}: key {sorted(sets[a] & sets[b])[0]!r} is in both {a!r} and {b!r}; keep one")
     if not grid and not choices:
         raise UserError(f"{path}: nothing to sweep; give 'grid' (key: [values]) and/or 'random' choices")
+    count = math.prod(len(v) for v in grid.values()) * (draws if choices else 1)  # before expanding any of them
+    if count > MAX_TASKS:
+        sizes = " x ".join([*(str(len(v)) for v in grid.values()), *([f"{draws} samples"] if choices else [])])
+        limit = f"more than a SLURM job array takes (MaxArraySize, {MAX_TASKS} by default)"
+        raise UserError(f"{path}: {count} tasks ({sizes}) is {limit}; shrink the grid or samples, or split the sweep")
 
     rng = random.Random(seed)
     points = list(itertools.product(*grid.values())) if grid else [()]
@@ -163,7 +185,8 @@ def load_sweep(path: Path) -> Sweep:
             tasks.append(tuple(f"{k}={_text(path, k, v)}" for k, v in chosen.items()))
 
     sweep = Sweep(path, name, base, Path(output_root), seed, max_parallel, tuple(fixed), tuple(tasks))
-    for task in range(len(tasks)):
+    checked = range(len(tasks)) if check is None else [t for t in (check,) if 0 <= t < len(tasks)]
+    for task in checked:
         args = sweep.train_args(task)
         try:
             load_config(Path(args[0]), args[1:])
@@ -200,10 +223,12 @@ def _values(path: Path, what: str, values: Any) -> list[Any]:
         raise UserError(f"{path}: {what} must be a list of values, got {values!r}")
     if not values:
         raise UserError(f"{path}: {what} has an empty list of values")
-    texts = [json.dumps(v) for v in values]
-    duplicate = next((v for v, t in zip(values, texts, strict=True) if texts.count(t) > 1), None)
-    if duplicate is not None:
-        raise UserError(f"{path}: {what} lists {duplicate!r} more than once")
+    seen: set[str] = set()
+    for value in values:
+        text = json.dumps(value)
+        if text in seen:
+            raise UserError(f"{path}: {what} lists {value!r} more than once")
+        seen.add(text)
     return values
 
 
@@ -230,12 +255,18 @@ def _text(path: Path, key: str, value: Any) -> str:
         text = {None: "null", True: "true", False: "false"}[value]
     else:
         text = repr(value) if isinstance(value, float) else str(value)
-    if "\n" in text:
-        raise UserError(f"{path}: the value of {key!r} spans several lines: {value!r}")
+    _printable(path, f"the value of {key!r}", text)
     parsed = yaml.load(text, Loader=_Loader) if text.strip() else ""
     if isinstance(value, str) and parsed != value:
         text = json.dumps(value)  # a JSON string is a YAML double-quoted scalar
     return text
+
+
+def _printable(path: Path, what: str, text: str) -> None:
+    """Refuse a control character (newline, tab, NUL...): each task's arguments travel to the cluster as text."""
+    char = control_character(text)
+    if char is not None:
+        raise UserError(f"{path}: {what} holds a control character ({char!r}): {text!r}; remove it")
 
 
 def plan_command(path: Path) -> int:
@@ -250,15 +281,16 @@ def plan_command(path: Path) -> int:
     for task, overrides in enumerate(sweep.tasks):
         print(f"  {task:>{width}}  {' '.join(overrides)}")
     print(f"run them (logs in logs/):\n  mkdir -p logs && {sweep.sbatch_line()}")
-    print(f"then: skinlesion sweep summarize {sweep.output_root}")
+    print(f"then: skinlesion sweep summarize {shlex.quote(str(sweep.output_root))}")
     return 0
 
 
-def args_command(path: Path, task: int) -> int:
-    """`skinlesion sweep args FILE --task N`: one training argument a line (config, then overrides), for
-    slurm/sweep.sbatch; also records the plan in ``<output_root>/sweep.json`` for `summarize`."""
-    sweep = load_sweep(path)
+def args_command(path: Path, task: int, null: bool = False) -> int:
+    """`skinlesion sweep args FILE --task N [--null]`: one training argument a line (config, then overrides), or
+    each ended by a NUL byte (what slurm/sweep.sbatch reads); also records the plan in ``<output_root>/sweep.json``
+    for `summarize`."""
+    sweep = load_sweep(path, check=task)
     args = sweep.train_args(task)
     sweep.record()
-    print("\n".join(args))
+    sys.stdout.write("".join(f"{arg}\0" for arg in args) if null else "\n".join(args) + "\n")
     return 0

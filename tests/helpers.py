@@ -149,6 +149,15 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path, min_step: int, timeou
     pytest.fail(f"no checkpoint at step >= {min_step} within {timeout} s")
 
 
+def hold_at_first_epoch_end(out: Path) -> None:
+    """Make ``<out>/metrics.jsonl`` a named pipe: a new run that appends its first epoch's line blocks in open()
+    (until a reader comes, and none does), holding its lock and its checkpoints of epoch 0's steps. A test that
+    races a running training then does not depend on the machine's speed: the run stands still for as long as the
+    test needs. Remove the pipe (``unlink``) before another run writes metrics into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(out / "metrics.jsonl")
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

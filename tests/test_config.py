@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,63 @@ def test_no_on_the_command_line_is_the_string_no_not_false() -> None:
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["train.mixed_precision=no", "wandb.name=off"])
     assert (cfg.train.mixed_precision, cfg.wandb.name) == ("no", "off")
     assert load_config(None, ["train.compile=true"]).train.compile is True
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "train:\n  epochs: 3\nmodel:\n  name: resnet18\ntrain:\n  lr: 0.1\n",
+            "key 'train' appears twice (lines 1 and 5)",
+        ),
+        ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "key 'lr' appears twice (lines 2 and 4)"),
+    ],
+)
+def test_a_key_given_twice_in_a_recipe_is_refused_naming_it(tmp_path, capsys, text: str, message: str) -> None:
+    """Plain YAML keeps the last of two keys: the first `train:` section (or lr) would be dropped unseen."""
+    from skinlesion.cli import main
+
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(text)
+    with pytest.raises(UserError, match=f"^{re.escape(f'{recipe}: {message}; keep one')}$"):
+        load_config(recipe)
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_yaml_merge_keys_may_still_be_overridden() -> None:
+    import yaml
+
+    from skinlesion.config import _Loader
+
+    text = "base: &b {lr: 0.1, epochs: 2}\nrun:\n  <<: *b\n  lr: 0.2\n"
+    assert yaml.load(text, Loader=_Loader)["run"] == {"lr": 0.2, "epochs": 2}
+
+
+CONTROL = [
+    "train.output_dir=runs/a\nmodel.name=resnet50",
+    "wandb.name=a\tb",
+    "data.shards=x\x00y",
+    "wandb.entity=a\u2028b",
+]
+
+
+@pytest.mark.parametrize("override", CONTROL)
+def test_control_characters_in_paths_and_names_are_refused(tmp_path: Path, override: str) -> None:
+    """YAML folds a newline in train.output_dir into a space; slurm/job.sh and a sweep's argument list split on it."""
+    with pytest.raises(UserError, match=f"^override {re.escape(repr(override))} holds a control character"):
+        load_config(None, [override])
+    key, _, value = override.partition("=")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"{key.split('.')[0]}:\n  {key.split('.')[1]}: {json.dumps(value)}\n")
+    with pytest.raises(UserError, match=f"config key '{key}' holds a control character"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    ("override", "limit"), [("train.seed=4294967296", 2**32 - 1), ("data.batch_size=3000000000", 2**31 - 1)]
+)
+def test_integers_past_what_torch_and_numpy_take_are_refused(override: str, limit: int) -> None:
+    with pytest.raises(UserError, match=f"is out of range: .* \\(at most {limit}\\)"):
+        load_config(None, [override])
+    assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from helpers import FINISHED, REPO, TINY_MODEL, Cluster, job_info, job_log, wait_for
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1800)]  # jobs wait up to 10 min each
 TINY = TINY_MODEL  # W&B stays on: its offline default is under test
 
 

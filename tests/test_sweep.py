@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -117,6 +119,120 @@ def test_bad_sweep_files_get_one_line_naming_file_and_key(tmp_path: Path, capsys
     assert err.startswith(f"error: {path}: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("grid:\n  train.lr: [0.1, 0.2]\ngrid:\n  train.epochs: [1, 2]\n", "key 'grid' appears twice (lines 2 and 4)"),
+        ("grid:\n  train.lr: [0.1, 0.2]\n  train.lr: [0.3]\n", "key 'train.lr' appears twice (lines 3 and 4)"),
+        ("fixed: {train.epochs: 1, train.epochs: 2}\ngrid: {train.lr: [0.1]}\n", "key 'train.epochs' appears twice"),
+    ],
+)
+def test_a_key_given_twice_in_a_sweep_file_is_refused(tmp_path: Path, capsys, text: str, message: str) -> None:
+    """YAML keeps the last of two keys: half of the grid would silently never run."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(f"base: {BASE}\n{text}")
+    assert main(["sweep", "plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: {message}") and err.endswith("; keep one\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"output_root": "runs/x\nmodel.name=resnet50", "grid": {"train.lr": [1]}}, "output_root holds a control"),
+        ({"base": "configs/smoke.yaml\ntrain.epochs=40", "grid": {"train.lr": [1]}}, "base holds a control"),
+        ({"fixed": {"model.pretrained": "a\tb"}, "grid": {"train.lr": [1]}}, "the value of 'model.pretrained' holds a"),
+        ({"grid": {"wandb.entity": ["lab\u2028train.epochs=40"]}}, "the value of 'wandb.entity' holds a control"),
+        ({"random": {"samples": 1, "choices": {"wandb.entity": ["x\x00y"]}}}, "the value of 'wandb.entity' holds"),
+    ],
+)
+def test_control_characters_in_paths_and_values_are_refused(tmp_path: Path, body: dict, message: str) -> None:
+    """slurm/sweep.sbatch once read one argument a line: a newline in output_root became extra overrides."""
+    with pytest.raises(UserError) as info:
+        load_sweep(write_sweep(tmp_path, body))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sweeps_larger_than_a_slurm_array_are_refused_before_they_are_expanded(tmp_path: Path) -> None:
+    grid = {"train.seed": list(range(501)), "train.lr": [0.1, 0.2]}
+    with pytest.raises(UserError, match=r"1002 tasks \(501 x 2\) is more than a SLURM job array takes"):
+        load_sweep(write_sweep(tmp_path, {"grid": grid}))
+    assert len(load_sweep(write_sweep(tmp_path, {"grid": grid | {"train.lr": [0.1]}})).tasks) == 501
+    # A billion random draws would fill the memory if they were drawn first.
+    body = {"random": {"samples": 10**9, "choices": {"train.lr": [0.1, 0.2]}}}
+    with pytest.raises(UserError, match=r"1000000000 tasks \(1000000000 samples\)"):
+        load_sweep(write_sweep(tmp_path, body))
+
+
+def test_an_array_task_validates_only_its_own_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Plan validates every task; `sweep args` runs once per task, and validating all of them each time made a
+    1,000-task sweep cost every task seconds."""
+    import skinlesion.sweep
+
+    calls = []
+    monkeypatch.setattr(skinlesion.sweep, "load_config", lambda *a: calls.append(a) or load_config(*a))
+    path = write_sweep(tmp_path, {"output_root": str(tmp_path / "runs"), "grid": {"train.seed": list(range(40))}})
+    assert main(["sweep", "args", str(path), "--task", "7"]) == 0
+    assert len(calls) == 1 and "train.seed=7" in calls[0][1]
+    assert capsys.readouterr().out.splitlines()[1] == "train.seed=7"
+    assert main(["sweep", "plan", str(path)]) == 0 and len(calls) == 41
+
+
+def test_args_with_null_ends_each_argument_with_a_nul_byte(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "runs with spaces" / "s"
+    path = write_sweep(tmp_path, {"output_root": str(root), "grid": {"wandb.entity": ["it's $(x) *"]}})
+    assert main(["sweep", "args", str(path), "--task", "0", "--null"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\0") and out[:-1].split("\0") == load_sweep(path).train_args(0)
+    assert out[:-1].split("\0")[1] == "wandb.entity=it's $(x) *"
+
+
+def test_sweep_sbatch_hands_the_step_each_argument_intact(tmp_path: Path) -> None:
+    """slurm/sweep.sbatch with stand-ins for scontrol and srun: the training step gets exactly the task's arguments,
+    whatever spaces, quotes or shell syntax they hold, and none of it is run."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        '#!/bin/sh\ncase "$2" in job) echo "   Command=$FAKE_COMMAND" ;; hostnames) echo node1 ;;\n'
+        "node) echo 'NodeName=node1 NodeAddr=127.0.0.1' ;; esac\n"
+    )
+    (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\0" "$@" >"$SRUN_ARGS"\n')
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    fixed = {"wandb.entity": "it's $(touch pwned) *"}
+    body = {"output_root": str(tmp_path / "runs dir" / "s"), "fixed": fixed, "grid": {"train.lr": [0.1, 0.2]}}
+    path = write_sweep(tmp_path, body)
+    slurm = {f"SLURM_{k}": v for k, v in (("JOB_ID", "7"), ("ARRAY_JOB_ID", "7"), ("ARRAY_TASK_ID", "1"))}
+    slurm |= {"SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    env = (
+        os.environ
+        | slurm
+        | {
+            "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "PYTHONPATH": str(REPO),
+            "FAKE_COMMAND": f"{REPO}/slurm/sweep.sbatch {path}",
+            "SRUN_ARGS": str(tmp_path / "srun.args"),
+        }
+    )
+    script = [str(REPO / "slurm/sweep.sbatch"), str(path)]
+    done = subprocess.run(["bash", *script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    args = (tmp_path / "srun.args").read_text().split("\0")[:-1]
+    assert args[args.index("node_main") + 1 :] == load_sweep(path).train_args(1)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_printed_sbatch_line_is_shell_quoted(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "my sweeps; rm -rf ~"
+    folder.mkdir()
+    path = write_sweep(folder, {"output_root": str(tmp_path / "runs $HOME"), "grid": {"train.lr": [0.1, 0.2]}})
+    assert main(["sweep", "plan", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    sbatch = next(line for line in lines if "mkdir -p logs && " in line).split(" && ")[1]
+    assert shlex.split(sbatch) == ["sbatch", "--array=0-1%2", "slurm/sweep.sbatch", str(path)]
+    assert shlex.split(lines[-1]) == ["then:", "skinlesion", "sweep", "summarize", str(tmp_path / "runs $HOME")]
+
+
 def test_a_changed_sweep_under_the_same_name_is_refused(tmp_path: Path, capsys) -> None:
     """Task 1 of the changed file would resume task 1 of the old sweep with other settings."""
     root = tmp_path / "runs" / "s"
@@ -216,6 +332,21 @@ def test_summarize_ranks_finished_runs_and_marks_the_others(tmp_path: Path, caps
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
+def test_summarize_reads_metrics_cut_short_and_notes_damaged_ones_without_rewriting_them(tmp_path, capsys) -> None:
+    fake_run(tmp_path / "0", [0.4, 0.6])
+    fake_run(tmp_path / "1", [0.5, 0.7])
+    cut, damaged = tmp_path / "0" / "metrics.jsonl", tmp_path / "1" / "metrics.jsonl"
+    with cut.open("a") as f:
+        f.write('{"epoch": 2, "val_balanced_acc')  # the run crashed (or is writing) mid-append
+    damaged.write_text(damaged.read_text().replace('"epoch": 0', '"epoch": 0 oops'))
+    before = cut.read_bytes(), damaged.read_bytes()
+    rows = {r.task: r for r in summarize(tmp_path)}
+    assert (rows["0"].score, rows["0"].epochs) == (0.6, "2/2")
+    assert "dropped its last line" in capsys.readouterr().err
+    assert rows["1"].score is None and f"{damaged}, line 1: not a JSON record" in rows["1"].note
+    assert (cut.read_bytes(), damaged.read_bytes()) == before  # a reader never rewrites a run's file
+
+
 def test_summarize_without_a_plan_labels_runs_by_the_keys_that_differ(tmp_path: Path) -> None:
     for name, lr, score in (("a", 0.1, 0.5), ("b", 0.2, 0.6)):
         fake_run(tmp_path / name, [score], epochs=1, card=(score, score - 0.1, score + 0.1))
@@ -250,6 +381,7 @@ def tiny_shards(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its waits add up to 22 minutes on a busy cluster
 def test_job_array_task_preempted_requeues_alone_and_the_sweep_finishes(
     cluster: Cluster, tiny_shards: Path, tmp_path: Path
 ) -> None:

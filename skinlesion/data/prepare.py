@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from skinlesion import __version__
 from skinlesion.data import images, metadata, shards
+from skinlesion.data.pool import worker_pool
 from skinlesion.data.split import SPLITS, balance, split_by_lesion
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASS_TO_INDEX, CLASSES
@@ -202,7 +203,7 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
         import webdataset  # noqa: F401  (once here, so forked workers inherit it instead of each importing torch)
 
         timings["import webdataset"] = time.perf_counter() - started - timings["metadata"]
-    with shards.Build(out, opts.overwrite) as build, Pool(workers) if workers > 1 else _Inline() as pool:
+    with shards.Build(out, opts.overwrite) as build, worker_pool(workers) if workers > 1 else _Inline() as pool:
         spool = build.path / ".spool"
         where, bad = _encode_all(pool, workers, meta.kept, opts, spool)
         timings["images"] = time.perf_counter() - started - sum(timings.values())

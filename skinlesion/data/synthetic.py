@@ -20,13 +20,13 @@ import io
 import math
 import os
 import re
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from skinlesion.data.lesions import make_lesion, render
+from skinlesion.data.pool import worker_pool
 from skinlesion.errors import UserError
 from skinlesion.files import FolderLock, atomic_write, output_folder
 from skinlesion.labels import CLASSES
@@ -191,7 +191,7 @@ def _generate(out: Path, n_images: int, seed: int, workers: int | None) -> Path:
                 _write_image(task)
                 bar.update()
         else:
-            with Pool(workers) as pool:
+            with worker_pool(workers) as pool:
                 for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
                     bar.update()
 
