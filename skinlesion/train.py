@@ -53,7 +53,7 @@ from skinlesion.ema import EMA, make_ema
 from skinlesion.epoch import train_epoch, validate
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate_checkpoint
-from skinlesion.files import FolderLock, atomic_write, output_folder
+from skinlesion.files import FolderLock, atomic_write, output_folder, read_jsonl
 from skinlesion.labels import CLASSES
 from skinlesion.losses import make_criterion
 from skinlesion.mixing import Mixer, make_mixer
@@ -348,8 +348,10 @@ def _update_best(
 
 
 def _keep_metrics_before(path: Path, epoch: int) -> None:
-    """On resume, drop lines of epochs that will be trained again, so each epoch appears once."""
-    if not path.is_file():
+    """On resume, drop lines of epochs that will be trained again, so each epoch appears once; a last line cut
+    short by a crash mid-append is dropped with a warning (`files.read_jsonl`)."""
+    if not path.is_file():  # not only "absent": a test holds a run with a named pipe here (tests/helpers.py)
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < epoch]
-    atomic_write(path, "".join(line + "\n" for line in lines))
+    records = read_jsonl(path, "the run's metrics")
+    kept = [r for r in records if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -95,3 +95,18 @@ def test_a_resume_with_another_recipe_is_refused_and_changes_nothing(
     done = run_train(copy, shards, "train.ema_decay=0.9", "train.epochs=3")  # a longer run: allowed
     assert done.returncode == 0, done.stderr[-2000:]
     assert [m["epoch"] for m in metrics(copy)] == [0, 1, 2]
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_the_resume(shards: Path, tmp_path: Path) -> None:
+    """Issue 16: a crash mid-append leaves half a line in metrics.jsonl; every later resume died on it."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_train(whole, shards).returncode == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    first_epoch = whole / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}"
+    shutil.copytree(first_epoch, resumed / "checkpoints" / first_epoch.name)
+    lines = (whole / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    done = run_train(resumed, shards)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dropped its last line, cut short" in done.stderr
+    assert [m["epoch"] for m in metrics(resumed)] == [0, 1]
