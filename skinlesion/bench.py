@@ -188,10 +188,11 @@ def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5)
     from skinlesion.config import load_config
     from skinlesion.data.manifest import read_manifest
     from skinlesion.data.pipeline import train_loader
-    from skinlesion.distributed import resolve_mixed_precision
-    from skinlesion.train import model_input, resolve_augment
+    from skinlesion.data.batches import model_input, resolve_augment
+    from skinlesion.distributed import loader_workers, resolve_mixed_precision
 
     cfg = load_config(config, overrides)
+    cfg.data.num_workers = loader_workers(cfg.data.num_workers)
     read_manifest(cfg.data.shards)
     device = _device()
     precision = resolve_mixed_precision(cfg.train.mixed_precision)
