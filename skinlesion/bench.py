@@ -186,9 +186,9 @@ def bench_step(model: str, image_size: int, batch_size: int, precision: str, cha
 def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5) -> dict:
     """End-to-end images/s (loader, device augmentation, step) against `bench_step` with the same settings."""
     from skinlesion.config import load_config
+    from skinlesion.data.batches import model_input, resolve_augment
     from skinlesion.data.manifest import read_manifest
     from skinlesion.data.pipeline import train_loader
-    from skinlesion.data.batches import model_input, resolve_augment
     from skinlesion.distributed import loader_workers, resolve_mixed_precision
 
     cfg = load_config(config, overrides)
