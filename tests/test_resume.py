@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import STEPS_PER_EPOCH, metrics, run_train, start_train, tiny_shards, wait_for_checkpoint
+from helpers import (
+    STEPS_PER_EPOCH,
+    hold_at_first_epoch_end,
+    metrics,
+    run_train,
+    start_train,
+    tiny_shards,
+    wait_for,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +62,17 @@ def test_a_run_killed_mid_epoch_resumes_and_trains_every_epoch_once(shards: Path
 
 
 def test_sigusr1_checkpoints_writes_preempted_and_exits_0_then_resume_finishes(shards: Path, tmp_path: Path) -> None:
+    """The signal arrives while the run is held at the end of epoch 0 (its metrics.jsonl is a named pipe that
+    the test reads when it chooses), so the run is in epoch 1 when it sees it, however fast the machine."""
     out = tmp_path / "run"
+    hold_at_first_epoch_end(out)
     proc = start_train(out, shards)
-    wait_for_checkpoint(proc, out, STEPS_PER_EPOCH)
+    wait_for(lambda: (out / "eval-val" / "metrics.json").is_file() or proc.poll() is not None, 120, "validation")
     proc.send_signal(signal.SIGUSR1)
+    with (out / "metrics.jsonl").open() as pipe:  # lets the run go on: it appends epoch 0's line, then stops
+        first_line = pipe.read()
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").write_text(first_line)
     assert proc.wait(timeout=120) == 0, (out.parent / "run.log").read_text()
 
     preempted = json.loads((out / "preempted").read_text())
