@@ -244,6 +244,7 @@ def export_best(state_dict: dict[str, torch.Tensor], path: Path, *, facts: Model
 
 def _export(path: Path, obj: object) -> None:
     """torch.save, atomically: on a full disk the previous file stays whole, and the error is one line."""
+    path = Path(path)
     kept = f"the previous {path.name} is untouched" if path.is_file() else f"no {path.name} was written"
     with no_room_is_user_error(path.parent, "train.output_dir", f"{kept}. Free space and run again"):
         atomic_write(path, lambda f: torch.save(obj, f))

@@ -157,20 +157,27 @@ def _check_fit(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], arc
             f"model.pretrained={path} holds {seems} weights, and model.name is {arch}: set model.name={seems}, "
             f"or pass {arch} weights"
         )
-    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    mismatch = _shape_mismatch(state, own, seems)
+    if mismatch:
+        raise UserError(
+            f"model.pretrained={path} does not fit {arch}: {mismatch}. "
+            f"Pass a state_dict saved from torchvision's {arch} with 3 input channels"
+        )
+
+
+def _shape_mismatch(state: dict[str, Any], own: dict[str, torch.Tensor], seems: str | None) -> str | None:
+    """The first tensors whose shapes differ from `own`'s and what the weights look like, or None when all fit."""
+    wrong = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
     if not wrong:
-        return
-    first = ", ".join(f"{k} {list(state[k].shape)} (not {list(own[k].shape)})" for k in wrong[:2])
+        return None
+    first = ", ".join(f"{k} {list(getattr(state[k], 'shape', []))} (not {list(own[k].shape)})" for k in wrong[:2])
     more = f" and {len(wrong) - 2} more" if len(wrong) > 2 else ""
     conv1 = state.get("conv1.weight")
-    channels = conv1.shape[1] if conv1 is not None and conv1.ndim == 4 else None
+    channels = conv1.shape[1] if isinstance(conv1, torch.Tensor) and conv1.ndim == 4 else None
     looks = f"a {seems}" if seems else "a network other than a torchvision ResNet"
     if channels not in (None, 3):
         looks += f" for {channels}-channel images (skinlesion feeds RGB)"
-    raise UserError(
-        f"model.pretrained={path} does not fit {arch}: {first}{more}; it looks like {looks}. "
-        f"Pass a state_dict saved from torchvision's {arch} with 3 input channels"
-    )
+    return f"{first}{more}; it looks like {looks}"
 
 
 def load_weights(path: Path) -> dict[str, Any]:
@@ -261,6 +268,9 @@ def load_for_inference(path: Path, image_size: int | None = None) -> LoadedModel
         )
     _check_state(state, facts, path)
     model = getattr(models, facts.arch)(num_classes=NUM_CLASSES)
+    mismatch = _shape_mismatch(state, model.state_dict(), facts.arch)
+    if mismatch:  # load_state_dict would say so in one line per tensor, after a first line that says nothing
+        raise UserError(f"{path} does not load into {facts.arch}: {mismatch}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
