@@ -5,6 +5,8 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-00001234`` holding Acce
 already trained in the epoch, W&B run id, best metric). It is written under a temporary name and
 renamed only after the ``COMPLETE`` marker is in place, so a run killed while saving leaves a
 ``.tmp-*`` folder that resume ignores. Resume also skips (with a warning) a folder that fails to load.
+A save that fails on a full disk removes its ``.tmp-*`` folder and stops every rank with one line naming
+the folder; the newest complete checkpoint is untouched, so resume takes it.
 
 Exports for inference: ``model.pt`` is the bare torchvision state_dict (no DDP/compile prefixes, the
 seed's format) and ``best.pt`` the best model with its metadata; both contain only tensors and plain
@@ -17,6 +19,7 @@ import json
 import logging
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from torch import nn
 
 from skinlesion.distributed import any_rank
 from skinlesion.errors import UserError
-from skinlesion.files import atomic_write
+from skinlesion.files import atomic_write, free_space, no_room_is_user_error, no_room_reason
 from skinlesion.model import FACTS_KEY, ModelFacts, strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
@@ -113,24 +116,62 @@ def save_checkpoint(
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}"
+    failure = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        failure = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    if failure is None:
+        failure = _attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    _stop_if_any_failed(accelerator, failure, output_dir, tmp, final)
     if accelerator.is_main_process:
-        if ema is not None:
-            torch.save({k: v.detach().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        (tmp / MARKER).write_text("")
-        if final.exists():  # the same step saved again (e.g. after a resume): the new one wins
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(output_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        failure = _attempt(lambda: _seal(tmp, final, state, ema))
+        if failure is None:
+            for old in complete_checkpoints(output_dir)[keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+    _stop_if_any_failed(accelerator, failure, output_dir, tmp, final)  # also the closing barrier
     return final
+
+
+def _seal(tmp: Path, final: Path, state: TrainerState, ema: nn.Module | None) -> None:
+    """Main process: the EMA and trainer state, the marker last, then the rename that makes it a checkpoint."""
+    if ema is not None:
+        torch.save({k: v.detach().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    (tmp / MARKER).write_text("")
+    if final.exists():  # the same step saved again (e.g. after a resume): the new one wins
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _attempt(action: Callable[[], object]) -> Exception | None:
+    """Run `action`; its exception is returned, so that every rank can learn of it before anyone raises."""
+    try:
+        action()
+    except Exception as exc:  # a full disk surfaces as OSError, torch's RuntimeError or safetensors' own error
+        return exc
+    return None
+
+
+def _stop_if_any_failed(
+    accelerator: Accelerator, failure: Exception | None, output_dir: Path, tmp: Path, final: Path
+) -> None:
+    """Collective: when any rank failed to write, every rank stops; the half-written folder goes, and a full
+    disk becomes one line naming the folder (the newest complete checkpoint is untouched: resume takes it)."""
+    (failed_somewhere,) = any_rank(accelerator, int(failure is not None))
+    if not failed_somewhere:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what it held; resume would skip it anyway
+    if failure is not None and no_room_reason(failure) is None:
+        raise failure  # not the disk: a bug, with its traceback
+    reason = "another rank could not write its part" if failure is None else no_room_reason(failure)
+    kept = complete_checkpoints(output_dir)
+    previous = f"the previous checkpoint {kept[0].name} is complete and" if kept else "no checkpoint was kept yet, and"
+    raise UserError(
+        f"could not write checkpoint {final.name} in {final.parent}: {reason} ({free_space(final.parent)} free "
+        f"there now); {previous} train.resume=auto resumes from it. Free space (or lower train.keep_checkpoints, "
+        f"or choose another train.output_dir) and run again"
+    ) from failure
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -227,7 +268,7 @@ def export_model(state_dict: dict[str, torch.Tensor], path: Path, facts: ModelFa
     """
     plain = OrderedDict(state_dict)
     plain._metadata = OrderedDict({FACTS_KEY: facts.to_dict()})  # type: ignore[attr-defined]
-    atomic_write(path, lambda f: torch.save(plain, f))
+    _export(path, plain)
 
 
 def export_best(state_dict: dict[str, torch.Tensor], path: Path, *, facts: ModelFacts, epoch: int, step: int,
@@ -240,4 +281,12 @@ def export_best(state_dict: dict[str, torch.Tensor], path: Path, *, facts: Model
         "step": step,
         "metric": {"name": str(metric["name"]), "value": None if metric["value"] is None else float(metric["value"])},
     }
-    atomic_write(path, lambda f: torch.save(payload, f))
+    _export(path, payload)
+
+
+def _export(path: Path, obj: object) -> None:
+    """torch.save, atomically: on a full disk the previous file stays whole, and the error is one line."""
+    path = Path(path)
+    kept = f"the previous {path.name} is untouched" if path.is_file() else f"no {path.name} was written"
+    with no_room_is_user_error(path.parent, "train.output_dir", f"{kept}. Free space and run again"):
+        atomic_write(path, lambda f: torch.save(obj, f))

@@ -11,13 +11,16 @@ line naming it. `read_jsonl` reads the append-only logs (metrics.jsonl) and surv
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -170,3 +173,57 @@ def _json_record(path: Path, what: str, number: int, line: bytes) -> dict[str, A
     if not isinstance(record, dict):
         raise UserError(f"{what} {path}, line {number}: a JSON record must be an object, got {line[:60]!r}")
     return record
+
+
+# A full disk or an exhausted quota: the errno when Python sees it; the text when a library loses the errno:
+# safetensors ("No space left on device (os error 28)") and torch.save's zip writer, whose RuntimeError reads
+# "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534" or "PytorchStreamWriter failed writing".
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_ROOM_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
+
+
+def no_room_reason(exc: BaseException) -> str | None:
+    """A short reason when `exc` means the file system had no room for a write, else None.
+
+    torch.save's writer error carries no errno; it is taken as a lack of room, which is how it happens in
+    practice (the callers only ask about exceptions raised while writing).
+    """
+    if isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:
+        return (exc.strerror or os.strerror(exc.errno)).lower()
+    text = str(exc)
+    if any(marker in text for marker in _NO_ROOM_TEXT):
+        return "no space left on device"
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _TORCH_WRITE_FAILED):
+        return f"torch.save could not write ({' '.join(text.split())[:120]}), which means the disk is full"
+    return None
+
+
+def free_space(path: Path) -> str:
+    """Free space on the file system holding `path` (or its nearest existing parent), for an error message."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "an unknown amount"
+    return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+
+
+@contextlib.contextmanager
+def no_room_is_user_error(folder: Path, what: str, then: str) -> Iterator[None]:
+    """Turn a full disk or quota while writing into `folder` into one line that names it.
+
+    `what` names the setting the folder came from (``--out``); `then` says what was kept and what to do.
+    Anything else propagates unchanged: it is not the user's to fix.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = no_room_reason(exc)
+        if reason is None:
+            raise
+        raise UserError(f"{what}={folder}: {reason} ({free_space(folder)} free there now); {then}") from exc

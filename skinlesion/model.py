@@ -83,8 +83,8 @@ class ModelFacts:
 def build_model(arch: str = "resnet50", pretrained: str = "none", num_classes: int = NUM_CLASSES) -> nn.Module:
     """Build `arch` with a `num_classes` head; `pretrained` is none | imagenet | a state_dict path.
 
-    ImageNet weights initialise the backbone only (their 1000-class fc is dropped); a local
-    state_dict may hold either a backbone (fc ignored when its shape differs) or a full 7-class model.
+    ImageNet weights initialise the backbone only (their 1000-class fc is dropped); a local file is read by
+    `load_pretrained`.
     """
     if arch not in ARCHS:
         raise UserError(f"model.name={arch!r} is not a torchvision ResNet; choose one of {', '.join(ARCHS)}")
@@ -102,16 +102,82 @@ def build_model(arch: str = "resnet50", pretrained: str = "none", num_classes: i
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
     model = getattr(models, arch)(num_classes=num_classes)
-    state = strip_wrapper_prefixes(load_weights(Path(pretrained)))
-    if state.get("fc.weight") is not None and state["fc.weight"].shape != model.fc.weight.shape:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_pretrained(model, arch, Path(pretrained))
+    return model
+
+
+def load_pretrained(model: nn.Module, arch: str, path: Path) -> None:
+    """Initialise `model` (a torchvision `arch`) from the file `model.pretrained` names, or say in one line
+    why the file does not fit: PyTorch's own error is one "size mismatch" line per tensor.
+
+    Takes a plain state_dict (a backbone, or a whole model: its fc when it has this head's shape), skinlesion's
+    model.pt, and skinlesion's best.pt (its backbone, and its head too when its classes are this run's).
+    """
+    obj = load_weights(path)
+    if isinstance(obj.get("model"), dict) and "arch" in obj:  # skinlesion's best.pt
+        saved_arch = obj.get("arch")
+        if saved_arch != arch:
+            raise UserError(
+                f"model.pretrained={path} is a skinlesion best.pt of arch={saved_arch!r}, and model.name is {arch}: "
+                f"set model.name={saved_arch}, or pass a {arch} checkpoint"
+            )
+        state = strip_wrapper_prefixes(obj["model"])
+        if not isinstance(obj.get("classes"), list | tuple) or tuple(obj["classes"]) != CLASSES:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # another label set: backbone only
+    else:
+        nested = [k for k, v in obj.items() if isinstance(v, dict)]
+        if nested:  # Lightning's {"state_dict": ...}, a {"model_state_dict": ..., "optimizer": ...} bundle
+            raise UserError(
+                f"model.pretrained={path} is a training checkpoint with entries {sorted(obj)[:6]}, not a state_dict; "
+                f"save the model's weights alone (e.g. torch.save(ckpt[{nested[0]!r}], 'weights.pt')) and pass that"
+            )
+        state = strip_wrapper_prefixes(obj)
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"model.pretrained={path} does not hold a state_dict of tensors")
+    own = model.state_dict()
+    if state.get("fc.weight") is not None and state["fc.weight"].shape != own["fc.weight"].shape:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet's 1000 classes: head dropped
+    _check_fit(state, own, arch, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("fc.")]:
         raise UserError(
-            f"{pretrained} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+            f"model.pretrained={path} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             f"pass a state_dict saved from torchvision's {arch}"
         )
-    return model
+
+
+def _check_fit(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], arch: str, path: Path) -> None:
+    """Refuse weights of another architecture or input (a 1-channel conv1) before load_state_dict lists them all."""
+    try:
+        seems = infer_arch(state, path)
+    except UserError:
+        seems = None
+    if seems is not None and seems != arch:
+        raise UserError(
+            f"model.pretrained={path} holds {seems} weights, and model.name is {arch}: set model.name={seems}, "
+            f"or pass {arch} weights"
+        )
+    mismatch = _shape_mismatch(state, own, seems)
+    if mismatch:
+        raise UserError(
+            f"model.pretrained={path} does not fit {arch}: {mismatch}. "
+            f"Pass a state_dict saved from torchvision's {arch} with 3 input channels"
+        )
+
+
+def _shape_mismatch(state: dict[str, Any], own: dict[str, torch.Tensor], seems: str | None) -> str | None:
+    """The first tensors whose shapes differ from `own`'s and what the weights look like, or None when all fit."""
+    wrong = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    if not wrong:
+        return None
+    first = ", ".join(f"{k} {list(getattr(state[k], 'shape', []))} (not {list(own[k].shape)})" for k in wrong[:2])
+    more = f" and {len(wrong) - 2} more" if len(wrong) > 2 else ""
+    conv1 = state.get("conv1.weight")
+    channels = conv1.shape[1] if isinstance(conv1, torch.Tensor) and conv1.ndim == 4 else None
+    looks = f"a {seems}" if seems else "a network other than a torchvision ResNet"
+    if channels not in (None, 3):
+        looks += f" for {channels}-channel images (skinlesion feeds RGB)"
+    return f"{first}{more}; it looks like {looks}"
 
 
 def load_weights(path: Path) -> dict[str, Any]:
@@ -202,6 +268,9 @@ def load_for_inference(path: Path, image_size: int | None = None) -> LoadedModel
         )
     _check_state(state, facts, path)
     model = getattr(models, facts.arch)(num_classes=NUM_CLASSES)
+    mismatch = _shape_mismatch(state, model.state_dict(), facts.arch)
+    if mismatch:  # load_state_dict would say so in one line per tensor, after a first line that says nothing
+        raise UserError(f"{path} does not load into {facts.arch}: {mismatch}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -53,7 +53,7 @@ from skinlesion.ema import EMA, make_ema
 from skinlesion.epoch import train_epoch, validate
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate_checkpoint
-from skinlesion.files import FolderLock, atomic_write, output_folder, read_jsonl
+from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
 from skinlesion.labels import CLASSES
 from skinlesion.losses import make_criterion
 from skinlesion.mixing import Mixer, make_mixer
@@ -100,10 +100,12 @@ class Run:
 def train(cfg: Config) -> Path:
     """Train per `cfg`; returns the output folder (model.pt, best.pt, metrics.jsonl, config.yaml, checkpoints/)."""
     run = setup(cfg)
+    kept = "its newest complete checkpoint is kept; free space and resume with train.resume=auto"
     try:
-        state = resume(run)
-        if fit(run, state):  # False: preempted, with a checkpoint written; the job requeues and resumes
-            finish(run, state)
+        with no_room_is_user_error(run.out, "train.output_dir", kept):  # metrics, eval files, exports
+            state = resume(run)
+            if fit(run, state):  # False: preempted, with a checkpoint written; the job requeues and resumes
+                finish(run, state)
         run.accelerator.end_training()
     finally:
         run.stop.restore()  # the process may go on (tests, notebooks): it must not keep ignoring SIGTERM

@@ -104,6 +104,16 @@ def test_ten_class_head_is_refused(tmp_path: Path, image: Path, capsys) -> None:
     assert code == 2 and "classifier head of shape (10, 512), not 7 outputs" in err
 
 
+def test_weights_of_a_one_channel_model_name_the_tensor_not_torchs_empty_first_line(tmp_path, image, capsys) -> None:
+    # Before: "does not load into resnet18: Error(s) in loading state_dict for ResNet:" and nothing more.
+    model = models.resnet18(num_classes=7)
+    model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    torch.save(model.state_dict(), tmp_path / "grey.pt")
+    code, _, err = _predict(capsys, "--checkpoint", str(tmp_path / "grey.pt"), "--image-size", "32", str(image))
+    assert code == 2 and err.count("\n") == 1
+    assert "conv1.weight [64, 1, 7, 7] (not [64, 3, 7, 7]); it looks like a resnet18 for 1-channel images" in err
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

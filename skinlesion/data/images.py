@@ -4,17 +4,23 @@ Every image that reaches a shard passes through `process`: whatever came in (gra
 RGBA, palette, a PNG named .jpg, a phone photo with an EXIF rotation), what goes out is an RGB
 JPEG the right way up whose shorter side is `size`. A file that cannot be trusted raises
 `BadImage` with a short reason that ends up in rejected.csv.
+
+Each mode's values have one meaning (`_to_rgb`, table in docs/data.md), so a picture's pixels do not depend
+on the bit depth or mode it was saved in: a per-image contrast stretch of 16-bit grey once made the same
+lesion's 8-bit and 16-bit PNGs score 0.897 and 0.936 malignant.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 JPEG_QUALITY = 90
 # PIL's own default: above this many pixels a file is treated as a decompression bomb.
@@ -26,6 +32,11 @@ UNREADABLE = "unreadable file"
 CORRUPT = "corrupt image"
 TRUNCATED = "truncated image"
 BOMB = "decompression bomb"
+UNSUPPORTED = "unsupported pixel values"
+
+# Grey modes wider than 8 bits; their values are scaled from the full range of the type (see `_to_rgb`).
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+BACKGROUND = (255, 255, 255)  # what transparent pixels become
 
 
 class BadImage(Exception):
@@ -62,8 +73,7 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     so an image prepare would reject as a bomb or a truncated file is rejected there too)."""
     with _guard(data, max_pixels), Image.open(io.BytesIO(data)) as im:
         im.load()
-        orientation = im.getexif().get(0x0112, 1)
-        return _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
+        return _upright_rgb(im, im.getexif().get(0x0112, 1))
 
 
 @contextlib.contextmanager
@@ -104,8 +114,7 @@ def _convert(data: bytes, size: int) -> bytes:
         im.load()
         if size == 0 and im.format == "JPEG" and im.mode == "RGB" and orientation == 1:
             return data
-        # exif_transpose copies the image even when there is nothing to do: only call it when needed.
-        out = _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
+        out = _upright_rgb(im, orientation)
     if size > 0:
         out = resize_shorter(out, size)
     buf = io.BytesIO()
@@ -113,22 +122,74 @@ def _convert(data: bytes, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB, with transparency flattened onto white (a transparent pixel's hidden colour is arbitrary)."""
-    if im.mode == "RGB":
+def _upright_rgb(im: Image.Image, orientation: int) -> Image.Image:
+    """8-bit RGB the right way up. The value scale is read first: transposing makes a plain copy without
+    the TIFF tags that say how many of a 16-bit sample's bits are used."""
+    top = _full_scale(im)
+    # exif_transpose copies the image even when there is nothing to do: only call it when needed.
+    return _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im, top)
+
+
+def _full_scale(im: Image.Image) -> int:
+    """The sample value that means white in a wide grey image: 65535 for 16 bits, 4095 for a 12-bit TIFF."""
+    tags = getattr(im, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None  # TIFF BitsPerSample
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    if isinstance(bits, int) and 8 < bits < 16 and im.mode in WIDE_GREY:
+        return 2**bits - 1
+    return 65535
+
+
+def _to_rgb(im: Image.Image, top: int = 65535) -> Image.Image:
+    """8-bit RGB by what the mode's values mean, never by the image's own min..max (see docs/data.md).
+
+    Wide grey (16-bit, 32-bit integer) is scaled from 0..`top` and float from 0..1, so the same picture
+    saved at another bit depth gives the same pixels; transparency is flattened onto `BACKGROUND` (a
+    transparent pixel's hidden colour is arbitrary).
+    """
+    if im.mode == "RGB" and "transparency" not in im.info:
         return im
-    if im.mode == "P" and "transparency" in im.info:
+    if im.mode in WIDE_GREY or im.mode == "F":
+        im = _wide_grey_to_8bit(im, top)
+    if "transparency" in im.info and im.mode in ("1", "L", "P", "RGB"):  # PNG tRNS: one value or palette alphas
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if im.mode == "La":  # premultiplied grey + alpha: PIL converts it only to LA
+        im = im.convert("LA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        # 16-bit and float grayscale: scale into 8 bits instead of clipping everything to white.
-        im = im.convert("F")
-        lo, hi = im.getextrema()
-        im = im.point(lambda v: (v - lo) * 255.0 / max(hi - lo, 1)).convert("L")
-    return im.convert("RGB")
+    if im.mode == "LAB":  # CIELAB (TIFF): through littlecms, as older PIL cannot convert LAB itself
+        return ImageCms.applyTransform(im, _lab_to_srgb())
+    return im.convert("RGB")  # 1, L, P, CMYK (PIL's formula, no ICC profile), YCbCr, HSV, RGBX
+
+
+def _wide_grey_to_8bit(im: Image.Image, top: int) -> Image.Image:
+    """L (or LA, when a PNG tRNS value marks transparent pixels) from 16/32-bit integer or float grey."""
+    values = np.asarray(im)
+    if values.size == 0:
+        raise BadImage(CORRUPT, "no pixels")
+    lo, hi = values.min(), values.max()
+    if im.mode == "F":
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+            raise BadImage(UNSUPPORTED, f"float grey from {lo:g} to {hi:g}; only 0..1 is understood")
+        scaled = values.astype(np.float64) * 255.0
+    else:
+        if lo < 0 or hi > top:
+            raise BadImage(UNSUPPORTED, f"{im.mode} grey from {lo} to {hi}; only 0..{top} is understood")
+        scaled = values.astype(np.float64) * (255.0 / top)
+    grey = Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
+    key = im.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
+
+
+@functools.cache
+def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
 
 
 def resize_shorter(im: Image.Image, size: int) -> Image.Image:

@@ -32,6 +32,7 @@ from skinlesion.data import images, metadata, shards
 from skinlesion.data.pool import worker_pool
 from skinlesion.data.split import SPLITS, balance, split_by_lesion
 from skinlesion.errors import UserError
+from skinlesion.files import no_room_is_user_error
 from skinlesion.labels import CLASS_TO_INDEX, CLASSES
 
 MAX_STORED_SIZE = 4096  # shorter side in shards; a typo like 100000 would upscale every image to gigabytes
@@ -188,7 +189,17 @@ def _split_manifest(rows: pd.DataFrame, files: list[str], sizes: list[int]) -> d
 
 
 def prepare(opts: PrepareOptions) -> PrepareResult:
-    """Run the whole preparation; print a summary table; return OUT and its manifest."""
+    """Run the whole preparation; print a summary table; return OUT and its manifest.
+
+    A full disk (or quota) anywhere in the build is one line naming OUT: the partial build is gone by then,
+    and a previous dataset in OUT is untouched (it is only replaced by `Build.commit`, which renames).
+    """
+    then = "the partial build was removed, a dataset already there is untouched; free space or choose another --out"
+    with no_room_is_user_error(Path(opts.out), "--out", then):
+        return _prepare(opts)
+
+
+def _prepare(opts: PrepareOptions) -> PrepareResult:
     _check(opts)
     started = time.perf_counter()
     out = Path(opts.out)
