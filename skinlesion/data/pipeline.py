@@ -37,6 +37,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from skinlesion.data.device_decode import pack, train_geometry
 from skinlesion.data.manifest import label_of, read_manifest, split_shards
 from skinlesion.data.transforms import eval_crop, train_crop, train_transform
 from skinlesion.errors import UserError
@@ -62,8 +63,12 @@ def decoder(kind: str, image_size: int) -> Decoder:
     """JPEG bytes -> the image fields of a sample, per loader kind.
 
     ``device``: uint8 tile + affine (`transforms.train_crop`); ``cpu``: the augmented, normalised float
-    image (`transforms.train_transform`); ``eval``: the uint8 evaluation crop (`transforms.eval_crop`).
+    image (`transforms.train_transform`); ``eval``: the uint8 evaluation crop (`transforms.eval_crop`);
+    ``jpeg`` (data.decode=device): the bytes, undecoded, with the crop geometry drawn from the header
+    (`device_decode.train_geometry`; the device decodes them with `device_decode.decode_batch`).
     """
+    if kind == "jpeg":
+        return train_geometry(image_size)
     if kind == "device":
         crop = train_crop(image_size)
 
@@ -130,14 +135,19 @@ class _SkipBad:
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
+    """Samples -> a batch: tensors stacked, except JPEG bytes (of varying length), which are packed into one
+    flat tensor plus offsets (`device_decode.pack`)."""
     batch: Batch = {
-        "image": torch.stack([s["image"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
-    if "affine" in samples[0]:
-        batch["affine"] = torch.stack([s["affine"] for s in samples])
+    if "jpeg" in samples[0]:
+        batch["jpeg"], batch["jpeg_offsets"] = pack([s["jpeg"] for s in samples])
+        batch["tile_size"] = samples[0]["tile_size"]
+    for name in ("image", "affine", "size", "box"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
     return batch
 
 
