@@ -24,14 +24,29 @@ def _run(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[str
 def test_bench_loader_reports_the_breakdown(shards_dir: Path, tmp_path: Path, capsys, augment: str) -> None:
     text, result = _run(capsys, tmp_path, "loader", "--shards", str(shards_dir), "--image-size", "32",
                         "--batch-size", "8", "--batches", "3", "--workers", "0", "--augment", augment)  # fmt: skip
-    assert {"augment", "image_size", "workers", "batch_size", "images", "images_per_second_per_worker",
+    assert {"augment", "decode", "image_size", "workers", "batch_size", "images", "images_per_second_per_worker",
             "ms_per_image", "bytes_per_image", "device_augment_ms_per_batch"} <= set(result)  # fmt: skip
     assert set(result["ms_per_image"]) == {"read", "decode", "crop", "collate", "total"}
-    assert result["images"] == 24 and result["augment"] == augment
+    assert result["images"] == 24 and result["augment"] == augment and result["decode"] == "cpu"
     # uint8 tiles plus a 2x3 float affine, against normalised float32: the 1/4 that crosses PCIe.
     assert result["bytes_per_image"] == (3 * 32 * 32 + 24 if augment == "device" else 3 * 32 * 32 * 4)
     assert (result["device_augment_ms_per_batch"] is None) == (augment == "cpu")
+    assert result["device_decode_ms_per_batch"] is None
     assert "ms per image on one core" in text
+
+
+def test_bench_loader_with_device_decode_measures_the_worker_and_the_device_halves(
+    shards_dir: Path, tmp_path: Path, capsys
+) -> None:
+    args = ["--shards", str(shards_dir), "--image-size", "32", "--batch-size", "8", "--batches", "3", "--workers", "0"]
+    text, result = _run(capsys, tmp_path, "loader", *args, "--decode", "device")
+    assert result["decode"] == "device" and result["images"] == 24
+    assert result["device_decode_ms_per_batch"] > 0 and result["device_augment_ms_per_batch"] > 0
+    # The JPEG bytes plus offset, size, box and affine: no decoded pixels leave the worker.
+    assert 8 + 16 + 32 + 24 < result["bytes_per_image"] < 3 * 32 * 32
+    assert "device decode" in text and "device decode, device augmentation" in text
+    assert main(["bench", "loader", *args, "--decode", "device", "--augment", "cpu"]) == 2
+    assert "data.decode=device needs data.augment=device" in capsys.readouterr().err
 
 
 def test_bench_step_reports_images_per_second(tmp_path: Path, capsys) -> None:
