@@ -31,6 +31,8 @@ from torch import nn
 
 from skinlesion.errors import UserError
 
+_CPU = torch.device("cpu")
+
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,13 +108,18 @@ def bench_loader(
     rate = got / (time.perf_counter() - start) / max(workers, 1)
     fields = ("image", "affine", "jpeg", "jpeg_offsets", "size", "box")  # what crosses to the device, per kind
     shipped = sum(first[name].nbytes for name in fields if name in first) / len(first["label"])
-    decode_ms_batch = _device_ms(lambda: decode_batch(first, device), device) if kind == "jpeg" else None
+    decode_ms_batch, diff = None, {}
+    if kind == "jpeg":
+        decode_ms_batch = _device_ms(lambda: decode_batch(first, device), device)
+        # nvJPEG against libjpeg-turbo on the same batch and crops: JPEG tolerance on CUDA, 0 on the CPU.
+        delta = (decode_batch(first, device)["image"].cpu().float() - decode_batch(first, _CPU)["image"].float()).abs()
+        diff = {"device_decode_max_abs_diff": delta.max().item(), "device_decode_mean_abs_diff": delta.mean().item()}
     augment_ms = _device_augment_ms(first, device) if kind != "cpu" else None
     return {
         "augment": augment, "decode": "device" if kind == "jpeg" else "cpu", "image_size": image_size,
         "workers": workers, "batch_size": batch_size, "images": got, "images_per_second_per_worker": rate,
         "ms_per_image": ms, "bytes_per_image": shipped, "device_decode_ms_per_batch": decode_ms_batch,
-        "device_augment_ms_per_batch": augment_ms, "device": device.type,
+        "device_augment_ms_per_batch": augment_ms, "device": device.type, **diff,
     }  # fmt: skip
 
 

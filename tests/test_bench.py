@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_SAMPLE
 from helpers import REPO
 
 from skinlesion.cli import main
@@ -79,9 +80,17 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
                           timeout=900, env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mode"] == "cpu" and summary["training"]["loss_fell"]
-    assert set(summary["loader"]) == {"device", "cpu"} and set(summary["train"]) == {"device", "cpu"}
-    assert "| bench train, device augmentation" in (out / "summary.md").read_text()
+    assert summary["mode"] == "cpu" and len(summary["training"]["train_loss"]) == 2
+    assert summary["data"].startswith("real content" if (SHARED_SAMPLE / "images").is_dir() else "synthetic")
+    assert set(summary["loader"]) == {"device", "cpu", "device_decode"} and set(summary["train"]) == {"device", "cpu"}
+    assert summary["loader"]["device_decode"]["device_decode_max_abs_diff"] == 0  # same decoder on the CPU
+    # The shipped recipe under accelerate launch, against bench step at its settings; no SM % on a CPU.
+    recipe = summary["recipe"]
+    assert {"images_per_second", "step_images_per_second", "ratio_to_step", "sm_busy", "compile_seconds"} <= set(recipe)
+    assert recipe["ratio_to_step"] > 0 and recipe["sm_busy"] is None and recipe["compile_seconds"] is None
+    assert "skipped" in summary["recipe_compile"]
+    text = (out / "summary.md").read_text()
+    assert "| bench train, device augmentation" in text and "| recipe (configs/ham10000.yaml under accelerate" in text
 
 
 @pytest.mark.slow
