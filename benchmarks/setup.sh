@@ -6,7 +6,8 @@
 # It reads [--cpu] OUTDIR into $cpu (0/1) and $out, sets $repo and $PYTHON (default python3), installs the
 # wheels in .whl/ (packages a GPU machine lacks; nothing is downloaded) into /tmp/skinlesion-site, puts that
 # and the checkout on PYTHONPATH, checks the packages and the GPU, and defines `sl` (skinlesion),
-# `stage` (a timestamped line) and `logged LOG COMMAND...` (output to LOG; on failure its end, and stop).
+# `stage` (a timestamped line), `logged LOG COMMAND...` (output to LOG; on failure its end, and stop) and
+# `stamped COMMAND...` (stdout and stderr, each line and tqdm redraw prefixed with the Unix time).
 cpu=0
 if [ "${1:-}" = "--cpu" ]; then
     cpu=1
@@ -50,4 +51,7 @@ logged() {
     local log=$1
     shift
     "$@" >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
+}
+stamped() {
+    "$@" 2>&1 | "$PYTHON" -m skinlesion.recipe_check stamp
 }

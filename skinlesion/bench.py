@@ -31,6 +31,8 @@ from torch import nn
 
 from skinlesion.errors import UserError
 
+_CPU = torch.device("cpu")
+
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,14 +53,20 @@ def _per_image_ms(fn: Callable[[], Any], count: int, repeats: int = 3) -> float:
     return best * 1000 / count
 
 
-def bench_loader(shards: Path, image_size: int, workers: int, batches: int, batch_size: int, augment: str) -> dict:
-    """Per-stage CPU cost on one core, the real loader's rate per worker, bytes and device cost per batch."""
+def bench_loader(
+    shards: Path, image_size: int, workers: int, batches: int, batch_size: int, augment: str, decode: str = "cpu"
+) -> dict:
+    """Per-stage CPU cost on one core, the real loader's rate per worker, bytes and device cost per batch.
+
+    With ``decode="device"`` the worker's "decode" is the JPEG header read and its "crop" the geometry draw; the
+    decode itself is in ``device_decode_ms_per_batch``, on the current device (the CPU's cost, without CUDA)."""
     from skinlesion.data import transforms
-    from skinlesion.data.augment import augment as device_augment
-    from skinlesion.data.augment import batch_generator
+    from skinlesion.data.device_decode import decode_batch, header_size, resolve_decode
     from skinlesion.data.manifest import read_manifest, split_shards
     from skinlesion.data.pipeline import _read, collate, decoder, train_loader
 
+    device = _device()
+    kind = "jpeg" if resolve_decode(decode, augment, device) == "device" else augment
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a loader worker's view: one core
     try:
@@ -70,53 +78,73 @@ def bench_loader(shards: Path, image_size: int, workers: int, batches: int, batc
 
         read = _per_image_ms(read_all, count)
         jpegs = [s["jpg"] for s in read_all()]
-        if augment == "device":
-            decode = _per_image_ms(lambda: [transforms.decode(j) for j in jpegs], count)
-            crop_total = _per_image_ms(lambda: [transforms.train_crop(image_size)(j) for j in jpegs], count)
-        else:
+        decode_fn = decoder(kind, image_size)
+        if kind == "cpu":
 
             def pil(j: bytes) -> Image.Image:
                 with Image.open(io.BytesIO(j)) as im:
                     return im.convert("RGB")
 
-            decode = _per_image_ms(lambda: [pil(j) for j in jpegs], count)
-            preset = transforms.train_transform(image_size)
-            crop_total = _per_image_ms(lambda: [preset(pil(j)) for j in jpegs], count)
-        decode_fn = decoder(augment, image_size)
+            first_stage = pil
+        else:
+            first_stage = header_size if kind == "jpeg" else transforms.decode
+        decode_ms = _per_image_ms(lambda: [first_stage(j) for j in jpegs], count)
+        crop_total = _per_image_ms(lambda: [decode_fn(j) for j in jpegs], count)
         items = [{**decode_fn(j), "label": 0, "key": "k", "meta": {}} for j in jpegs]
         collate_ms = _per_image_ms(
             lambda: [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)], count
         )
     finally:
         torch.set_num_threads(threads)
-    ms = {"read": read, "decode": decode, "crop": crop_total - decode, "collate": collate_ms}
+    ms = {"read": read, "decode": decode_ms, "crop": crop_total - decode_ms, "collate": collate_ms}
     ms["total"] = sum(ms.values())
 
     loader = train_loader(shards, image_size=image_size, batch_size=batch_size, num_workers=workers, rank=0,
-                          world_size=1, seed=0, epoch=0, batches=batches + 1, augment=augment)  # fmt: skip
+                          world_size=1, seed=0, epoch=0, batches=batches + 1, augment=kind)  # fmt: skip
     it = iter(loader)
     first = next(it)  # worker start-up and the first batch are excluded
     start = time.perf_counter()
     got = sum(len(b["label"]) for b in it)
     rate = got / (time.perf_counter() - start) / max(workers, 1)
-    shipped = first["image"][0].nbytes + (first["affine"][0].nbytes if "affine" in first else 0)
-
-    device, augment_ms = _device(), None
-    if augment == "device":
-        x, affine = first["image"].to(device), first["affine"].to(device)
-        times = []
-        for i in range(8):
-            _sync(device)
-            start = time.perf_counter()
-            device_augment(x, affine, batch_generator(device, 0, 0, 0, i))
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        augment_ms = statistics.median(times[2:]) * 1000
+    fields = ("image", "affine", "jpeg", "jpeg_offsets", "size", "box")  # what crosses to the device, per kind
+    shipped = sum(first[name].nbytes for name in fields if name in first) / len(first["label"])
+    decode_ms_batch, diff = None, {}
+    if kind == "jpeg":
+        decode_ms_batch = _device_ms(lambda: decode_batch(first, device), device)
+        # nvJPEG against libjpeg-turbo on the same batch and crops: JPEG tolerance on CUDA, 0 on the CPU.
+        delta = (decode_batch(first, device)["image"].cpu().float() - decode_batch(first, _CPU)["image"].float()).abs()
+        diff = {"device_decode_max_abs_diff": delta.max().item(), "device_decode_mean_abs_diff": delta.mean().item()}
+    augment_ms = _device_augment_ms(first, device) if kind != "cpu" else None
     return {
-        "augment": augment, "image_size": image_size, "workers": workers, "batch_size": batch_size,
-        "images": got, "images_per_second_per_worker": rate, "ms_per_image": ms, "bytes_per_image": shipped,
-        "device_augment_ms_per_batch": augment_ms, "device": device.type,
+        "augment": augment, "decode": "device" if kind == "jpeg" else "cpu", "image_size": image_size,
+        "workers": workers, "batch_size": batch_size, "images": got, "images_per_second_per_worker": rate,
+        "ms_per_image": ms, "bytes_per_image": shipped, "device_decode_ms_per_batch": decode_ms_batch,
+        "device_augment_ms_per_batch": augment_ms, "device": device.type, **diff,
     }  # fmt: skip
+
+
+def _device_ms(fn: Callable[[], Any], device: torch.device, calls: int = 8) -> float:
+    """Median ms of `fn` on `device`, synchronised, after two warm-up calls."""
+    times = []
+    for _ in range(calls):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1000
+
+
+def _device_augment_ms(batch: dict, device: torch.device) -> float:
+    """The device augmentation of one loader batch (decoded on the device first when it ships JPEG bytes)."""
+    from skinlesion.data.augment import augment, batch_generator
+    from skinlesion.data.device_decode import decode_batch
+
+    if "jpeg" in batch:
+        batch = decode_batch(batch, device)
+    x, affine = batch["image"].to(device), batch["affine"].to(device)
+    calls = iter(range(100))
+    return _device_ms(lambda: augment(x, affine, batch_generator(device, 0, 0, 0, next(calls))), device)
 
 
 class _Step:
@@ -187,6 +215,7 @@ def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5)
     """End-to-end images/s (loader, device augmentation, step) against `bench_step` with the same settings."""
     from skinlesion.config import load_config
     from skinlesion.data.batches import model_input, resolve_augment
+    from skinlesion.data.device_decode import resolve_decode
     from skinlesion.data.manifest import read_manifest
     from skinlesion.data.pipeline import train_loader
     from skinlesion.distributed import loader_workers, resolve_mixed_precision
@@ -197,11 +226,13 @@ def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5)
     device = _device()
     precision = resolve_mixed_precision(cfg.train.mixed_precision)
     augment = resolve_augment(cfg.data.augment, device)
+    decode = resolve_decode(cfg.data.decode, augment, device)
     channels_last = device.type == "cuda"
     step = _Step(_model(cfg.model.name, channels_last, cfg.train.compile, device), precision, device)
     loader = train_loader(cfg.data.shards, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
                           num_workers=cfg.data.num_workers, rank=0, world_size=1, seed=cfg.train.seed, epoch=0,
-                          batches=warmup + steps, shuffle_buffer=cfg.data.shuffle_buffer, augment=augment)  # fmt: skip
+                          batches=warmup + steps, shuffle_buffer=cfg.data.shuffle_buffer, augment=augment,
+                          decode=decode)  # fmt: skip
     batches: Iterator[dict] = iter(loader)
     for i, batch in enumerate(itertools.islice(batches, warmup)):
         step(*model_input(batch, device, cfg.train.seed, 0, 0, i))
@@ -217,6 +248,7 @@ def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5)
     return {
         "images_per_second": end_to_end, "step_images_per_second": only["images_per_second"],
         "input_bound_fraction": max(0.0, 1 - end_to_end / only["images_per_second"]), "augment": augment,
+        "decode": decode,
         "device": only["device"], "model": cfg.model.name, "image_size": cfg.data.image_size,
         "batch_size": cfg.data.batch_size, "workers": cfg.data.num_workers, "precision": precision, "steps": steps,
     }  # fmt: skip
@@ -226,14 +258,16 @@ def format_result(kind: str, result: dict) -> str:
     """The table a person reads."""
     if kind == "loader":
         ms = result["ms_per_image"]
-        aug = result["device_augment_ms_per_batch"]
+        aug, dec = result["device_augment_ms_per_batch"], result["device_decode_ms_per_batch"]
         return "\n".join([
-            f"loader ({result['augment']} augmentation, {result['image_size']} px, batch {result['batch_size']}, "
+            f"loader ({result['decode']} decode, {result['augment']} augmentation, {result['image_size']} px, "
+            f"batch {result['batch_size']}, "
             f"{result['workers']} workers)",
             "  ms per image on one core: " + "  ".join(f"{k} {v:.3f}" for k, v in ms.items()),
             f"  {1000 / ms['total']:.0f} images/s per core by the breakdown; real loader "
             f"{result['images_per_second_per_worker']:.0f} images/s per worker",
-            f"  {result['bytes_per_image']} bytes per image to the device"
+            f"  {result['bytes_per_image']:.0f} bytes per image to the device"
+            + (f"; device decode {dec:.2f} ms per batch on {result['device']}" if dec is not None else "")
             + (f"; device augmentation {aug:.2f} ms per batch on {result['device']}" if aug is not None else ""),
         ])  # fmt: skip
     if kind == "step":
@@ -249,7 +283,8 @@ def format_result(kind: str, result: dict) -> str:
 def bench_command(kind: str, args: Any) -> int:
     """CLI entry for `skinlesion bench KIND`."""
     if kind == "loader":
-        result = bench_loader(args.shards, args.image_size, args.workers, args.batches, args.batch_size, args.augment)
+        sizes = (args.image_size, args.workers, args.batches, args.batch_size)
+        result = bench_loader(args.shards, *sizes, args.augment, args.decode)
     elif kind == "step":
         result = bench_step(args.model, args.image_size, args.batch_size, args.precision, args.channels_last,
                             args.compile, steps=args.steps)  # fmt: skip

@@ -209,6 +209,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     loader.add_argument("--batches", type=int, default=20)
     loader.add_argument("--batch-size", type=int, default=32)
     loader.add_argument("--augment", choices=("device", "cpu"), default="device")
+    loader.add_argument("--decode", choices=("cpu", "device"), default="cpu", help="device: workers ship JPEG bytes")
     step = kinds.add_parser("step", help="images/s of forward + backward + optimizer step on in-memory batches")
     step.add_argument("--model", default="resnet50")
     step.add_argument("--image-size", type=int, default=224)

@@ -35,6 +35,9 @@ class DataConfig:
     num_workers: int | str = "auto"  # loader processes per training process; auto: its share of the cores, less one
     shuffle_buffer: int = 1000  # samples held for the in-stream shuffle
     augment: str = "auto"  # where per-pixel augmentation runs: auto (device on CUDA, else cpu) | device | cpu
+    # where training JPEGs are decoded: cpu (loader workers) | device (nvJPEG; needs augment on the device) | auto
+    # (device on CUDA when torchvision's GPU decoder works there); cpu until a GPU run has measured device
+    decode: str = "cpu"
 
 
 @dataclass
@@ -106,6 +109,7 @@ IMAGE_SIZE_RANGE = (16, 1024)  # input sizes a model may be trained and used at 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("auto", "device", "cpu"),
+    "data.decode": ("auto", "device", "cpu"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.loss": ("ce", "weighted_ce", "logit_adjusted", "focal"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from skinlesion import compiling
 from skinlesion.checkpoint import TrainerState, complete_checkpoints, save_checkpoint
 from skinlesion.config import Config
-from skinlesion.data.batches import model_input
+from skinlesion.data.batches import decoded, model_input
 from skinlesion.distributed import signal_name
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate
@@ -60,7 +60,7 @@ def train_epoch(run: Run, state: TrainerState, batches: Iterator[dict[str, Any]]
         set_lr(run.optimizer, lr, run.schedule, frozen)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
-            batch, index = next(batches), state.batches_in_epoch + micro
+            batch, index = decoded(next(batches), accelerator.device), state.batches_in_epoch + micro
             x, y = model_input(batch, accelerator.device, cfg.train.seed, state.epoch, rank, index)
             if run.mixer is not None:
                 x, y = run.mixer(x, y, state.epoch, rank, index)
@@ -149,8 +149,10 @@ def validate(
     split: str = "val",
     out: Path | None = None,
     manifest: dict[str, Any] | None = None,
+    loader: Iterable[dict[str, Any]] | None = None,
 ) -> EvalResult:
     """The evaluator of `skinlesion evaluate` on `split`: every sample once across ranks, same metrics on all.
+    `loader`: the split's eval loader with workers kept for the run (`train.fit`), else a new one.
 
     BatchNorm statistics are first made identical on every rank (DDP only broadcasts them at the next
     forward), so the result does not depend on the number of processes.
@@ -168,6 +170,7 @@ def validate(
         num_workers=cfg.data.num_workers,
         n_bootstrap=0,
         manifest=manifest,
+        loader=loader,
     )
 
 

@@ -15,6 +15,7 @@ import csv
 import io
 import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,21 +125,25 @@ def collect_predictions(
     num_workers: int = 0,
     tta: bool = False,
     manifest: dict | None = None,
+    loader: Iterable[dict[str, Any]] | None = None,
 ) -> Predictions:
     """Run `model` over `split` on every rank and gather all predictions on every rank.
 
     Must be called on all ranks together (gather_object is a collective). The model is unwrapped
     (no DDP forward, hence no collective per batch: ranks may hold different numbers of batches).
+    `loader`: the split's `eval_loader`, when the caller keeps one (training's validation keeps its
+    workers for the run); by default a new one.
     """
     from skinlesion.data.augment import to_model_input
     from skinlesion.data.manifest import read_manifest
     from skinlesion.data.pipeline import eval_loader
 
     manifest = manifest or read_manifest(shards)  # first: a clear error for a missing folder or manifest
-    loader = eval_loader(
-        shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes,
-        manifest=manifest,
-    )  # fmt: skip
+    if loader is None:
+        loader = eval_loader(
+            shards, split, image_size, batch_size, num_workers, accelerator.process_index, accelerator.num_processes,
+            manifest=manifest,
+        )  # fmt: skip
     expected = int(manifest["splits"][split]["samples"])
     net = accelerator.unwrap_model(model)
     was_training = net.training
@@ -216,13 +221,16 @@ def evaluate(
     n_bootstrap: int = 1000,
     plots: bool = True,
     manifest: dict | None = None,
+    loader: Iterable[dict[str, Any]] | None = None,
 ) -> EvalResult:
     """Predict `split` on all ranks, compute metrics on all ranks, write files to `out` on the main one.
 
     Call it on every rank. `n_bootstrap=0` skips the confidence interval (e.g. per-epoch validation
     where only the point estimate is logged); `plots=False` skips the PNGs.
     """
-    preds = collect_predictions(model, accelerator, shards, split, image_size, batch_size, num_workers, tta, manifest)
+    preds = collect_predictions(
+        model, accelerator, shards, split, image_size, batch_size, num_workers, tta, manifest, loader
+    )
     groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
     metrics = compute_metrics(preds.labels, preds.probs, groups=groups, n_bootstrap=n_bootstrap)
     metrics.update(

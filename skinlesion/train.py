@@ -39,8 +39,9 @@ from skinlesion.checkpoint import (
 )
 from skinlesion.config import Config, TrainConfig, save_config
 from skinlesion.data.batches import resolve_augment
+from skinlesion.data.device_decode import resolve_decode
 from skinlesion.data.manifest import read_manifest, verify_split
-from skinlesion.data.pipeline import batches_per_rank, train_loader
+from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
 from skinlesion.distributed import (
     StepCheck,
     StopSignal,
@@ -80,6 +81,7 @@ class Run:
     schedule: TrainConfig  # cfg.train with lr and ema_decay scaled to the global batch (train.reference_batch)
     batches: int  # per rank per epoch
     augment: str  # where per-pixel augmentation runs: "device" (uint8 batches) or "cpu" (loader workers)
+    decode: str  # where training JPEGs are decoded: "device" (data.decode, on CUDA) or "cpu" (loader workers)
     mixer: Mixer | None  # MixUp/CutMix on a share of the device batches (train.mix_prob > 0)
     ema: EMA | None  # the weights' moving average (train.ema_decay > 0): validated and exported
     total_steps: int
@@ -147,6 +149,7 @@ def setup(cfg: Config) -> Run:
         optimizer = make_optimizer(model, schedule)
         model, optimizer = accelerator.prepare(model, optimizer)
         steps_per_epoch = batches // cfg.train.grad_accum
+        augment = resolve_augment(cfg.data.augment, accelerator.device)
         run = Run(
             cfg=cfg,
             out=out,
@@ -160,7 +163,8 @@ def setup(cfg: Config) -> Run:
             check=StepCheck(accelerator.device),
             schedule=schedule,
             batches=batches,
-            augment=resolve_augment(cfg.data.augment, accelerator.device),
+            augment=augment,
+            decode=resolve_decode(cfg.data.decode, augment, accelerator.device),
             mixer=make_mixer(cfg.train),
             ema=make_ema(accelerator.unwrap_model(model), schedule.ema_decay),
             total_steps=steps_per_epoch * cfg.train.epochs,
@@ -230,9 +234,15 @@ def fit(run: Run, state: TrainerState) -> bool:
             skip_batches=state.batches_in_epoch,
             shuffle_buffer=cfg.data.shuffle_buffer,
             augment=run.augment,
+            decode=run.decode,
             manifest=run.manifest,
         )
     )
+    val = None  # the val split's loader, its workers kept for the run like the train loader's
+    if run.has("val"):
+        rank, world = accelerator.process_index, accelerator.num_processes
+        size, batch, workers = cfg.data.image_size, cfg.data.eval_batch_size, cfg.data.num_workers
+        val = eval_loader(cfg.data.shards, "val", size, batch, workers, rank, world, run.manifest, persistent=True)
     for epoch in range(state.epoch, cfg.train.epochs):
         state.epoch = epoch
         epoch_stats = train_epoch(run, state, batches)
@@ -243,11 +253,13 @@ def fit(run: Run, state: TrainerState) -> bool:
         accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
         score, result = None, None
         if run.has("val"):
-            result = validate(accelerator, run.shipped, cfg, out=run.out / "eval-val", manifest=run.manifest)
+            result = validate(
+                accelerator, run.shipped, cfg, out=run.out / "eval-val", manifest=run.manifest, loader=val
+            )
             record |= result.record("val")
             score = result.balanced_accuracy
             if run.ema is not None:  # the raw weights too, to compare
-                raw = validate(accelerator, run.model, cfg, manifest=run.manifest)
+                raw = validate(accelerator, run.model, cfg, manifest=run.manifest, loader=val)
                 record["val_balanced_accuracy_raw"] = raw.balanced_accuracy
             images = tracking_eval.png_images(accelerator, result.files, "val")
             accelerator.log(result.scalars("val") | images | {"epoch": epoch}, step=state.step)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_SAMPLE
 from helpers import REPO
 
 from skinlesion.cli import main
@@ -24,14 +25,29 @@ def _run(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[str
 def test_bench_loader_reports_the_breakdown(shards_dir: Path, tmp_path: Path, capsys, augment: str) -> None:
     text, result = _run(capsys, tmp_path, "loader", "--shards", str(shards_dir), "--image-size", "32",
                         "--batch-size", "8", "--batches", "3", "--workers", "0", "--augment", augment)  # fmt: skip
-    assert {"augment", "image_size", "workers", "batch_size", "images", "images_per_second_per_worker",
+    assert {"augment", "decode", "image_size", "workers", "batch_size", "images", "images_per_second_per_worker",
             "ms_per_image", "bytes_per_image", "device_augment_ms_per_batch"} <= set(result)  # fmt: skip
     assert set(result["ms_per_image"]) == {"read", "decode", "crop", "collate", "total"}
-    assert result["images"] == 24 and result["augment"] == augment
+    assert result["images"] == 24 and result["augment"] == augment and result["decode"] == "cpu"
     # uint8 tiles plus a 2x3 float affine, against normalised float32: the 1/4 that crosses PCIe.
     assert result["bytes_per_image"] == (3 * 32 * 32 + 24 if augment == "device" else 3 * 32 * 32 * 4)
     assert (result["device_augment_ms_per_batch"] is None) == (augment == "cpu")
+    assert result["device_decode_ms_per_batch"] is None
     assert "ms per image on one core" in text
+
+
+def test_bench_loader_with_device_decode_measures_the_worker_and_the_device_halves(
+    shards_dir: Path, tmp_path: Path, capsys
+) -> None:
+    args = ["--shards", str(shards_dir), "--image-size", "32", "--batch-size", "8", "--batches", "3", "--workers", "0"]
+    text, result = _run(capsys, tmp_path, "loader", *args, "--decode", "device")
+    assert result["decode"] == "device" and result["images"] == 24
+    assert result["device_decode_ms_per_batch"] > 0 and result["device_augment_ms_per_batch"] > 0
+    # The JPEG bytes plus offset, size, box and affine: no decoded pixels leave the worker.
+    assert 8 + 16 + 32 + 24 < result["bytes_per_image"] < 3 * 32 * 32
+    assert "device decode" in text and "device decode, device augmentation" in text
+    assert main(["bench", "loader", *args, "--decode", "device", "--augment", "cpu"]) == 2
+    assert "data.decode=device needs data.augment=device" in capsys.readouterr().err
 
 
 def test_bench_step_reports_images_per_second(tmp_path: Path, capsys) -> None:
@@ -64,9 +80,17 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
                           timeout=900, env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mode"] == "cpu" and summary["training"]["loss_fell"]
-    assert set(summary["loader"]) == {"device", "cpu"} and set(summary["train"]) == {"device", "cpu"}
-    assert "| bench train, device augmentation" in (out / "summary.md").read_text()
+    assert summary["mode"] == "cpu" and len(summary["training"]["train_loss"]) == 2
+    assert summary["data"].startswith("real content" if (SHARED_SAMPLE / "images").is_dir() else "synthetic")
+    assert set(summary["loader"]) == {"device", "cpu", "device_decode"} and set(summary["train"]) == {"device", "cpu"}
+    assert summary["loader"]["device_decode"]["device_decode_max_abs_diff"] == 0  # same decoder on the CPU
+    # The shipped recipe under accelerate launch, against bench step at its settings; no SM % on a CPU.
+    recipe = summary["recipe"]
+    assert {"images_per_second", "step_images_per_second", "ratio_to_step", "sm_busy", "compile_seconds"} <= set(recipe)
+    assert recipe["ratio_to_step"] > 0 and recipe["sm_busy"] is None and recipe["compile_seconds"] is None
+    assert "skipped" in summary["recipe_compile"]
+    text = (out / "summary.md").read_text()
+    assert "| bench train, device augmentation" in text and "| recipe (configs/ham10000.yaml under accelerate" in text
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from skinlesion.data.device_decode import pack, train_geometry
 from skinlesion.data.manifest import label_of, read_manifest, split_shards
 from skinlesion.data.transforms import eval_crop, train_crop, train_transform
 from skinlesion.errors import UserError
@@ -62,8 +63,12 @@ def decoder(kind: str, image_size: int) -> Decoder:
     """JPEG bytes -> the image fields of a sample, per loader kind.
 
     ``device``: uint8 tile + affine (`transforms.train_crop`); ``cpu``: the augmented, normalised float
-    image (`transforms.train_transform`); ``eval``: the uint8 evaluation crop (`transforms.eval_crop`).
+    image (`transforms.train_transform`); ``eval``: the uint8 evaluation crop (`transforms.eval_crop`);
+    ``jpeg`` (data.decode=device): the bytes, undecoded, with the crop geometry drawn from the header
+    (`device_decode.train_geometry`; the device decodes them with `device_decode.decode_batch`).
     """
+    if kind == "jpeg":
+        return train_geometry(image_size)
     if kind == "device":
         crop = train_crop(image_size)
 
@@ -130,14 +135,19 @@ class _SkipBad:
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
+    """Samples -> a batch: tensors stacked, except JPEG bytes (of varying length), which are packed into one
+    flat tensor plus offsets (`device_decode.pack`)."""
     batch: Batch = {
-        "image": torch.stack([s["image"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
-    if "affine" in samples[0]:
-        batch["affine"] = torch.stack([s["affine"] for s in samples])
+    if "jpeg" in samples[0]:
+        batch["jpeg"], batch["jpeg_offsets"] = pack([s["jpeg"] for s in samples])
+        batch["tile_size"] = samples[0]["tile_size"]
+    for name in ("image", "affine", "size", "box"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
     return batch
 
 
@@ -269,12 +279,15 @@ def train_loader(
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
     augment: str = "cpu",
+    decode: str = "cpu",
     manifest: dict | None = None,
 ) -> DataLoader:
     """Exactly ``batches - skip_batches`` training batches for this rank in `epoch`, then `batches` for each of
     the next ``epochs - 1`` epochs, from one set of workers: dict(image, label, key,
     meta, skipped), plus ``affine`` with ``augment="device"`` (uint8 images, augmented later on the device by
-    `data.augment.augment`); ``augment="cpu"`` gives augmented, normalised float32 images.
+    `data.augment.augment`); ``augment="cpu"`` gives augmented, normalised float32 images; ``decode="device"``
+    (with ``augment="device"``) ships JPEG bytes and crop geometry instead of tiles, for
+    `data.device_decode.decode_batch`.
 
     `batches` must be the same on every rank (use `batches_per_rank`); `skip_batches` resumes an epoch
     mid-way without decoding the batches already trained on. A sample whose image does not decode is
@@ -302,7 +315,7 @@ def train_loader(
         epochs=epochs,
         skip_batches=skip_batches,
         shuffle_buffer=shuffle_buffer,
-        augment=augment,
+        augment="jpeg" if decode == "device" else augment,
     )
     return _loader(stream, num_workers)
 
@@ -322,19 +335,28 @@ class EvalStream(IterableDataset):
 
 
 def eval_loader(
-    shards: Path, split: str, image_size: int, batch_size: int, num_workers: int, rank: int, world_size: int,
+    shards: Path,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
     manifest: dict | None = None,
-) -> DataLoader:  # fmt: skip
-    """Batches dict(image, label, key, meta) of `split`: every sample once across all ranks, none padded."""
+    persistent: bool = False,
+) -> DataLoader:
+    """Batches dict(image, label, key, meta) of `split`: every sample once across all ranks, none padded.
+    `persistent`: the workers stay up between passes (training validates with one loader every epoch)."""
     files = [path for path, _ in split_shards(shards, manifest or read_manifest(shards), split)]
-    return _loader(EvalStream(files, image_size, batch_size, rank, world_size), num_workers)
+    return _loader(EvalStream(files, image_size, batch_size, rank, world_size), num_workers, persistent)
 
 
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+def _loader(dataset: IterableDataset, num_workers: int, persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,  # the stream batches itself
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=persistent and num_workers > 0,
     )

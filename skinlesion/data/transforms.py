@@ -77,44 +77,64 @@ def train_crop(image_size: int) -> Callable[[bytes], tuple[torch.Tensor, torch.T
 
     `train_transform` rotates the whole image about its centre, then takes a random resized crop of
     the rotated image. Rotating here would cost what we are saving, so this draws the same angle and
-    crop, maps the crop's corners back into the unrotated image, cuts out their bounding box and
-    resizes it to S x S (antialiased: the one downscale). The affine maps each output pixel to its
-    place in that tile; `augment` samples it on the device. Points outside the image fall outside the
-    tile and come out black, as `train_transform`'s corners do, so both give the same pixels up to
-    interpolation. Random draws use torch's global RNG, which each loader worker seeds per (seed,
-    epoch, slot).
+    crop (`crop_geometry`), cuts out the bounding box of the crop's corners in the unrotated image and
+    resizes it to S x S (`cut_tile`). `augment` samples the tile through the affine on the device.
+    Points outside the image fall outside the tile and come out black, as `train_transform`'s corners
+    do, so both give the same pixels up to interpolation.
     """
 
     def crop(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         image = decode(data)
-        height, width = image.shape[-2:]
-        angle = math.radians(float(torch.empty(1).uniform_(-180.0, 180.0)))
-        top, left, h, w = v1.RandomResizedCrop.get_params(image, scale=CROP_SCALE, ratio=CROP_RATIO)
-        # Crop-box point q (rotated frame) -> unrotated image point: rotate about the image centre.
-        cx, cy, cos, sin = width / 2, height / 2, math.cos(angle), math.sin(angle)
-        corners = [(left + dx, top + dy) for dx in (0, w) for dy in (0, h)]
-        xs = [cx + cos * (x - cx) - sin * (y - cy) for x, y in corners]
-        ys = [cy + sin * (x - cx) + cos * (y - cy) for x, y in corners]
-        x0, x1 = max(0, math.floor(min(xs))), min(width, math.ceil(max(xs)))
-        y0, y1 = max(0, math.floor(min(ys))), min(height, math.ceil(max(ys)))
-        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-        tile = F.resized_crop(image, y0, x0, y1 - y0, x1 - x0, [image_size, image_size], antialias=True)
-        # Output u in [-1, 1]^2 -> crop point q = (left + (u+1) w/2, top + (v+1) h/2) -> image point o ->
-        # tile coordinate t = 2 (o - corner) / size - 1: all affine, composed into one [2, 3] matrix.
-        ax, ay = w / 2, h / 2  # q = a * u + b
-        bx, by = left + w / 2 - cx, top + h / 2 - cy  # q - centre
-        ox = [cos * ax, -sin * ay, cx + cos * bx - sin * by]
-        oy = [sin * ax, cos * ay, cy + sin * bx + cos * by]
-        sx, sy = 2 / (x1 - x0), 2 / (y1 - y0)
-        affine = torch.tensor(
-            [
-                [sx * ox[0], sx * ox[1], sx * (ox[2] - x0) - 1],
-                [sy * oy[0], sy * oy[1], sy * (oy[2] - y0) - 1],
-            ]
-        )
-        return tile, affine
+        box, affine = crop_geometry(*image.shape[-2:], image_size)
+        return cut_tile(image, box, image_size), affine
 
     return crop
+
+
+Box = tuple[int, int, int, int]  # top, left, height, width of the region a tile is cut from
+
+
+def crop_geometry(height: int, width: int, image_size: int) -> tuple[Box, torch.Tensor]:
+    """The random rotation + resized crop of one training view of a `height` x `width` image, as the
+    region of the unrotated image to cut out (`cut_tile`) and the affine [2, 3] that maps each output
+    pixel to its place in that tile.
+
+    It needs the image's size only, so ``data.decode=device`` draws it in the loader worker from the
+    JPEG header and decodes on the device. Random draws use torch's global RNG (angle, then the crop, as
+    `train_transform` draws them), which each loader worker seeds per (seed, epoch, slot): both decode
+    paths draw the same views.
+    """
+    angle = math.radians(float(torch.empty(1).uniform_(-180.0, 180.0)))
+    # get_params reads only the shape: an empty [0, H, W] tensor stands for the image.
+    top, left, h, w = v1.RandomResizedCrop.get_params(torch.empty(0, height, width), CROP_SCALE, CROP_RATIO)
+    # Crop-box point q (rotated frame) -> unrotated image point: rotate about the image centre.
+    cx, cy, cos, sin = width / 2, height / 2, math.cos(angle), math.sin(angle)
+    corners = [(left + dx, top + dy) for dx in (0, w) for dy in (0, h)]
+    xs = [cx + cos * (x - cx) - sin * (y - cy) for x, y in corners]
+    ys = [cy + sin * (x - cx) + cos * (y - cy) for x, y in corners]
+    x0, x1 = max(0, math.floor(min(xs))), min(width, math.ceil(max(xs)))
+    y0, y1 = max(0, math.floor(min(ys))), min(height, math.ceil(max(ys)))
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+    # Output u in [-1, 1]^2 -> crop point q = (left + (u+1) w/2, top + (v+1) h/2) -> image point o ->
+    # tile coordinate t = 2 (o - corner) / size - 1: all affine, composed into one [2, 3] matrix.
+    ax, ay = w / 2, h / 2  # q = a * u + b
+    bx, by = left + w / 2 - cx, top + h / 2 - cy  # q - centre
+    ox = [cos * ax, -sin * ay, cx + cos * bx - sin * by]
+    oy = [sin * ax, cos * ay, cy + sin * bx + cos * by]
+    sx, sy = 2 / (x1 - x0), 2 / (y1 - y0)
+    affine = torch.tensor(
+        [
+            [sx * ox[0], sx * ox[1], sx * (ox[2] - x0) - 1],
+            [sy * oy[0], sy * oy[1], sy * (oy[2] - y0) - 1],
+        ]
+    )
+    return (y0, x0, y1 - y0, x1 - x0), affine
+
+
+def cut_tile(image: torch.Tensor, box: Box, image_size: int) -> torch.Tensor:
+    """uint8 [3, H, W] on any device -> the `box` region resized to S x S, antialiased (the one downscale)."""
+    top, left, height, width = box
+    return F.resized_crop(image, top, left, height, width, [image_size, image_size], antialias=True)
 
 
 def eval_uint8(image: torch.Tensor, image_size: int) -> torch.Tensor:
