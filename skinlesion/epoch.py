@@ -51,7 +51,7 @@ def train_epoch(run: Run, state: TrainerState, batches: Iterator[dict[str, Any]]
         dynamic_ncols=True,
     )
     loss_sum = torch.zeros((), device=accelerator.device)  # sum of sample losses on this rank, kept on the device
-    images, skipped, started = 0, 0, time.perf_counter()  # host numbers: no per-step host-to-device copy
+    images, skipped, started, wall = 0, 0, time.perf_counter(), time.time()  # host numbers: no host-to-device copy
     run.model.train()
     if frozen:  # the head learns on the pretrained features: BatchNorm keeps their statistics
         freeze_batchnorm(run.model)
@@ -107,6 +107,7 @@ def train_epoch(run: Run, state: TrainerState, batches: Iterator[dict[str, Any]]
         "train_loss": total_sum[0] / max(total_sum[1], 1),
         "lr": lr_at(max(state.step - 1, 0), run.total_steps, run.warmup_steps, run.schedule),  # the head's
         "images_per_second": images * accelerator.num_processes / (time.perf_counter() - started),
+        "steps_window": [wall, time.time()],  # Unix times of the epoch's steps (gpu-check matches nvidia-smi's)
         "skipped_samples": int(total_sum[2]),
     }
     if model is not run.model:  # compiled: what it cost, and whether anything compiled again

@@ -106,8 +106,9 @@ def recipe_summary(run: Path, log: Path, dmon: Path | None, step_json: Path) -> 
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     step = json.loads(step_json.read_text())["images_per_second"]
     rate = epochs[-1]["images_per_second"]
-    windows = epoch_windows(log.read_text(errors="replace"))
-    window = windows.get(epochs[-1]["epoch"])
+    window = tuple(epochs[-1]["steps_window"]) if "steps_window" in epochs[-1] else None  # the trainer's own
+    if window is None:  # a run from before steps_window: the stamped log's tqdm bars
+        window = epoch_windows(log.read_text(errors="replace")).get(epochs[-1]["epoch"])
     sm = None
     if dmon is not None and dmon.is_file() and window is not None:
         sm = mean_sm(dmon_samples(dmon.read_text(errors="replace")), window)
