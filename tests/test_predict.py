@@ -32,7 +32,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def _predict_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict]]:
     code = main(["predict", *args, "--json"])
-    return code, json.loads(capsys.readouterr().out)
+    document = json.loads(capsys.readouterr().out)
+    assert document["disclaimer"] == DISCLAIMER and set(document["model"]) >= {"checkpoint", "banner"}
+    return code, document["results"]
 
 
 def test_json_contract_top7_sums_to_one_and_keeps_order(random_run, images, capsys):
