@@ -164,7 +164,19 @@ def _axe_serious(browser) -> list[str]:
     ]
 
 
+def _data_url_pixels(url: str) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    header, data = url.split(",", 1)
+    assert header == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGBA"))
+
+
 def _shot(browser, tmp_path: Path, name: str) -> None:
+    browser.execute_script("window.scrollTo(0, 0)")
     shot = tmp_path / name
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
@@ -250,6 +262,9 @@ def test_the_page_says_what_predict_says_and_never_misleads(served, browser, ima
     assert browser.execute_script("return arguments[0].naturalWidth", photos[0]) == 600  # full resolution
     overlays = batch.find_elements(By.CSS_SELECTOR, ".crop .overlay")
     assert len(overlays) == 5 and all(o.is_displayed() for o in overlays)
+    rgba = _data_url_pixels(overlays[0].get_attribute("src"))  # low end see-through, and no blue over the lesion
+    visible = rgba[rgba[..., 3] > 0]
+    assert (rgba[..., 3] == 0).any() and (visible[:, 2] <= visible[:, 0]).all()
     alts = [i.get_attribute("alt") for i in browser.find_elements(By.CSS_SELECTOR, "img")]
     assert len(set(alts)) == len(alts) and all(alts)
     _shot(browser, tmp_path, "serve.png")
