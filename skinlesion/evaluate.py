@@ -17,7 +17,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,12 +25,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from sklearn.metrics import classification_report
 from torch import nn
-
-if TYPE_CHECKING:
-    from skinlesion.card import OODStats
 from tqdm.auto import tqdm
 
 from skinlesion import inference
+from skinlesion.card import OODStats
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 from skinlesion.inference import class_probabilities
@@ -285,12 +283,9 @@ def isic_csv(preds: Predictions) -> str:
     Probabilities are written in positional notation with a decimal point and enough digits to
     read back the exact float64, so the official scorer sees the numbers our metrics used. Resampled
     copies of one image (train split only) carry identical predictions; the first is kept.
-
-    With OOD scores (a checkpoint with ood.pt), two columns follow the seven: ``ood_score`` and ``ood_flag``
-    (1 when the score is above the card's threshold, the image the page would show its notice for).
+    With OOD scores (a checkpoint with ood.pt), ``ood_score`` and ``ood_flag`` follow (1: above the card's
+    threshold, an image the page and predict show their unfamiliar-image notice for).
     """
-    from skinlesion.card import OODStats
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(ISIC_HEADER + (OOD_COLUMNS if preds.ood_scores is not None else ()))
@@ -333,6 +328,7 @@ def evaluate_checkpoint(
     from skinlesion.distributed import lock_on_main
     from skinlesion.files import output_folder
     from skinlesion.model import load_for_inference
+    from skinlesion.report import Calibration
 
     manifest = manifest or read_manifest(shards)
     if split not in manifest["splits"]:
@@ -345,7 +341,10 @@ def evaluate_checkpoint(
     out = output_folder(out, "--out")
     lock = lock_on_main(accelerator, out, "--out")
     loaded.model.to(accelerator.device)
-    ood = _ood_beside(Path(checkpoint), loaded)
+    try:  # predict's and serve's OOD statistics, when a card for this checkpoint is beside it (else no columns)
+        ood = Calibration.load(checkpoint, loaded).ood
+    except UserError:  # a damaged card or ood.pt: `--split val` rewrites both
+        ood = None
     try:
         result = evaluate(
             loaded.model, accelerator, shards, split, loaded.image_size, out=out, checkpoint=checkpoint, tta=tta,
@@ -354,18 +353,6 @@ def evaluate_checkpoint(
     finally:
         lock.release()
     return result, loaded
-
-
-def _ood_beside(checkpoint: Path, loaded: LoadedModel) -> OODStats | None:
-    """The OOD statistics that serve and predict use for `checkpoint` (its card must describe it), or None:
-    predictions.csv then has no OOD columns. A damaged card or ood.pt is left for `--split val` to rewrite."""
-    from skinlesion.report import Calibration
-
-    try:
-        facts = (loaded.arch, loaded.image_size, loaded.model.fc.in_features)
-        return Calibration.load(checkpoint, *facts).ood
-    except UserError:
-        return None
 
 
 def evaluate_command(

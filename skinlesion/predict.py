@@ -157,7 +157,7 @@ def predict_command(
     checkpoint = Path(checkpoint)
     loaded = load_for_inference(checkpoint, image_size=image_size)
     loaded.model.to(device)
-    calibration = Calibration.load(checkpoint, loaded.arch, loaded.image_size, loaded.model.fc.in_features)
+    calibration = Calibration.load(checkpoint, loaded)
     entries = predict_images(
         loaded, [Path(p) for p in images], top_k=top_k, tta=tta, device=device, calibration=calibration
     )

@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from skinlesion import inference
 from skinlesion.card import OOD, OODStats, load_card, risk_band
+
+if TYPE_CHECKING:
+    from skinlesion.model import LoadedModel
 
 BAND_LABELS = {"high": "High", "elevated": "Elevated", "below_cutoffs": "Below the cut-offs"}
 OOD_NOTICE = (
@@ -92,9 +95,10 @@ class Calibration:
     problem: str | None
 
     @classmethod
-    def load(cls, checkpoint: Path, arch: str, image_size: int, feature_dim: int) -> Calibration:
-        """model_card.json and ood.pt beside `checkpoint` when they describe it; a damaged file is a UserError."""
-        checkpoint = Path(checkpoint)
+    def load(cls, checkpoint: Path, loaded: LoadedModel) -> Calibration:
+        """model_card.json and ood.pt beside `checkpoint` (loaded as `loaded`) when they describe it; a damaged
+        file is a UserError."""
+        checkpoint, arch, image_size = Path(checkpoint), loaded.arch, loaded.image_size
         card = load_card(checkpoint)
         if card is None:
             return cls(None, None, "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`")
@@ -103,7 +107,7 @@ class Calibration:
             return cls(
                 None, None, f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
             )
-        return cls(card, OODStats.load(checkpoint.parent / OOD, feature_dim), None)
+        return cls(card, OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features), None)
 
     @property
     def thresholds(self) -> dict[str, float | None]:

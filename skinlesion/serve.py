@@ -73,8 +73,7 @@ class Model:
         self.device = torch.device(device)
         self.loaded: LoadedModel = load_for_inference(settings.checkpoint)
         self.loaded.model.to(self.device)
-        facts = (self.loaded.arch, self.loaded.image_size, self.loaded.model.fc.in_features)
-        self.calibration = Calibration.load(settings.checkpoint, *facts)
+        self.calibration = Calibration.load(settings.checkpoint, self.loaded)
         self.card, self.ood, self.card_problem = self.calibration.card, self.calibration.ood, self.calibration.problem
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.batch = max(1, settings.batch)

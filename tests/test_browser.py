@@ -214,7 +214,7 @@ def test_the_page_says_what_predict_says_and_never_misleads(served, browser, ima
     assert not browser.find_elements(By.CSS_SELECTOR, "[role=alert]:not([hidden])")  # no alert per flagged image
 
     loaded = load_for_inference(folder / "best.pt")
-    calibration = Calibration.load(folder / "best.pt", loaded.arch, loaded.image_size, loaded.model.fc.in_features)
+    calibration = Calibration.load(folder / "best.pt", loaded)
     expected = {Path(e["image"]).name: e for e in predict_images(loaded, files, calibration=calibration)}
     assert expected["plain_skin.jpg"]["ood"]["flag"] and expected["plain_skin.jpg"]["risk"] is None
     assessed = [n for n, e in expected.items() if "error" not in e and not e["ood"]["flag"]]
