@@ -47,7 +47,6 @@ from skinlesion.card_trust import (
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES
-from skinlesion.metrics import sensitivity_key
 
 if TYPE_CHECKING:
     from skinlesion.model import LoadedModel
@@ -304,6 +303,8 @@ def calibrate(
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    from skinlesion.metrics import sensitivity_key  # scikit-learn: 1 s of start-up that serve and predict skip
+
     return {
         "n_samples": metrics["n_samples"],
         "balanced_accuracy": metrics["balanced_accuracy"],

@@ -178,7 +178,7 @@ class Model:
                 "disclaimer": DISCLAIMER}  # fmt: skip
         if self.card is None:
             return base | {"available": False, "reason": self.card_problem, "weights_sha256": self.weights}
-        return base | {"available": True, **self.card}
+        return {**self.card, **base, "available": True}  # "checkpoint": the file served, which may be model.pt
 
 
 def _check_finite(loaded: LoadedModel) -> None:

@@ -87,6 +87,15 @@ def test_the_card_of_other_weights_is_ignored_and_the_page_is_told_why(served: P
         assert entry["risk"] is None and entry["ood"] is None and entry["predictions"]
 
 
+def test_the_same_weights_exported_as_model_pt_share_the_card(served: Path, random_run: Path) -> None:
+    """The digest is over the tensors, not the file: model.pt and best.pt of one run are the same weights."""
+    shutil.copy(random_run / "model.pt", served.parent / "model.pt")
+    with _client(served.parent / "model.pt") as client:
+        card = client.get("/api/model").json()
+        assert card["available"] and card["checkpoint"] == "model.pt"  # the file served, not the one beside the card
+        assert _predict(client, _jpeg())["risk"] is not None
+
+
 def test_an_ood_file_of_other_weights_is_ignored_too(served: Path) -> None:
     raw = torch.load(served.parent / "ood.pt", weights_only=True)
     raw["weights_sha256"] = "0" * 64
