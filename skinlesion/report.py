@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from skinlesion import inference
-from skinlesion.card import OOD, OODStats, load_card, risk_band
+from skinlesion.card import OODStats, load_calibration, risk_band
 
 if TYPE_CHECKING:
     from skinlesion.model import LoadedModel
@@ -93,21 +93,15 @@ class Calibration:
     card: dict[str, Any] | None
     ood: OODStats | None
     problem: str | None
+    weights: str | None = None  # the sha256 of the weights in hand, whether or not a card matched them
 
     @classmethod
     def load(cls, checkpoint: Path, loaded: LoadedModel) -> Calibration:
-        """model_card.json and ood.pt beside `checkpoint` (loaded as `loaded`) when they describe it; a damaged
+        """model_card.json and ood.pt beside `checkpoint` (loaded as `loaded`) when they were computed on these
+        very weights (`card.load_calibration`: matched by the weights' digest, every value checked); a damaged
         file is a UserError."""
-        checkpoint, arch, image_size = Path(checkpoint), loaded.arch, loaded.image_size
-        card = load_card(checkpoint)
-        if card is None:
-            return cls(None, None, "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`")
-        facts = (card.get("checkpoint"), card.get("arch"), card.get("image_size"))
-        if facts != (checkpoint.name, arch, image_size):
-            return cls(
-                None, None, f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
-            )
-        return cls(card, OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features), None)
+        found = load_calibration(loaded)
+        return cls(found.card, found.ood, found.problem, found.weights)
 
     @property
     def thresholds(self) -> dict[str, float | None]:
