@@ -94,7 +94,7 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
     assert recipe["ratio_to_step"] > 0 and recipe["sm_busy"] is None and recipe["compile_seconds"] is None
     assert "skipped" in summary["recipe_compile"]
     text = (out / "summary.md").read_text()
-    assert "| bench train, device augmentation" in text and "| recipe (configs/ham10000.yaml under accelerate" in text
+    assert "| bench train, device decode path" in text and "| recipe (configs/ham10000.yaml under accelerate" in text
 
 
 @pytest.mark.slow

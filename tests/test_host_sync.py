@@ -68,21 +68,30 @@ REPO_SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 
 @pytest.mark.slow
-def test_the_step_reads_nothing_back_between_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With checks every 100 steps, an epoch of 7 steps reads back once at its last step and twice at its end
-    (the epoch's loss sum): 3, whatever the number of steps. Before, every step read 3 times (the loss check
-    and the ranks' agreement), and the EMA 2 more."""
-    epochs = _reads_per_epoch(tmp_path, monkeypatch, "train.log_every_steps=100", "train.epochs=2")
-    assert [steps for steps, _ in epochs] == [7, 7]
-    assert [reads for _, reads in epochs] == [3, 3]
+def test_the_loop_reads_back_once_per_check_and_starts_its_workers_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three epochs of 7 steps with checks every 3 steps: each epoch reads back at its checks (steps 3, 6 and its
+    last, 7; then 9, 12, 14; then 15, 18, 21) and twice at its end (the epoch's loss sum): 5, whatever the number
+    of steps. Before, every step read 3 times (the loss check and the ranks' agreement), the EMA 2 more and the
+    mixing several. The same run starts the train loader's workers once and the validation loader's once (both
+    started again every epoch before: seconds of an idle GPU between epochs with many workers), and leaves no
+    signal handler behind."""
+    started = []
+    real_init = _MultiProcessingDataLoaderIter.__init__
 
+    def counting_init(self, loader):
+        started.append(type(loader.dataset).__name__)
+        real_init(self, loader)
 
-@pytest.mark.slow
-def test_checks_come_every_log_every_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At most one read-back per train.log_every_steps steps, plus the epoch's end."""
-    epochs = _reads_per_epoch(tmp_path, monkeypatch, "train.log_every_steps=2", "train.epochs=2")
-    for steps, reads in epochs:
-        assert reads <= -(-steps // 2) + 2 + 1, epochs  # checks at steps 2, 4, 6 and the last (7), plus the end
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "__init__", counting_init)
+    before = signal.getsignal(signal.SIGTERM)
+    epochs = _reads_per_epoch(tmp_path, monkeypatch, "train.log_every_steps=3", "train.epochs=3")
+    assert epochs == [(7, 5), (7, 5), (7, 5)], epochs
+    assert started.count("TrainStream") == 1 and started.count("EvalStream") == 2  # val once, test at the end
+    # Issue 16: the trainer's flag-only SIGTERM handler is gone once train() returns; a later process pool in
+    # this process (synth, prepare) would otherwise wait forever for workers that ignore SIGTERM.
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_one_loader_serves_every_epoch_and_matches_per_epoch_loaders(tmp_path: Path) -> None:
@@ -100,27 +109,6 @@ def test_one_loader_serves_every_epoch_and_matches_per_epoch_loaders(tmp_path: P
     assert keys(train_loader(shards, epoch=0, epochs=3, **common)) == [b for e in per_epoch for b in e]
     resumed = keys(train_loader(shards, epoch=1, epochs=2, skip_batches=3, **common))
     assert resumed == per_epoch[1][3:] + per_epoch[2]
-
-
-@pytest.mark.slow
-def test_training_starts_its_loader_workers_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three epochs start the train loader's workers once and the validation loader's once (they were started
-    again every epoch: seconds of an idle GPU between epochs with many workers)."""
-    started = []
-    real_init = _MultiProcessingDataLoaderIter.__init__
-
-    def counting_init(self, loader):
-        started.append(type(loader.dataset).__name__)
-        real_init(self, loader)
-
-    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "__init__", counting_init)
-    before = signal.getsignal(signal.SIGTERM)
-    epochs = _reads_per_epoch(tmp_path, monkeypatch, "train.epochs=3")
-    assert len(epochs) == 3
-    assert started.count("TrainStream") == 1 and started.count("EvalStream") == 2  # val once, test at the end
-    # Issue 16: the trainer's flag-only SIGTERM handler is gone once train() returns; a later process pool in
-    # this process (synth, prepare) would otherwise wait forever for workers that ignore SIGTERM.
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.slow
