@@ -96,10 +96,10 @@ def run(model: nn.Module, images_uint8: torch.Tensor, tta: bool = False) -> Outp
     of the un-augmented view."""
     x = to_model_input(images_uint8)
     views = list(dihedral_views(x)) if tta else [x]  # the first view is the image itself
-    probs = torch.zeros(x.shape[0], len(CLASSES), device=x.device)
+    probs = torch.zeros(())  # broadcasts to [B, classes]: the head, not a constant, says how many
     for i, view in enumerate(views):
         logits, view_features, _ = forward(model, view)
-        probs += logits.float().softmax(dim=1)
+        probs = probs.to(logits.device) + logits.float().softmax(dim=1)
         if i == 0:
             features = view_features.float()
     return Outputs(probs=probs / len(views), features=features, contrast=centre_contrast(x))

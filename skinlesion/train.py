@@ -39,6 +39,7 @@ from skinlesion.checkpoint import (
 )
 from skinlesion.config import Config, TrainConfig, save_config
 from skinlesion.data.batches import resolve_augment
+from skinlesion.data.datasets import of_manifest
 from skinlesion.data.device_decode import resolve_decode
 from skinlesion.data.manifest import read_manifest, verify_split
 from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
@@ -55,7 +56,6 @@ from skinlesion.epoch import train_epoch, validate
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate_checkpoint
 from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
-from skinlesion.labels import CLASSES
 from skinlesion.losses import make_criterion
 from skinlesion.mixing import Mixer, make_mixer
 from skinlesion.model import ModelFacts, build_model, load_for_inference
@@ -143,7 +143,8 @@ def setup(cfg: Config) -> Run:
         )
         schedule = scaled_schedule(cfg.train, cfg.data.batch_size * world * cfg.train.grad_accum)
         set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
-        model = build_model(cfg.model.name, cfg.model.pretrained)
+        dataset = of_manifest(manifest, f"{cfg.data.shards}/manifest.json")  # the classes: the head, the facts
+        model = build_model(cfg.model.name, cfg.model.pretrained, len(dataset.codes), dataset.codes)
         if accelerator.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, schedule)
@@ -165,11 +166,11 @@ def setup(cfg: Config) -> Run:
             batches=batches,
             augment=augment,
             decode=resolve_decode(cfg.data.decode, augment, accelerator.device),
-            mixer=make_mixer(cfg.train),
+            mixer=make_mixer(cfg.train, len(dataset.codes)),
             ema=make_ema(accelerator.unwrap_model(model), schedule.ema_decay),
             total_steps=steps_per_epoch * cfg.train.epochs,
             warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
-            facts=ModelFacts(arch=cfg.model.name, classes=CLASSES, image_size=cfg.data.image_size),
+            facts=ModelFacts(cfg.model.name, dataset.codes, cfg.data.image_size, dataset.malignant),
         )
     except BaseException:
         lock.release()
