@@ -132,9 +132,7 @@ def build_model(
     return model
 
 
-def load_pretrained(
-    model: nn.Module, arch: str, path: Path, classes: tuple[str, ...] | None = None
-) -> tuple[str, ...]:
+def load_pretrained(model: nn.Module, arch: str, path: Path, classes: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """Initialise `model` (a torchvision `arch`) from the file `model.pretrained` names, or say in one line
     why the file does not fit: PyTorch's own error is one "size mismatch" line per tensor.
 
