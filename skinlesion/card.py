@@ -35,7 +35,6 @@ from skinlesion import __version__, inference
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES
-from skinlesion.metrics import sensitivity_key
 
 CARD = "model_card.json"
 OOD = "ood.pt"
@@ -53,12 +52,53 @@ LIMITATIONS = [
     "are outside what the model has seen, and its numbers for them mean nothing.",
     "Only the 7 HAM10000 categories (akiec, bcc, bkl, df, mel, nv, vasc): any other disease is forced into "
     "one of them.",
-    "HAM10000 comes mostly from fair-skinned patients in Austria and Australia; performance on darker skin "
-    "types and other populations is unknown and may be worse.",
     "The risk thresholds and metrics were measured on a validation split of the training data source, "
     "not on a prospective clinical population.",
-    "A model trained on skinlesion's synthetic demo data has no clinical meaning at all.",
 ]
+
+
+def training_source(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Where the training images came from: the manifest's ``source`` (`data.source.describe`), or kind
+    "unknown" for shards prepared before skinlesion recorded it. Only kind "real" clears the page's banner."""
+    source = manifest.get("source")
+    if isinstance(source, dict) and source.get("kind") in ("synthetic", "mixed", "real"):
+        return dict(source)
+    return {
+        "kind": "unknown",
+        "synthetic": None,
+        "dataset": None,
+        "note": "the shards' manifest.json does not say where its images came from (prepared before "
+        "skinlesion recorded it); rerun `skinlesion prepare` to record it",
+    }
+
+
+def limitations(source: dict[str, Any]) -> list[str]:
+    """LIMITATIONS, led by what the training data means for this model: synthetic pictures, HAM10000's
+    population, another dataset, or an unrecorded source."""
+    kind, dataset = source.get("kind"), source.get("dataset")
+    if kind == "synthetic":
+        first = (
+            "Trained only on synthetic pictures (skinlesion synth), not on photographs of patients: every "
+            "metric here describes synthetic images, and the model has no clinical meaning at all."
+        )
+    elif kind == "mixed":
+        first = (
+            f"Trained partly on synthetic pictures ({source.get('synthetic_images')} of "
+            f"{source.get('images')} images): its metrics mix synthetic and real images and do not "
+            "describe real lesions."
+        )
+    elif kind == "real" and dataset == "HAM10000":
+        first = (
+            "HAM10000 comes mostly from fair-skinned patients in Austria and Australia; performance on "
+            "darker skin types and other populations is unknown and may be worse."
+        )
+    elif kind == "real":
+        first = f"Trained on {dataset}: performance on other populations and cameras is unknown and may be worse."
+    else:
+        first = (
+            "Where the training images came from was not recorded: treat the model as not validated on real dermoscopy."
+        )
+    return [first, *LIMITATIONS]
 
 
 @dataclass(frozen=True)
@@ -174,13 +214,15 @@ def risk_thresholds(malignant: np.ndarray, is_malignant: np.ndarray) -> dict[str
 
 
 def risk_band(malignant_probability: float, thresholds: dict[str, float | None]) -> str | None:
-    """high (>= the 0.80-sensitivity point), elevated (>= the 0.95 point), low; None without thresholds."""
+    """high (>= the 0.80-sensitivity point), elevated (>= the 0.95 point), below_cutoffs; None without thresholds.
+
+    Not "low": a lesion below the 0.95 point is not low-risk, up to 5% of malignant validation lesions fell there."""
     high, elevated = thresholds.get("sensitivity_0.80"), thresholds.get("sensitivity_0.95")
     if high is None or elevated is None:
         return None
     if malignant_probability >= high:
         return "high"
-    return "elevated" if malignant_probability >= elevated else "low"
+    return "elevated" if malignant_probability >= elevated else "below_cutoffs"
 
 
 def _pass(
@@ -215,6 +257,7 @@ def calibrate(
     for split in ("train", "val"):
         if not manifest["splits"].get(split, {}).get("samples"):
             raise UserError(f"{shards} has no {split} samples: the model card's calibration needs train and val")
+    source = training_source(manifest)
     model.eval()
     train = _pass(model, shards, "train", image_size, batch_size, manifest)
     val = _pass(model, shards, "val", image_size, batch_size, manifest)
@@ -237,6 +280,7 @@ def calibrate(
             "rows": manifest.get("rows"),
             "rejected_by_reason": manifest.get("rejected_by_reason"),
             "class_counts": {s: info.get("class_counts") for s, info in manifest["splits"].items()},
+            "source": source,
         },
         "validation": _summary(metrics),
         "test": _summary(test_metrics) if test_metrics else None,
@@ -246,7 +290,8 @@ def calibrate(
             "bands": {
                 "high": "malignant probability at or above the validation operating point of sensitivity 0.80",
                 "elevated": "between the operating points of sensitivity 0.95 and 0.80",
-                "low": "below the operating point of sensitivity 0.95 (about 5% of malignant validation images)",
+                "below_cutoffs": "below the operating point of sensitivity 0.95 (up to 5% of malignant validation "
+                "images fell there): not a low risk",
             },
         },
         "ood": {
@@ -258,7 +303,7 @@ def calibrate(
             "validation_pass_rate": PASS_RATE,
         },
         "intended_use": INTENDED_USE,
-        "limitations": LIMITATIONS,
+        "limitations": limitations(source),
         "version": __version__,
         "date": dt.date.today().isoformat(),
     }
@@ -267,6 +312,8 @@ def calibrate(
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    from skinlesion.metrics import sensitivity_key  # here: it imports scikit-learn, which predict and serve skip
+
     return {
         "n_samples": metrics["n_samples"],
         "balanced_accuracy": metrics["balanced_accuracy"],

@@ -28,6 +28,8 @@ from sklearn.metrics import classification_report
 from torch import nn
 from tqdm.auto import tqdm
 
+from skinlesion import inference
+from skinlesion.card import OODStats
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 from skinlesion.inference import class_probabilities
@@ -38,6 +40,7 @@ from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
 
 ISIC_HEADER: tuple[str, ...] = ("image", *(dx.upper() for dx in ISIC_ORDER))
 _ISIC_COLUMNS = [CLASSES.index(dx) for dx in ISIC_ORDER]
+OOD_COLUMNS: tuple[str, ...] = ("ood_score", "ood_flag")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Predictions:
     lesion_ids: list[str | None]
     labels: np.ndarray  # [N] class indices (labels.CLASSES order)
     probs: np.ndarray  # [N, 7] float64 softmax probabilities
+    ood_scores: np.ndarray | None = None  # [N] the model card's OOD score (`card.OODStats.scores`), if ood.pt exists
 
 
 @dataclass(frozen=True)
@@ -125,12 +129,14 @@ def collect_predictions(
     num_workers: int = 0,
     tta: bool = False,
     manifest: dict | None = None,
+    ood: OODStats | None = None,
     loader: Iterable[dict[str, Any]] | None = None,
 ) -> Predictions:
     """Run `model` over `split` on every rank and gather all predictions on every rank.
 
     Must be called on all ranks together (gather_object is a collective). The model is unwrapped
     (no DDP forward, hence no collective per batch: ranks may hold different numbers of batches).
+    With `ood` (the checkpoint's ood.pt), each image also gets the OOD score that serve and predict show.
     `loader`: the split's `eval_loader`, when the caller keeps one (training's validation keeps its
     workers for the run); by default a new one.
     """
@@ -152,6 +158,7 @@ def collect_predictions(
     metas: list[dict[str, Any]] = []
     labels: list[torch.Tensor] = []
     probs: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
     bar = tqdm(
         total=expected if accelerator.num_processes == 1 else None,
         desc=f"evaluate {split}"
@@ -164,7 +171,12 @@ def collect_predictions(
         for batch in loader:
             images = to_model_input(batch["image"].to(accelerator.device, non_blocking=True))
             with accelerator.autocast():
-                probs.append(class_probabilities(net, images, tta=tta).cpu())
+                if ood is None:
+                    probs.append(class_probabilities(net, images, tta=tta).cpu())
+                else:  # serve's and predict's pass: probabilities, and features and contrast for the score
+                    out = inference.run(net, batch["image"].to(accelerator.device), tta=tta)
+                    probs.append(out.probs.cpu())
+                    scores.append(ood.scores(out).cpu())
             labels.append(batch["label"])
             keys.extend(batch["key"])
             metas.extend(batch["meta"])
@@ -179,6 +191,7 @@ def collect_predictions(
         "lesion_ids": [m.get("lesion_id") for m in metas],
         "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
         "probs": torch.cat(probs).double().numpy() if probs else np.zeros((0, len(CLASSES))),
+        "ood_scores": None if ood is None else torch.cat(scores).double().numpy() if scores else np.zeros(0),
     }
     parts = gather_object([local])  # one dict per rank, in rank order, on every rank
     return _merge(parts, expected, f"{shards}/manifest.json", split)
@@ -204,6 +217,9 @@ def _merge(parts: list[dict[str, Any]], expected: int, manifest: str, split: str
         lesion_ids=[lesion_ids[i] for i in order],
         labels=np.concatenate([p["labels"] for p in parts]).astype(np.int64)[order],
         probs=np.concatenate([p["probs"] for p in parts])[order],
+        ood_scores=None
+        if parts[0].get("ood_scores") is None
+        else np.concatenate([p["ood_scores"] for p in parts])[order],
     )
 
 
@@ -221,6 +237,7 @@ def evaluate(
     n_bootstrap: int = 1000,
     plots: bool = True,
     manifest: dict | None = None,
+    ood: OODStats | None = None,
     loader: Iterable[dict[str, Any]] | None = None,
 ) -> EvalResult:
     """Predict `split` on all ranks, compute metrics on all ranks, write files to `out` on the main one.
@@ -229,7 +246,7 @@ def evaluate(
     where only the point estimate is logged); `plots=False` skips the PNGs.
     """
     preds = collect_predictions(
-        model, accelerator, shards, split, image_size, batch_size, num_workers, tta, manifest, loader
+        model, accelerator, shards, split, image_size, batch_size, num_workers, tta, manifest, ood, loader
     )
     groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
     metrics = compute_metrics(preds.labels, preds.probs, groups=groups, n_bootstrap=n_bootstrap)
@@ -272,16 +289,21 @@ def isic_csv(preds: Predictions) -> str:
     Probabilities are written in positional notation with a decimal point and enough digits to
     read back the exact float64, so the official scorer sees the numbers our metrics used. Resampled
     copies of one image (train split only) carry identical predictions; the first is kept.
+    With OOD scores (a checkpoint with ood.pt), ``ood_score`` and ``ood_flag`` follow (1: above the card's
+    threshold, an image the page and predict show their unfamiliar-image notice for).
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(ISIC_HEADER)
+    writer.writerow(ISIC_HEADER + (OOD_COLUMNS if preds.ood_scores is not None else ()))
+    scores = preds.ood_scores if preds.ood_scores is not None else [None] * len(preds.image_ids)
     seen: set[str] = set()
-    for image_id, row in sorted(zip(preds.image_ids, preds.probs, strict=True), key=lambda r: r[0]):
+    rows = sorted(zip(preds.image_ids, preds.probs, scores, strict=True), key=lambda r: r[0])
+    for image_id, row, score in rows:
         if image_id in seen:
             continue
         seen.add(image_id)
-        writer.writerow([image_id, *(np.format_float_positional(row[c], trim="0") for c in _ISIC_COLUMNS)])
+        extra = [] if score is None else [repr(float(score)), int(score > OODStats.threshold)]
+        writer.writerow([image_id, *(np.format_float_positional(row[c], trim="0") for c in _ISIC_COLUMNS), *extra])
     return buffer.getvalue()
 
 
@@ -312,6 +334,7 @@ def evaluate_checkpoint(
     from skinlesion.distributed import lock_on_main
     from skinlesion.files import output_folder
     from skinlesion.model import load_for_inference
+    from skinlesion.report import Calibration
 
     manifest = manifest or read_manifest(shards)
     if split not in manifest["splits"]:
@@ -324,10 +347,14 @@ def evaluate_checkpoint(
     out = output_folder(out, "--out")
     lock = lock_on_main(accelerator, out, "--out")
     loaded.model.to(accelerator.device)
+    try:  # predict's and serve's OOD statistics, when a card for this checkpoint is beside it (else no columns)
+        ood = Calibration.load(checkpoint, loaded).ood
+    except UserError:  # a damaged card or ood.pt: `--split val` rewrites both
+        ood = None
     try:
         result = evaluate(
             loaded.model, accelerator, shards, split, loaded.image_size, out=out, checkpoint=checkpoint, tta=tta,
-            batch_size=batch_size, num_workers=num_workers, manifest=manifest,
+            batch_size=batch_size, num_workers=num_workers, manifest=manifest, ood=ood,
         )  # fmt: skip
     finally:
         lock.release()

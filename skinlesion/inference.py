@@ -34,6 +34,14 @@ def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
     return eval_uint8(pil_to_uint8(image), image_size)
 
 
+def crop_box(width: int, height: int) -> dict[str, float]:
+    """The square `preprocess` keeps of a width x height image, as fractions of its width and height
+    ({x, y, w, h}): the centred square whose side is the shorter side (the resize keeps the aspect ratio).
+    The page outlines it on the user's own, full-resolution image and lays the heat map inside it."""
+    side = min(width, height)
+    return {"x": (width - side) / 2 / width, "y": (height - side) / 2 / height, "w": side / width, "h": side / height}
+
+
 def forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """torchvision ResNet forward on normalised input: (logits, penultimate features, (layer3, layer4) activations)."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))

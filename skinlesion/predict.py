@@ -4,6 +4,13 @@ The model is loaded once (`model.load_for_inference`, which refuses checkpoints 
 when unpickled) and the images go through it in batches, through the one inference path that
 evaluate and serve share (`skinlesion.inference`). One unreadable image does not stop the others:
 it gets an error entry and the command exits with status 1.
+
+It says what the page says (`skinlesion.report`): the same model card, risk bands, out-of-distribution
+notice, whole percents and banner for a model not trained on real dermoscopy, in text and in ``--json``.
+
+Start-up is most of a short run's time, so this module imports only what prediction needs: torch,
+torchvision (for the model and the resize) and PIL, never accelerate, W&B, pandas or scikit-learn
+(`bench predict` measures it; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from skinlesion import inference
 from skinlesion.errors import UserError
 from skinlesion.labels import MALIGNANT, NUM_CLASSES
 from skinlesion.model import LoadedModel, load_for_inference
+from skinlesion.report import Calibration
 
 # Images per forward pass. On CPU, batch 8 was 1.13x one-at-a-time while batch 32 was 0.73x (ResNet-50,
 # 224 px, 2 cores; docs/benchmarks.md): big CPU batches fall out of cache.
@@ -29,6 +37,7 @@ DISCLAIMER = (
     "Decision support only, not a diagnosis: these are a model's probabilities for 7 dermoscopic "
     "categories. The diagnosis rests with a clinician (and, for suspicious lesions, histopathology)."
 )
+NO_CALIBRATION = Calibration(None, None, "no model card given")
 
 
 def load_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
@@ -57,8 +66,10 @@ def predict_images(
     tta: bool = False,
     batch_size: int = BATCH_SIZE,
     device: torch.device | None = None,
+    calibration: Calibration = NO_CALIBRATION,
 ) -> list[dict[str, Any]]:
-    """One entry per path, in order: {image, predictions, malignant_probability} or {image, error}."""
+    """One entry per path, in order: {image, error} or {image} + `Calibration.judge`'s fields (predictions,
+    malignant probability, risk band, OOD verdict and their words)."""
     if not 1 <= top_k <= NUM_CLASSES:
         raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
     device = device or next(loaded.model.parameters()).device
@@ -79,18 +90,37 @@ def predict_images(
             except ValueError as exc:
                 chunk_entries.append({"image": str(path), "error": str(exc)})
         if tensors:
-            probs = inference.run(loaded.model, torch.stack(tensors).to(device), tta=tta).probs.cpu()
-            ok = iter(probs)
+            out = inference.run(loaded.model, torch.stack(tensors).to(device), tta=tta)
+            ok = iter(zip(out.probs.cpu(), calibration.scores(out), strict=True))
             for entry in chunk_entries:
                 if "error" not in entry:
-                    entry.update(inference.describe(next(ok), top_k))
+                    entry.update(calibration.judge(*next(ok), top_k))
         entries.extend(chunk_entries)
     return entries
 
 
-def format_text(entries: Sequence[dict[str, Any]]) -> str:
-    """Human-readable report: one block per image, the disclaimer last."""
+def document(checkpoint: Path, calibration: Calibration, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """`predict --json`'s document, the shape of the page's "Download results": the model (its checkpoint,
+    training-data source and banner), the disclaimer, and the entries."""
+    card = calibration.card
+    model = {
+        "checkpoint": str(checkpoint),
+        "card": card is not None,
+        "problem": calibration.problem,
+        "training_data_source": (card.get("training_data") or {}).get("source") if card else None,
+        "banner": calibration.banner,
+    }
+    return {"model": model, "disclaimer": DISCLAIMER, "results": entries}
+
+
+def format_text(entries: Sequence[dict[str, Any]], calibration: Calibration = NO_CALIBRATION) -> str:
+    """Human-readable report: the banner (or why nothing is calibrated) first, one block per image, the
+    disclaimer last. Percents, band words and the notice are those of the page."""
     lines: list[str] = []
+    if calibration.banner:
+        lines += [f"WARNING: {calibration.banner}", ""]
+    if calibration.card is None:
+        lines += [f"note: no risk bands and no out-of-distribution check ({calibration.problem})", ""]
     labels = [f"{p['dx']}: {p['name']}" for e in entries for p in e.get("predictions", [])]
     width = max(map(len, labels), default=0)
     for entry in entries:
@@ -98,11 +128,15 @@ def format_text(entries: Sequence[dict[str, Any]]) -> str:
         if "error" in entry:
             lines.append(f"  error: {entry['error']}")
         else:
+            if entry.get("notice"):
+                lines.append(f"  NOT RELIABLE: {entry['notice']}")
             for rank, pred in enumerate(entry["predictions"], start=1):
                 label = f"{pred['dx']}: {pred['name']}"
-                lines.append(f"  {rank}. {label:<{width}}  {pred['probability']:6.1%}")
+                lines.append(f"  {rank}. {label:<{width}}  {pred['percent']:>4}")
             malignant = " + ".join(MALIGNANT)
-            lines.append(f"  malignant ({malignant}): {entry['malignant_probability']:.1%}")
+            lines.append(f"  malignant ({malignant}): {entry['malignant_percent']}")
+            band = f"{entry['risk_label']}. " if entry.get("risk_label") else ""
+            lines.append(f"  risk band: {band}{entry['risk_note']}")
         lines.append("")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
@@ -120,14 +154,17 @@ def predict_command(
     if not 1 <= top_k <= NUM_CLASSES:
         raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_for_inference(Path(checkpoint), image_size=image_size)
+    checkpoint = Path(checkpoint)
+    loaded = load_for_inference(checkpoint, image_size=image_size)
     loaded.model.to(device)
-    entries = predict_images(loaded, [Path(p) for p in images], top_k=top_k, tta=tta, device=device)
+    calibration = Calibration.load(checkpoint, loaded)
+    entries = predict_images(
+        loaded, [Path(p) for p in images], top_k=top_k, tta=tta, device=device, calibration=calibration
+    )
     if as_json:
-        print(json.dumps(entries, indent=2))
-        print(DISCLAIMER, file=sys.stderr)
+        print(json.dumps(document(checkpoint, calibration, entries), indent=2))
     else:
-        print(format_text(entries))
+        print(format_text(entries, calibration))
     failed = sum("error" in e for e in entries)
     if failed:
         print(f"error: {failed} of {len(entries)} images could not be read (see their entries)", file=sys.stderr)

@@ -34,13 +34,14 @@ from PIL import Image
 from starlette.formparsers import MultiPartParser
 
 from skinlesion import inference
-from skinlesion.card import OOD, OODStats, load_card, risk_band
 from skinlesion.errors import UserError
 from skinlesion.model import LoadedModel, load_for_inference
 from skinlesion.predict import DISCLAIMER
+from skinlesion.report import Calibration
 
 log = logging.getLogger("skinlesion.serve")
 BATCH, WAIT_S = 8, 0.010  # images per shared forward pass; how long the first waits for company
+CAM_FLOOR = 0.25  # heat-map values below this share of the peak are fully transparent
 
 
 @dataclass
@@ -72,19 +73,10 @@ class Model:
         self.device = torch.device(device)
         self.loaded: LoadedModel = load_for_inference(settings.checkpoint)
         self.loaded.model.to(self.device)
-        self.card, self.ood, self.card_problem = self._card(settings.checkpoint)
+        self.calibration = Calibration.load(settings.checkpoint, self.loaded)
+        self.card, self.ood, self.card_problem = self.calibration.card, self.calibration.ood, self.calibration.problem
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.batch = max(1, settings.batch)
-
-    def _card(self, checkpoint: Path) -> tuple[dict | None, OODStats | None, str | None]:
-        card = load_card(checkpoint)
-        if card is None:
-            return None, None, "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`"
-        facts = (card.get("checkpoint"), card.get("arch"), card.get("image_size"))
-        if facts != (checkpoint.name, self.loaded.arch, self.loaded.image_size):
-            return None, None, f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
-        ood = OODStats.load(checkpoint.parent / OOD, self.loaded.model.fc.in_features)
-        return card, ood, None
 
     async def batcher(self) -> None:
         """Forever: take what is queued (up to BATCH, waiting WAIT_S for company) and answer it in one pass."""
@@ -109,42 +101,35 @@ class Model:
 
     def _forward(self, images: list[torch.Tensor], tta: bool) -> list[tuple[torch.Tensor, float | None]]:
         out = inference.run(self.loaded.model, torch.stack(images).to(self.device), tta=tta)
-        scores = self.ood.scores(out).tolist() if self.ood else [None] * len(images)
-        return list(zip(out.probs.cpu(), scores, strict=True))
+        return list(zip(out.probs.cpu(), self.calibration.scores(out), strict=True))
 
     def describe(self, probs: torch.Tensor, score: float | None) -> dict[str, Any]:
-        entry = inference.describe(probs, 3)
-        thresholds = self.card["risk"]["thresholds"] if self.card else {}
-        entry["risk"] = risk_band(entry["malignant_probability"], thresholds)
-        entry["ood"] = (
-            {"flag": score > self.ood.threshold, "score": score, "threshold": self.ood.threshold}
-            if self.ood and score is not None
-            else None
-        )
-        return entry
+        """What predict says about the image: the same bands, notice and words (`report.Calibration.judge`)."""
+        return self.calibration.judge(probs, score, 3)
 
     def with_heat_map(self, image: torch.Tensor) -> tuple[torch.Tensor, float | None, dict[str, str]]:
         """Probabilities, OOD score and Grad-CAM for the top class from one pass (no TTA): the heat map alone
-        (RGBA), over the model's view of the image, and that view."""
+        (RGBA, transparent below 0.25 of its peak so the lesion's own colours show) and over the model's view.
+        The page lays it over the user's own image, inside the `crop` outline."""
         maps, out = inference.grad_cam(self.loaded.model, image[None].to(self.device))
         score = float(self.ood.scores(out)[0]) if self.ood else None
         cam = maps[0].cpu().numpy()
         from matplotlib import colormaps
 
-        colours = (colormaps["jet"](cam)[..., :3] * 255).astype(np.uint8)
-        alpha = (np.clip(cam, 0, 1) * 255).astype(np.uint8)
-        view = image.permute(1, 2, 0).numpy()
-        blended = (0.5 * view + 0.5 * colours).astype(np.uint8)
+        # Yellow to red, no blue: colour carries diagnostic meaning in dermoscopy, and the low end is see-through.
+        colours = (colormaps["YlOrRd"](0.3 + 0.7 * cam)[..., :3] * 255).astype(np.uint8)
+        alpha = (np.clip((cam - CAM_FLOOR) / (1 - CAM_FLOOR), 0, 1) * 230).astype(np.uint8)
+        weight = alpha[..., None] / 255
+        blended = ((1 - weight) * image.permute(1, 2, 0).numpy() + weight * colours).astype(np.uint8)
         pictures = {
             "cam": _png(Image.fromarray(blended)),
             "cam_overlay": _png(Image.fromarray(np.dstack([colours, alpha]), "RGBA")),
-            "view": _png(Image.fromarray(view)),
         }
         return out.probs[0].cpu(), score, pictures
 
     def model_card(self) -> dict[str, Any]:
         base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
-                "disclaimer": DISCLAIMER}  # fmt: skip
+                "disclaimer": DISCLAIMER, "banner": self.calibration.banner}  # fmt: skip
         if self.card is None:
             return base | {"available": False, "reason": self.card_problem}
         return base | {"available": True, **self.card}
@@ -210,7 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/model", dependencies=[Depends(authorised)])
     def model_card() -> dict[str, Any]:
-        return model.model_card()
+        return model.model_card() | {"limits": {"max_files": settings.max_files, "max_mb": settings.max_mb}}
 
     @app.post("/api/predict", dependencies=[Depends(authorised)])
     async def predict(request: Request, tta: int = Query(0, ge=0, le=1), cam: int = Query(0, ge=0, le=1)):
@@ -234,6 +219,7 @@ def create_app(settings: Settings) -> FastAPI:
             if reason is not None:
                 entry["error"] = reason
             else:
+                entry["crop"] = inference.crop_box(*image.size)  # the square the model saw, for the page's outline
                 # Resizing a photo takes milliseconds: off the event loop, like the decoding.
                 tensor = await asyncio.to_thread(inference.preprocess, image, model.loaded.image_size)
                 item = _Item(tensor, bool(tta))

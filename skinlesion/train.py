@@ -254,9 +254,8 @@ def fit(run: Run, state: TrainerState) -> bool:
         accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
         score, result = None, None
         if run.has("val"):
-            result = validate(
-                accelerator, run.shipped, cfg, out=run.out / "eval-val", manifest=run.manifest, loader=val
-            )
+            last = epoch == cfg.train.epochs - 1  # plots: the last epoch's; metrics and predictions: every epoch's
+            result = validate(accelerator, run.shipped, cfg, "val", run.out / "eval-val", run.manifest, val, plots=last)
             record |= result.record("val")
             score = result.balanced_accuracy
             if run.ema is not None:  # the raw weights too, to compare

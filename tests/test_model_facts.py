@@ -31,7 +31,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _predict(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, list[dict] | None, str]:
     code = main(["predict", "--json", *args])
     out, err = capsys.readouterr()
-    return code, (json.loads(out) if out.strip() else None), err
+    return code, (json.loads(out)["results"] if out.strip() else None), err
 
 
 def test_model_pt_copied_elsewhere_keeps_its_input_size(random_run: Path, tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def _predict_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict]]:
     code = main(["predict", *args, "--json"])
-    return code, json.loads(capsys.readouterr().out)
+    document = json.loads(capsys.readouterr().out)
+    assert document["disclaimer"] == DISCLAIMER and set(document["model"]) >= {"checkpoint", "banner"}
+    return code, document["results"]
 
 
 def test_json_contract_top7_sums_to_one_and_keeps_order(random_run, images, capsys):
@@ -128,3 +130,21 @@ def test_tta_averages_the_eight_dihedral_views_and_is_rotation_invariant(random_
         class_probabilities(model, torch.rot90(x, 1, (-2, -1)), tta=True), tta, atol=1e-5, rtol=0
     )
     torch.testing.assert_close(class_probabilities(model, x.flip(-2), tta=True), tta, atol=1e-5, rtol=0)
+
+
+def test_predict_imports_no_training_tracking_or_metrics_packages(random_run, images) -> None:
+    """Start-up is most of a short predict run: its process must not import accelerate, W&B, pandas,
+    scikit-learn or matplotlib (the model card it reads lives in card.py, beside the metrics code)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    probe = (
+        "import sys; from skinlesion.cli import main; code = main(sys.argv[1:]); "
+        "print(sorted(m for m in ('accelerate', 'wandb', 'pandas', 'sklearn', 'matplotlib') if m in sys.modules))"
+    )
+    args = ["predict", "--checkpoint", str(random_run / "best.pt"), str(images[0])]
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -53,9 +53,9 @@ def harness_loop(batches: list[dict], shards: Path, arch: str, image_size: int, 
     timings: list[float] = []
     real_epoch = harness.train_epoch
 
-    def timed_epoch(run, state):
+    def timed_epoch(run, state, batches):
         start = time.perf_counter()
-        result = real_epoch(run, state)
+        result = real_epoch(run, state, batches)
         timings.append((time.perf_counter() - start) / run.batches)
         return result
 

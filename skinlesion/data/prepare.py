@@ -28,7 +28,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from skinlesion import __version__
-from skinlesion.data import datasets, images, layouts, metadata, shards
+from skinlesion.data import datasets, images, layouts, metadata, shards, source
 from skinlesion.data.pool import worker_pool
 from skinlesion.data.split import SPLITS, balance, split_by_lesion
 from skinlesion.errors import UserError
@@ -286,6 +286,7 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
             "groups": {"key": dataset.group_column, "own_groups": meta.own_groups},
             "rows": {"input": meta.n_input, "kept": len(good), "rejected": len(rejected)},
             "rejected_by_reason": dict(Counter(reason for _, reason in rejected).most_common()),
+            "source": source.describe(opts.metadata, good),  # synthetic or real: the model card copies it
             "splits": splits,
             "image_size": opts.image_size,
             "args": {k: _plain(v) for k, v in dataclasses.asdict(opts).items()},

@@ -1,0 +1,143 @@
+"""What one image's result tells a clinician, worded once for the page, `skinlesion predict`'s text and its JSON.
+
+The page (`skinlesion serve`) and `predict` load the same model card and OOD statistics (`Calibration.load`),
+judge each image the same way (`Calibration.judge`) and show the same words: the risk band's label and its
+one-line meaning, the out-of-distribution notice, the banner of a model not trained on real dermoscopy, and
+whole percents (`percent`). The page's JavaScript shows the strings this module puts into the JSON and rounds
+with the same rule, so a dermatologist who checks an image on the command line reads what the page said.
+
+Two rules a careful clinical reader expects:
+- No band for an image flagged as out-of-distribution: the band's cut-offs were measured on validation images
+  the model knows, and mean nothing for one it does not. ``risk`` is null there, in the JSON too.
+- No reassuring wording: below both cut-offs is "below the cut-offs", not "low risk", because up to 5% of the
+  malignant validation lesions scored that low.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from skinlesion import inference
+from skinlesion.card import OOD, OODStats, load_card, risk_band
+
+if TYPE_CHECKING:
+    from skinlesion.model import LoadedModel
+
+BAND_LABELS = {"high": "High", "elevated": "Elevated", "below_cutoffs": "Below the cut-offs"}
+OOD_NOTICE = (
+    "This image looks unlike the dermoscopic images the model was trained on. Its suggestions are not reliable "
+    "here (not dermoscopy, no lesion in the centre, another disease, or a poor image)."
+)
+NO_BAND_OOD = "No risk band: the band's cut-offs mean nothing for an image unlike the model's training images."
+SYNTHETIC_BANNER = (
+    "Demonstration model: trained on synthetic pictures, not on dermoscopy of patients. Its numbers have no "
+    "clinical meaning, and its validation and test scores describe synthetic images only."
+)
+UNKNOWN_SOURCE_BANNER = (
+    "Unverified model: its model card does not say that it was trained on real dermoscopy. Treat its numbers "
+    "as having no clinical meaning."
+)
+
+
+def percent(p: float) -> str:
+    """A probability as a whole percent: "<1%" below 0.01, ">99%" above 0.99, else rounded half up.
+
+    The page's JavaScript applies the same rule (`pct` in static/index.html): both compute floor(100 p + 0.5)
+    on the same double, so they agree digit for digit. Full precision stays in the JSON.
+    """
+    if p < 0.01:
+        return "<1%"
+    if p > 0.99:
+        return ">99%"
+    return f"{math.floor(100 * p + 0.5)}%"
+
+
+def band_note(band: str, thresholds: dict[str, float | None]) -> str:
+    """One line that says what `band` means, with this model's cut-offs."""
+    at95, at80 = percent(thresholds["sensitivity_0.95"] or 0.0), percent(thresholds["sensitivity_0.80"] or 0.0)
+    if band == "high":
+        return (
+            f"Malignant probability at or above {at80}, the cut-off that caught 80% of the malignant "
+            "validation lesions."
+        )
+    if band == "elevated":
+        return (
+            f"Malignant probability at or above {at95}, the cut-off that caught 95% of the malignant validation "
+            f"lesions (below the 80% cut-off, {at80})."
+        )
+    return (
+        f"Malignant probability below {at95}, the cut-off that caught 95% of the malignant validation lesions. "
+        "Not a benign finding: up to 5% of the malignant validation lesions scored this low."
+    )
+
+
+def banner(card: dict[str, Any] | None) -> str | None:
+    """The warning shown above every result unless the card says the model was trained on real images."""
+    if card is None:
+        return None  # without a card the page and predict already say that nothing is calibrated
+    source = (card.get("training_data") or {}).get("source") or {}
+    if source.get("kind") == "real":
+        return None
+    return SYNTHETIC_BANNER if source.get("synthetic") else UNKNOWN_SOURCE_BANNER
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The model card and OOD statistics beside a checkpoint, or why there are none (`problem`)."""
+
+    card: dict[str, Any] | None
+    ood: OODStats | None
+    problem: str | None
+
+    @classmethod
+    def load(cls, checkpoint: Path, loaded: LoadedModel) -> Calibration:
+        """model_card.json and ood.pt beside `checkpoint` (loaded as `loaded`) when they describe it; a damaged
+        file is a UserError."""
+        checkpoint, arch, image_size = Path(checkpoint), loaded.arch, loaded.image_size
+        card = load_card(checkpoint)
+        if card is None:
+            return cls(None, None, "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`")
+        facts = (card.get("checkpoint"), card.get("arch"), card.get("image_size"))
+        if facts != (checkpoint.name, arch, image_size):
+            return cls(
+                None, None, f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
+            )
+        return cls(card, OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features), None)
+
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        return self.card["risk"]["thresholds"] if self.card else {}
+
+    @property
+    def banner(self) -> str | None:
+        return banner(self.card)
+
+    def scores(self, outputs: inference.Outputs) -> list[float | None]:
+        """The OOD score of each image of a batch (None each without ood.pt)."""
+        return self.ood.scores(outputs).tolist() if self.ood else [None] * len(outputs.probs)
+
+    def judge(self, probs: torch.Tensor, score: float | None, top_k: int = 3) -> dict[str, Any]:
+        """One image's entry: predictions and malignant probability (full precision, and as shown: ``percent``,
+        ``malignant_percent``), ``risk`` (a band, or null without thresholds or when flagged), ``risk_label`` and
+        ``risk_note`` (the words shown), ``ood`` {flag, score, threshold} (null without ood.pt) and ``notice``
+        (the OOD notice, or null)."""
+        entry = inference.describe(probs, top_k)
+        for prediction in entry["predictions"]:
+            prediction["percent"] = percent(prediction["probability"])
+        entry["malignant_percent"] = percent(entry["malignant_probability"])
+        flagged = self.ood is not None and score is not None and score > self.ood.threshold
+        entry["ood"] = {"flag": flagged, "score": score, "threshold": self.ood.threshold} if self.ood else None
+        band = None if flagged else risk_band(entry["malignant_probability"], self.thresholds)
+        entry["risk"] = band
+        entry["risk_label"] = BAND_LABELS[band] if band else None
+        if band:
+            entry["risk_note"] = band_note(band, self.thresholds)
+        else:
+            entry["risk_note"] = NO_BAND_OOD if flagged else "No risk band: this model has no calibrated cut-offs."
+        entry["notice"] = OOD_NOTICE if flagged else None
+        return entry

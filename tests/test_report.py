@@ -1,0 +1,169 @@
+"""What a clinician is told, in words and numbers: whole percents, band wording, the OOD notice, the banner of a
+model not trained on real dermoscopy, and the model card's record of where its training images came from.
+
+`skinlesion predict` (text and --json) and evaluate's predictions.csv are checked here against the same
+calibrated model; the page is checked against predict in tests/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skinlesion.card import limitations, training_source
+from skinlesion.cli import main
+from skinlesion.data.source import describe
+from skinlesion.report import BAND_LABELS, OOD_NOTICE, SYNTHETIC_BANNER, UNKNOWN_SOURCE_BANNER, banner, percent
+
+
+@pytest.fixture(scope="module")
+def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of the random run, calibrated (model_card.json + ood.pt) on the synthetic shards."""
+    from skinlesion.card import calibrate
+    from skinlesion.model import load_for_inference
+
+    folder = tmp_path_factory.mktemp("report")
+    shutil.copy(random_run / "best.pt", folder / "best.pt")
+    loaded = load_for_inference(folder / "best.pt")
+    calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
+    return folder / "best.pt"
+
+
+@pytest.mark.parametrize(
+    ("p", "shown"),
+    [
+        (0.0, "<1%"),
+        (0.0099, "<1%"),
+        (0.01, "1%"),
+        (0.125, "13%"),
+        (0.135, "14%"),
+        (0.5, "50%"),
+        (0.826, "83%"),
+        (0.99, "99%"),
+        (0.9901, ">99%"),
+        (1.0, ">99%"),
+    ],
+)
+def test_whole_percents_round_half_up_with_open_ends(p: float, shown: str) -> None:
+    assert percent(p) == shown  # 0.125 -> 13% (Python's round() would say 12%, the page's Math.round 13%)
+
+
+def test_the_source_is_synthetic_for_synth_ids_and_real_for_ham10000_ids(tmp_path: Path) -> None:
+    from skinlesion.data.synthetic import plan
+
+    synthetic = pd.DataFrame(plan(60, seed=3))
+    got = describe(Path("data/synthetic/HAM10000_metadata.csv"), synthetic)
+    assert (got["kind"], got["synthetic"], got["images"], got["synthetic_images"]) == ("synthetic", True, 60, 60)
+    real = pd.DataFrame(
+        {
+            "lesion_id": ["HAM_0000118", "HAM_0000118", "HAM_0002730"],
+            "image_id": ["ISIC_0027419", "ISIC_0025030", "ISIC_0026769"],
+            "dataset": ["vidir_modern", "vidir_modern", "rosendahl"],
+        }
+    )
+    got = describe(Path("HAM10000_metadata.csv"), real)
+    assert (got["kind"], got["synthetic"], got["dataset"], got["lesions"]) == ("real", False, "HAM10000", 2)
+    assert got["contributors"] == {"vidir_modern": 2, "rosendahl": 1}
+    mixed = describe(Path("mine.csv"), pd.concat([real, synthetic.head(2)]))
+    assert (mixed["kind"], mixed["synthetic"], mixed["dataset"]) == ("mixed", True, "mine")
+
+
+def test_the_card_records_the_manifest_source_and_limitations_fit_it(calibrated: Path, shards_dir: Path) -> None:
+    card = json.loads((calibrated.parent / "model_card.json").read_text())
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    assert card["training_data"]["source"] == manifest["source"] and manifest["source"]["kind"] == "synthetic"
+    assert "synthetic pictures" in card["limitations"][0] and "fair-skinned" not in " ".join(card["limitations"])
+    assert banner(card) == SYNTHETIC_BANNER
+    assert training_source({"splits": {}})["kind"] == "unknown"  # shards prepared before the source was recorded
+    unknown = card | {"training_data": {"source": training_source({})}}
+    assert banner(unknown) == UNKNOWN_SOURCE_BANNER
+    real = {"kind": "real", "synthetic": False, "dataset": "HAM10000"}
+    assert banner(card | {"training_data": {"source": real}}) is None
+    assert "fair-skinned" in limitations(real)[0] and "synthetic" not in " ".join(limitations(real))
+
+
+def _plain_skin(path: Path) -> Path:
+    from skinlesion.data.lesions import not_lesions
+
+    not_lesions(n=1)["skin without a lesion"][0].save(path, format="JPEG", quality=92)
+    return path
+
+
+def test_predict_prints_the_banner_band_words_and_notice_and_no_band_when_flagged(calibrated, tmp_path, capsys):
+    from skinlesion.data.lesions import make_lesion, render
+
+    skin = _plain_skin(tmp_path / "skin.jpg")
+    lesions = []
+    for i, dx in enumerate(("mel", "nv", "bcc")):
+        rng = np.random.default_rng(20 + i)
+        lesions.append(tmp_path / f"{dx}.jpg")
+        render(make_lesion(rng, dx), rng).save(lesions[-1], format="JPEG", quality=92)
+    args = ["predict", "--checkpoint", str(calibrated), str(skin), *map(str, lesions)]
+    assert main([*args, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["model"]["banner"] == SYNTHETIC_BANNER
+    assert document["model"]["training_data_source"]["kind"] == "synthetic"
+    flagged, *others = document["results"]
+    assert flagged["ood"]["flag"] and flagged["risk"] is None and flagged["notice"] == OOD_NOTICE
+    assert flagged["risk_note"].startswith("No risk band")
+    banded = [e for e in others if e["risk"]]
+    assert banded, "no synthetic lesion passed the OOD check: the test needs one with a band"
+    for entry in banded:
+        assert entry["ood"]["flag"] is False and entry["notice"] is None
+        assert entry["risk_label"] == BAND_LABELS[entry["risk"]] and "cut-off" in entry["risk_note"]
+        assert entry["malignant_percent"] == percent(entry["malignant_probability"])
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"WARNING: {SYNTHETIC_BANNER}")
+    skin_block, *blocks = text.split("\n\n")[1:-1]
+    assert f"NOT RELIABLE: {OOD_NOTICE}" in skin_block and "risk band: No risk band" in skin_block
+    for entry in banded:
+        block = next(b for b in blocks if b.startswith(entry["image"]))
+        assert f"risk band: {entry['risk_label']}. {entry['risk_note']}" in block
+        assert f"malignant (akiec + bcc + mel): {entry['malignant_percent']}" in block
+        assert all(f"  {p['percent']}" in block for p in entry["predictions"])
+    assert "%" in text and ".0%" not in text and "low" not in text.lower().split()
+
+
+def test_evaluate_writes_the_ood_score_and_flag_that_predict_gives(calibrated, tmp_path, capsys):
+    from skinlesion.data.lesions import make_lesion, render
+
+    rng = np.random.default_rng(4)
+    images = {"ISIC_0000001": _plain_skin(tmp_path / "skin.jpg"), "ISIC_0000002": tmp_path / "lesion.jpg"}
+    render(make_lesion(rng, "mel"), rng).save(images["ISIC_0000002"], format="JPEG", quality=92)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "test-000000.tar", "w") as tar:
+        for key, path in images.items():
+            for member, data in (
+                (f"{key}.jpg", path.read_bytes()),
+                (f"{key}.cls", b"4"),
+                (f"{key}.json", json.dumps({"image_id": key}).encode()),
+            ):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    manifest = {
+        "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
+        "splits": {"test": {"samples": 2, "files": ["test-000000.tar"], "shard_samples": [2]}},
+    }
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(calibrated), "--shards", str(shards), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert list(rows[0])[-2:] == ["ood_score", "ood_flag"]
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(calibrated), *map(str, images.values()), "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["results"]
+    for row, entry in zip(rows, predicted, strict=True):
+        assert float(row["ood_score"]) == pytest.approx(entry["ood"]["score"], rel=1e-5)
+        assert row["ood_flag"] == str(int(entry["ood"]["flag"]))
+    assert rows[0]["ood_flag"] == "1"  # the plain skin
