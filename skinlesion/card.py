@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from skinlesion import __version__, inference
+from skinlesion.data.datasets import of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
-from skinlesion.labels import CLASSES, MALIGNANT, NAMES
 
 CARD = "model_card.json"
 OOD = "ood.pt"
@@ -140,10 +140,11 @@ class OODStats:
         return torch.maximum(by_distance, self.contrast_threshold / contrast)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, val: inference.Outputs) -> OODStats:
-        """Means and covariance from the train features; thresholds from the validation outputs."""
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, val: inference.Outputs, n_classes: int) -> OODStats:
+        """Means (one per class of the head) and covariance from the train features; thresholds from the
+        validation outputs."""
         f, y = features.double(), labels.long()
-        means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(len(CLASSES))])
+        means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(n_classes)])
         centred = f - means[y]
         cov = centred.T @ centred / max(1, len(f) - 1)
         # Shrinkage keeps the inverse stable when features outnumber samples (512-2048 vs a few thousand).
@@ -191,7 +192,12 @@ class OODStats:
             raise
         except Exception as exc:  # unpickling refusal, missing key, wrong type: all mean "unusable"
             raise UserError(f"{path} is not a readable skinlesion OOD file ({exc}); {rewrite}") from exc
-        if tuple(means.shape) != (len(CLASSES), feature_dim) or tuple(precision.shape) != (feature_dim,) * 2:
+        if (
+            means.ndim != 2
+            or means.shape[0] < 2
+            or means.shape[1] != feature_dim
+            or precision.shape != (feature_dim,) * 2
+        ):
             raise UserError(f"{path} does not fit this model (means {tuple(means.shape)}, features {feature_dim})")
         if not (math.isfinite(distance) and distance > 0 and math.isfinite(contrast) and contrast >= 0):
             raise UserError(f"{path}: thresholds {distance}, {contrast} are not a positive distance and contrast")
@@ -258,23 +264,25 @@ def calibrate(
         if not manifest["splits"].get(split, {}).get("samples"):
             raise UserError(f"{shards} has no {split} samples: the model card's calibration needs train and val")
     source = training_source(manifest)
+    dataset = of_manifest(manifest, f"{shards}/manifest.json")  # classes, names and malignant ones
     model.eval()
     train = _pass(model, shards, "train", image_size, batch_size, manifest)
     val = _pass(model, shards, "val", image_size, batch_size, manifest)
     val_outputs = inference.Outputs(probs=val["probs"], features=val["features"], contrast=val["contrast"])
-    ood = OODStats.fit(train["features"], train["labels"], val_outputs)
+    ood = OODStats.fit(train["features"], train["labels"], val_outputs, len(dataset.codes))
     ood.save(checkpoint.parent / OOD)
 
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
     groups = np.asarray(val["lesions"], dtype=object) if all(val["lesions"]) else None
-    metrics = compute_metrics(labels, probs, groups=groups, n_bootstrap=1000)
-    malignant_index = [CLASSES.index(dx) for dx in MALIGNANT]
+    metrics = compute_metrics(labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes)
+    malignant_index = [dataset.codes.index(dx) for dx in dataset.malignant]
     thresholds = risk_thresholds(probs[:, malignant_index].sum(1), np.isin(labels, malignant_index))
     card = {
         "checkpoint": checkpoint.name,
         "arch": arch,
         "image_size": image_size,
-        "classes": [{"dx": dx, "name": NAMES[dx], "malignant": dx in MALIGNANT} for dx in CLASSES],
+        "dataset": dataset.name,
+        "classes": [{"dx": c.code, "name": c.name, "malignant": c.malignant} for c in dataset.classes],
         "training_data": {
             "shards": str(shards),
             "rows": manifest.get("rows"),
@@ -285,7 +293,7 @@ def calibrate(
         "validation": _summary(metrics),
         "test": _summary(test_metrics) if test_metrics else None,
         "risk": {
-            "malignant_classes": list(MALIGNANT),
+            "malignant_classes": list(dataset.malignant),
             "thresholds": thresholds,
             "bands": {
                 "high": "malignant probability at or above the validation operating point of sensitivity 0.80",

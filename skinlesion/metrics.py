@@ -221,9 +221,10 @@ def compute_metrics(
 
 
 def partial_auc_above_sensitivity(positive: np.ndarray, scores: np.ndarray, sensitivity: float) -> float | None:
-    """The area under the ROC curve where sensitivity >= `sensitivity`, unnormalised (at most 1 - sensitivity):
-    the ISIC 2020 secondary metric, computed as `isic-challenge-scoring` does (a point interpolated at exactly
-    that sensitivity, then the trapezoids above it). None without positives or negatives."""
+    """The area under the ROC curve from the point where sensitivity reaches `sensitivity` to the right end
+    (1.0 for a perfect model): the ISIC 2020 secondary metric, computed as `isic-challenge-scoring` does (a
+    point interpolated at exactly that sensitivity, then the trapezoids beyond it). None without positives or
+    negatives."""
     positive = np.asarray(positive, dtype=bool)
     if positive.all() or not positive.any():
         return None

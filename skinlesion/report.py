@@ -93,6 +93,7 @@ class Calibration:
     card: dict[str, Any] | None
     ood: OODStats | None
     problem: str | None
+    labels: inference.Labels = inference.HAM10000_LABELS  # the model's classes, names and malignant ones
 
     @classmethod
     def load(cls, checkpoint: Path, loaded: LoadedModel) -> Calibration:
@@ -100,14 +101,16 @@ class Calibration:
         file is a UserError."""
         checkpoint, arch, image_size = Path(checkpoint), loaded.arch, loaded.image_size
         card = load_card(checkpoint)
+        labels = inference.Labels.of(loaded.classes, loaded.malignant)
         if card is None:
-            return cls(None, None, "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`")
+            problem = "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`"
+            return cls(None, None, problem, labels)
         facts = (card.get("checkpoint"), card.get("arch"), card.get("image_size"))
         if facts != (checkpoint.name, arch, image_size):
-            return cls(
-                None, None, f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
-            )
-        return cls(card, OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features), None)
+            problem = f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
+            return cls(None, None, problem, labels)
+        labels = inference.Labels.of(loaded.classes, loaded.malignant, card)
+        return cls(card, OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features), None, labels)
 
     @property
     def thresholds(self) -> dict[str, float | None]:
@@ -126,7 +129,7 @@ class Calibration:
         ``malignant_percent``), ``risk`` (a band, or null without thresholds or when flagged), ``risk_label`` and
         ``risk_note`` (the words shown), ``ood`` {flag, score, threshold} (null without ood.pt) and ``notice``
         (the OOD notice, or null)."""
-        entry = inference.describe(probs, top_k)
+        entry = inference.describe(probs, top_k, self.labels)
         for prediction in entry["predictions"]:
             prediction["percent"] = percent(prediction["probability"])
         entry["malignant_percent"] = percent(entry["malignant_probability"])

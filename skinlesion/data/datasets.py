@@ -145,7 +145,7 @@ def _isic2019() -> Dataset:
     classes = (
         ClassInfo("ak", "actinic keratosis", True, "HAM10000 akiec holds AK and SCC (Bowen's disease)"),
         ClassInfo("bcc", "basal cell carcinoma", True),
-        ClassInfo("bkl", "benign keratosis (solar lentigo / seborrheic keratosis / lichen planus-like keratosis)"),
+        ClassInfo("bkl", "benign keratosis-like lesion"),
         ClassInfo("df", "dermatofibroma"),
         ClassInfo("mel", "melanoma", True),
         ClassInfo("nv", "melanocytic nevus"),
@@ -362,3 +362,12 @@ def known_malignant(classes: tuple[str, ...]) -> tuple[str, ...] | None:
         if d.codes == tuple(classes):
             return d.malignant
     return None
+
+
+def names_for(classes: tuple[str, ...]) -> dict[str, str]:
+    """Full names of the preset with exactly these classes; empty when none has them (a custom dataset)."""
+    for name in PRESETS:
+        d = preset(name)
+        if d.codes == tuple(classes):
+            return d.names
+    return {}
