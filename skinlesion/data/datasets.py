@@ -98,10 +98,16 @@ class Dataset:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as manifest.json's `dataset` holds it."""
-        raw = dataclasses.asdict(self)
-        raw["classes"] = [dataclasses.asdict(c) for c in self.classes]
-        raw["submission"] = [list(pair) for pair in self.submission]
-        return raw
+        return _lists(dataclasses.asdict(self))
+
+
+def _lists(value: Any) -> Any:
+    """Tuples as lists, recursively: the description as json.load gives it back."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
 
 
 def _ham10000() -> Dataset:
