@@ -190,6 +190,20 @@ def load_pretrained(model: nn.Module, arch: str, path: Path, classes: tuple[str,
     return shared
 
 
+def init_from(model: nn.Module, arch: str, path: Path, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """`train.init_from`: fine-tune from another skinlesion checkpoint, whatever its classes (HAM10000's 7 ->
+    ISIC 2019's 8). Its backbone is loaded; the head is new, except the rows of the classes both share.
+    Returns those classes. A file without skinlesion's facts is refused: use model.pretrained for it."""
+    obj = load_weights(path)
+    recorded = getattr(obj, "_metadata", None) or {}
+    if not (isinstance(obj.get("model"), dict) and "classes" in obj) and not isinstance(recorded.get(FACTS_KEY), dict):
+        raise UserError(
+            f"train.init_from={path} is not a skinlesion checkpoint (no recorded classes): pass the best.pt or "
+            "model.pt of a skinlesion run, or use model.pretrained for other weights"
+        )
+    return load_pretrained(model, arch, path, classes)
+
+
 def _check_fit(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], arch: str, path: Path) -> None:
     """Refuse weights of another architecture or input (a 1-channel conv1) before load_state_dict lists them all."""
     try:

@@ -58,7 +58,7 @@ from skinlesion.evaluate import EvalResult, evaluate_checkpoint
 from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
 from skinlesion.losses import make_criterion
 from skinlesion.mixing import Mixer, make_mixer
-from skinlesion.model import ModelFacts, build_model, load_for_inference
+from skinlesion.model import ModelFacts, build_model, init_from, load_for_inference
 from skinlesion.optim import make_optimizer, scaled_schedule
 
 
@@ -145,6 +145,11 @@ def setup(cfg: Config) -> Run:
         set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
         dataset = of_manifest(manifest, f"{cfg.data.shards}/manifest.json")  # the classes: the head, the facts
         model = build_model(cfg.model.name, cfg.model.pretrained, len(dataset.codes), dataset.codes)
+        if cfg.train.init_from != "none":
+            shared = init_from(model, cfg.model.name, Path(cfg.train.init_from), dataset.codes)
+            new = [c for c in dataset.codes if c not in shared]
+            rows = f"backbone and head rows of {', '.join(shared) or 'no class'} from {cfg.train.init_from}"
+            accelerator.print(f"train.init_from: {rows}; new head rows: {', '.join(new) or 'none'}")
         if accelerator.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, schedule)
@@ -200,7 +205,7 @@ def resume(run: Run) -> TrainerState:
                 f"notice: {cfg.data.shards} has no val samples: validation is skipped and best.pt "
                 "is the last epoch's weights"
             )
-        if cfg.train.freeze_backbone_epochs and cfg.model.pretrained == "none":
+        if cfg.train.freeze_backbone_epochs and cfg.model.pretrained == "none" and cfg.train.init_from == "none":
             accelerator.print(
                 f"notice: train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} with "
                 "model.pretrained=none holds a random backbone still; set model.pretrained"

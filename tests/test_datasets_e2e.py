@@ -107,3 +107,17 @@ def test_isic2020_is_scored_as_a_binary_task_and_other_classes_are_refused(
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "['ak', 'bcc', 'bkl', 'df', 'mel', 'nv', 'scc', 'vasc']" in done.stderr
     assert "['other', 'mel']" in done.stderr
+
+
+def test_init_from_fine_tunes_a_ham10000_checkpoint_on_isic2019(
+    isic2019_run: tuple[Path, Path], random_run: Path, tmp_path: Path
+) -> None:
+    shards, _ = isic2019_run
+    ham = torch.load(random_run / "best.pt", weights_only=True)
+    done = run_train(tmp_path / "run", shards, f"train.init_from={random_run / 'best.pt'}", "train.epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "head rows of bcc, bkl, df, mel, nv, vasc from" in done.stdout and "new head rows: ak, scc" in done.stdout
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["classes"][0] == "ak" and best["model"]["fc.weight"].shape == (8, ham["model"]["fc.weight"].shape[1])
+    done = run_train(tmp_path / "run2", shards, "train.init_from=model.pt", "model.pretrained=imagenet")
+    assert done.returncode == 2 and "both initialise the model" in done.stderr
