@@ -35,6 +35,7 @@ from skinlesion import __version__, inference
 from skinlesion.data.datasets import of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
+from skinlesion.subgroups import limitation_lines, subgroup_metrics
 
 CARD = "model_card.json"
 OOD = "ood.pt"
@@ -238,7 +239,7 @@ def _pass(
     from skinlesion.data.pipeline import eval_loader
 
     device = next(model.parameters()).device
-    probs, feats, contrast, labels, lesions = [], [], [], [], []
+    probs, feats, contrast, labels, lesions, metas = [], [], [], [], [], []
     for batch in eval_loader(shards, split, image_size, batch_size, 0, 0, 1, manifest=manifest):
         out = inference.run(model, batch["image"].to(device))
         probs.append(out.probs.cpu())
@@ -246,8 +247,9 @@ def _pass(
         contrast.append(out.contrast.cpu())
         labels.append(batch["label"])
         lesions += [m.get("lesion_id") for m in batch["meta"]]
+        metas += batch["meta"]
     return {"probs": torch.cat(probs), "features": torch.cat(feats), "contrast": torch.cat(contrast),
-            "labels": torch.cat(labels), "lesions": lesions}  # fmt: skip
+            "labels": torch.cat(labels), "lesions": lesions, "metas": metas}  # fmt: skip
 
 
 def calibrate(
@@ -275,6 +277,10 @@ def calibrate(
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
     groups = np.asarray(val["lesions"], dtype=object) if all(val["lesions"]) else None
     metrics = compute_metrics(labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes)
+    # Subgroup numbers for LIMITATIONS: the test split's when the trainer evaluated it, else validation's.
+    split, subgroups = "test", (test_metrics or {}).get("subgroups")
+    if subgroups is None:
+        split, subgroups = "validation", subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups)
     malignant_index = [dataset.codes.index(dx) for dx in dataset.malignant]
     thresholds = risk_thresholds(probs[:, malignant_index].sum(1), np.isin(labels, malignant_index))
     card = {
@@ -311,7 +317,8 @@ def calibrate(
             "validation_pass_rate": PASS_RATE,
         },
         "intended_use": INTENDED_USE,
-        "limitations": limitations(source),
+        "limitations": limitations(source) + limitation_lines(subgroups, split),
+        "subgroups": {"split": split, "metrics": subgroups},
         "version": __version__,
         "date": dt.date.today().isoformat(),
     }

@@ -11,8 +11,6 @@ by the main process only, each atomically.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 from collections.abc import Iterable
@@ -37,9 +35,8 @@ from skinlesion.inference import class_probabilities
 from skinlesion.metrics import SPECIFICITIES, compute_metrics, sensitivity_key
 from skinlesion.model import LoadedModel
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
-
-ISIC_HEADER: tuple[str, ...] = ("image", *(column for column, _ in HAM10000.submission))  # ISIC 2018 Task 3
-OOD_COLUMNS: tuple[str, ...] = ("ood_score", "ood_flag")
+from skinlesion.subgroups import subgroup_lines, subgroup_metrics
+from skinlesion.submission import isic_csv
 
 
 @dataclass(frozen=True)
@@ -52,6 +49,7 @@ class Predictions:
     labels: np.ndarray  # [N] class indices (the manifest's classes, in order)
     probs: np.ndarray  # [N, C] float64 softmax probabilities
     ood_scores: np.ndarray | None = None  # [N] the model card's OOD score (`card.OODStats.scores`), if ood.pt exists
+    metas: list[dict[str, Any]] | None = None  # [N] each sample's metadata (sex, age, site, dx_type: subgroups)
 
 
 @dataclass(frozen=True)
@@ -119,6 +117,7 @@ class EvalResult:
                 f"  binary    {b['positive']} AUC {num(b['auc'])} (95% CI {num(lo)}-{num(hi)}, over {unit}), "
                 f"partial AUC above 80% sensitivity {num(b['partial_auc_above_sensitivity_0.8'])}"
             )
+        lines += subgroup_lines(m.get("subgroups") or {})
         if self.files:
             folder = next(iter(self.files.values())).parent
             lines.append(f"  wrote {folder}/: " + ", ".join(p.name for p in self.files.values()))
@@ -195,6 +194,7 @@ def collect_predictions(
         "keys": keys,
         "image_ids": [str(m.get("image_id", k)) for k, m in zip(keys, metas, strict=True)],
         "lesion_ids": [m.get("lesion_id") for m in metas],
+        "metas": [{k: m.get(k) for k in ("sex", "age", "localization", "dx_type")} for m in metas],
         "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
         "probs": torch.cat(probs).double().numpy() if probs else np.zeros((0, len(manifest["classes"]))),
         "ood_scores": None if ood is None else torch.cat(scores).double().numpy() if scores else np.zeros(0),
@@ -217,10 +217,12 @@ def _merge(parts: list[dict[str, Any]], expected: int, manifest: str, split: str
         )
     image_ids = [i for p in parts for i in p["image_ids"]]
     lesion_ids = [i for p in parts for i in p["lesion_ids"]]
+    metas = [m for p in parts for m in p.get("metas", [{}] * len(p["keys"]))]
     return Predictions(
         keys=keys,
         image_ids=[image_ids[i] for i in order],
         lesion_ids=[lesion_ids[i] for i in order],
+        metas=[metas[i] for i in order],
         labels=np.concatenate([p["labels"] for p in parts]).astype(np.int64)[order],
         probs=np.concatenate([p["probs"] for p in parts])[order],
         ood_scores=None
@@ -260,6 +262,10 @@ def evaluate(
     groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
     metrics = compute_metrics(preds.labels, preds.probs, groups, n_bootstrap, classes=dataset.codes)
     metrics["group_key"] = dataset.group_column  # what the bootstrap resamples: lesions, or patients (ISIC 2020)
+    if n_bootstrap and preds.metas is not None:  # the final evaluations, not every epoch's validation
+        metrics["subgroups"] = subgroup_metrics(
+            preds.labels, preds.probs, preds.metas, dataset.codes, groups, n_bootstrap
+        )
     metrics.update(
         checkpoint=None if checkpoint is None else str(checkpoint),
         split=split,
@@ -295,35 +301,6 @@ def write_outputs(
         )
         files["reliability"] = plot_reliability(preds.labels, preds.probs, out / "reliability.png")
     return files
-
-
-def isic_csv(preds: Predictions, dataset: Dataset = HAM10000) -> str:
-    """The dataset's ISIC submission, one row per image_id: for HAM10000 ISIC 2018 Task 3's
-    image,MEL,NV,BCC,AKIEC,BKL,DF,VASC; for ISIC 2019 its 8 classes and UNK (0: the model has no such class,
-    its OOD check is the notice for it); for ISIC 2020 image,target (the melanoma probability).
-
-    Probabilities are written in positional notation with a decimal point and enough digits to
-    read back the exact float64, so the official scorer sees the numbers our metrics used. Resampled
-    copies of one image (train split only) carry identical predictions; the first is kept.
-    With OOD scores (a checkpoint with ood.pt), ``ood_score`` and ``ood_flag`` follow (1: above the card's
-    threshold, an image the page and predict show their unfamiliar-image notice for).
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    header = ("image", *(column for column, _ in dataset.submission))
-    writer.writerow(header + (OOD_COLUMNS if preds.ood_scores is not None else ()))
-    columns = [None if code is None else dataset.codes.index(code) for _, code in dataset.submission]
-    scores = preds.ood_scores if preds.ood_scores is not None else [None] * len(preds.image_ids)
-    seen: set[str] = set()
-    rows = sorted(zip(preds.image_ids, preds.probs, scores, strict=True), key=lambda r: r[0])
-    for image_id, row, score in rows:
-        if image_id in seen:
-            continue
-        seen.add(image_id)
-        extra = [] if score is None else [repr(float(score)), int(score > OODStats.threshold)]
-        cells = ["0.0" if c is None else np.format_float_positional(row[c], trim="0") for c in columns]
-        writer.writerow([image_id, *cells, *extra])
-    return buffer.getvalue()
 
 
 def _report(preds: Predictions, metrics: dict[str, Any]) -> str:

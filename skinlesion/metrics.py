@@ -246,23 +246,35 @@ def bootstrap_auc(
 ) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of ROC AUC, resampling whole groups (patients for ISIC 2020).
 
-    A resample without positives or without negatives has no AUC and is skipped.
+    A resample is a weight per sample (how often its group was drawn), and AUC is the weighted share of
+    (positive, negative) pairs ranked right, ties counting half: one sort, then sums over tie blocks for
+    100 resamples at a time, so 1,000 resamples of a test split take milliseconds rather than 1,000
+    ``roc_auc_score`` calls. A resample without positives or without negatives has no AUC and is skipped.
     """
     positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
     if positive.all() or not positive.any() or n_resamples <= 0:
         return None, None
     _, group_index = np.unique(np.arange(positive.size) if groups is None else np.asarray(groups), return_inverse=True)
-    members = np.argsort(group_index, kind="stable")
-    starts = np.searchsorted(group_index[members], np.arange(group_index.max() + 2))
+    n_groups = int(group_index.max()) + 1
+    order = np.argsort(scores, kind="stable")
+    _, starts = np.unique(scores[order], return_index=True)  # tie blocks in ascending score order
+    pos, sorted_groups = positive[order], group_index[order]
     rng = np.random.default_rng(seed)
     values = []
-    for _ in range(n_resamples):
-        drawn = rng.integers(0, len(starts) - 1, size=len(starts) - 1)
-        rows = np.concatenate([members[starts[g] : starts[g + 1]] for g in drawn])
-        if positive[rows].all() or not positive[rows].any():
-            continue
-        values.append(roc_auc_score(positive[rows], scores[rows]))
-    if not values:
+    for first in range(0, n_resamples, 100):
+        count = min(100, n_resamples - first)
+        draws = rng.integers(0, n_groups, size=(count, n_groups)) + np.arange(count)[:, None] * n_groups
+        drawn = np.bincount(draws.ravel(), minlength=count * n_groups).reshape(count, n_groups).astype(np.float64)
+        weights = drawn[:, sorted_groups]  # [count, N] in score order
+        p = np.add.reduceat(weights * pos, starts, axis=1)
+        n = np.add.reduceat(weights * ~pos, starts, axis=1)
+        below = np.cumsum(n, axis=1) - n
+        pairs = p.sum(1) * n.sum(1)
+        ok = pairs > 0
+        values.append((p * (below + 0.5 * n)).sum(1)[ok] / pairs[ok])
+    values = np.concatenate(values)
+    if not values.size:
         return None, None
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
