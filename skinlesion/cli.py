@@ -53,6 +53,7 @@ def _prepare(args: argparse.Namespace) -> int:
             spec=args.spec,
             columns=tuple(_column(c) for c in args.column),
             malignant=tuple(m for arg in args.malignant for m in arg.split(",") if m),
+            add_ham10000=args.add_ham10000,
         )
     )
     return 0
@@ -164,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, default=None, help="isic2019: ISIC_2019_Training_GroundTruth.csv")
     p.add_argument("--duplicates", type=Path, default=None, help="isic2020: ISIC_2020_Training_Duplicates.csv")
     p.add_argument("--spec", type=Path, default=None, help="custom: a YAML dataset description")
+    p.add_argument(
+        "--add-ham10000",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="isic2019: also HAM10000_metadata.csv (its images via --images), de-duplicated by image id",
+    )
     p.add_argument(
         "--column",
         action="append",

@@ -179,4 +179,5 @@ def describe(probs: torch.Tensor, top_k: int, labels: Labels = HAM10000_LABELS) 
             for p, i in zip(values.tolist(), indices.tolist(), strict=True)
         ],
         "malignant_probability": float(probs[malignant].sum()),
+        "malignant_classes": list(labels.malignant),  # the classes summed: the model's, not a constant
     }

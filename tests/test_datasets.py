@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,37 @@ def test_a_ham10000_checkpoint_initialises_an_isic2019_head_where_the_classes_ma
         else:  # ak and scc: a new row (HAM10000's akiec is both)
             assert not any(torch.equal(model.fc.weight[i], row) for row in source["fc.weight"])
     assert torch.equal(model.conv1.weight, source["conv1.weight"])
+
+
+def test_isic2019_plus_ham10000_is_deduplicated_by_image_id(isic2019_dir: Path, tmp_path: Path) -> None:
+    meta = pd.read_csv(isic2019_dir / META_2019, dtype=str, keep_default_na=False)
+    inside = meta["image"].head(10).tolist()  # HAM10000 images that ISIC 2019 holds too
+    new = [f"ISIC_80000{i:02d}" for i in range(10)]  # and some it does not
+    ham_images = tmp_path / "ham"
+    ham_images.mkdir()
+    for old, name in zip(meta["image"].tail(10), new, strict=True):
+        (ham_images / f"{name}.jpg").write_bytes((isic2019_dir / IMAGES_2019 / f"{old}.jpg").read_bytes())
+    dx = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc", "nv", "nv", "akiec"]
+    ham = pd.DataFrame(
+        {
+            "lesion_id": [f"HAM_{i:07d}" for i in range(20)],
+            "image_id": inside + new,
+            "dx": dx + dx,
+            "dx_type": "histo",
+            "age": "50",
+            "sex": "male",
+            "localization": "back",
+            "dataset": "rosendahl",
+        }
+    )
+    ham.to_csv(tmp_path / "HAM10000_metadata.csv", index=False)
+    opts = _opts2019(isic2019_dir, tmp_path / "out", images=(isic2019_dir / IMAGES_2019, ham_images))
+    result = prepare(replace(opts, add_ham10000=tmp_path / "HAM10000_metadata.csv"))
+    manifest = result.manifest
+    assert manifest["added_ham10000"] == {"rows": 20, "already_in_isic2019": 10}
+    assert manifest["rows"] == {"input": 260, "kept": 250, "rejected": 10}
+    assert manifest["rejected_by_reason"] == {"HAM10000 image already in the ISIC 2019 files (same image_id)": 10}
+    labels = {s["image_id"]: manifest["classes"][c] for _, c, s in _samples(tmp_path / "out")}
+    assert [labels[i] for i in new] == ["ak", "bcc", "bkl", "df", "mel", "nv", "vasc", "nv", "nv", "ak"]
+    with pytest.raises(UserError, match="--add-ham10000 combines HAM10000 with ISIC 2019"):
+        prepare(replace(opts, dataset="isic2020", labels=None, add_ham10000=tmp_path / "HAM10000_metadata.csv"))

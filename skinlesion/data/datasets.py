@@ -212,6 +212,9 @@ def preset(name: str) -> Dataset:
 
 
 HAM10000 = _ham10000()
+# HAM10000's labels as ISIC 2019 classes, for `prepare --dataset isic2019 --add-ham10000`. Lossy for akiec:
+# ISIC 2019 splits it into AK and SCC, and HAM10000 does not say which (its Bowen's disease is an SCC in situ).
+HAM10000_TO_ISIC2019 = {"akiec": "ak", "bcc": "bcc", "bkl": "bkl", "df": "df", "mel": "mel", "nv": "nv", "vasc": "vasc"}
 
 
 def from_dict(raw: Any, where: str) -> Dataset:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion.data import layouts
-from skinlesion.data.datasets import HAM10000, Dataset
+from skinlesion.data.datasets import HAM10000, HAM10000_TO_ISIC2019, Dataset
 from skinlesion.errors import UserError
 
 COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
@@ -31,6 +31,7 @@ DUPLICATE = "duplicate image_id"
 MISSING_LESION_ID = "missing lesion_id"
 MISSING_IMAGE = "missing image"
 CONFLICTING_COPIES = "different files with the same image_id"
+ALREADY_IN_ISIC2019 = "HAM10000 image already in the ISIC 2019 files (same image_id)"
 INVALID_AGE = "invalid age"
 # Cleaning (the seed's rules; kept with --keep-incomplete): "null age" and "unknown <column>".
 NULL_AGE = "null age"
@@ -62,6 +63,7 @@ class Metadata:
     n_input: int
     own_groups: int = 0  # kept rows without a group id, each made its own group (ISIC 2019's old archive)
     duplicates_listed: int = 0  # pairs in the duplicates file, when one was given
+    added: dict[str, int] | None = None  # --add-ham10000: its rows, and those dropped as already in ISIC 2019
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -133,6 +135,7 @@ def load(
     dataset: Dataset = HAM10000,
     labels: Path | None = None,
     duplicates: Path | None = None,
+    add_ham10000: Path | None = None,
 ) -> Metadata:
     """Read csv (and the ground-truth and duplicates files of layouts that have them), match its rows to
     files in folders and apply the dataset's cleaning rules."""
@@ -145,6 +148,9 @@ def load(
     else:
         parsed = layouts.read(dataset, csv, labels, duplicates)
         df, n_pairs = parsed.rows, parsed.duplicates_listed
+    added = None
+    if add_ham10000 is not None:
+        df, added = _add_ham10000(df, add_ham10000)
     codes = set(dataset.codes)
     bad_dx = invalid_dx(len(codes))
     group = dataset.columns.group or "lesion_id"
@@ -163,10 +169,10 @@ def load(
         path: str | None = None
         if not image_id:
             reason: str | None = MISSING_IMAGE_ID
+        elif r[layouts.FAULT]:  # a parse fault, or a HAM10000 row already in ISIC 2019 (said so, not "duplicate")
+            reason = r[layouts.FAULT]
         elif image_id in seen:
             reason = DUPLICATE
-        elif r[layouts.FAULT]:
-            reason = r[layouts.FAULT]
         elif r["dx"] not in codes:
             reason = bad_dx
         elif not lesion and not own:
@@ -192,7 +198,20 @@ def load(
     kept = df[keep].drop(columns=[layouts.FAULT]).reset_index(drop=True)
     kept["lesion_id"] = groups
     kept["path"] = paths
-    return Metadata(kept=kept, rejected=rejected, n_input=len(df), own_groups=n_own, duplicates_listed=n_pairs)
+    return Metadata(kept, rejected, len(df), own_groups=n_own, duplicates_listed=n_pairs, added=added)
+
+
+def _add_ham10000(df: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, dict[str, int]]:
+    """ISIC 2019's rows followed by HAM10000's, labelled as ISIC 2019 classes. All 10,015 HAM10000 images are in
+    ISIC 2019 under the same image_id and lesion_id: a HAM10000 row whose image_id is already there is rejected
+    (de-duplicated by image id), so an image is never counted twice or split across train and test."""
+    ham = read_csv(csv)
+    ham["dx"] = ham["dx"].str.lower().map(lambda dx: HAM10000_TO_ISIC2019.get(dx, dx))
+    ham[layouts.FAULT] = ""
+    already = ham["image_id"].isin(set(df["image_id"]))
+    ham.loc[already, layouts.FAULT] = ALREADY_IN_ISIC2019
+    combined = pd.concat([df, ham[[c for c in df.columns if c in ham.columns]]], ignore_index=True).fillna("")
+    return combined, {"rows": len(ham), "already_in_isic2019": int(already.sum())}
 
 
 def sample_metadata(row: Mapping[str, str]) -> dict[str, str | float | None]:

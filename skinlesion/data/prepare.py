@@ -63,6 +63,7 @@ class PrepareOptions:
     spec: Path | None = None  # custom: the YAML description
     columns: tuple[tuple[str, str], ...] = ()  # custom: --column KEY=NAME
     malignant: tuple[str, ...] = ()  # custom without a spec: the malignant labels
+    add_ham10000: Path | None = None  # isic2019: HAM10000_metadata.csv to combine, de-duplicated by image id
 
 
 def describe(opts: PrepareOptions) -> datasets.Dataset:
@@ -117,6 +118,8 @@ def _check(opts: PrepareOptions) -> None:
         problems.append(f"--labels is ISIC 2019's ground truth; --dataset {opts.dataset} keeps labels in --metadata")
     if opts.duplicates is not None and opts.dataset != "isic2020":
         problems.append("--duplicates is ISIC 2020's duplicates list; pass it with --dataset isic2020")
+    if opts.add_ham10000 is not None and opts.dataset != "isic2019":
+        problems.append("--add-ham10000 combines HAM10000 with ISIC 2019: pass it with --dataset isic2019")
     if opts.dataset == "isic2019" and opts.labels is None:
         problems.append("--dataset isic2019 needs --labels ISIC_2019_Training_GroundTruth.csv")
     if problems:
@@ -242,7 +245,9 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
     out = Path(opts.out)
     shards.check_destination(out, opts.overwrite)
     dataset = describe(opts)
-    meta = metadata.load(opts.metadata, opts.images, opts.keep_incomplete, dataset, opts.labels, opts.duplicates)
+    meta = metadata.load(
+        opts.metadata, opts.images, opts.keep_incomplete, dataset, opts.labels, opts.duplicates, opts.add_ham10000
+    )
     if meta.kept.empty:
         reasons = dict(Counter(r.reason for r in meta.rejected).most_common())
         raise UserError(f"no usable rows in {opts.metadata} (rejected: {reasons}); check --images and the CSV")
@@ -295,6 +300,8 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
         }
         if opts.duplicates is not None:
             manifest["duplicates_listed"] = meta.duplicates_listed
+        if meta.added is not None:
+            manifest["added_ham10000"] = meta.added
         if manifest["rows"]["input"] != manifest["rows"]["kept"] + manifest["rows"]["rejected"]:
             raise RuntimeError(f"rows do not add up: {manifest['rows']}")  # a bug, never a user error
         summary = format_summary(manifest)
@@ -324,6 +331,12 @@ def format_summary(manifest: dict) -> str:
     lines = [f"rows: {rows['input']} in, {rows['kept']} kept, {rows['rejected']} rejected"]
     for reason, n in manifest["rejected_by_reason"].items():
         lines.append(f"  {reason:<40} {n:>6}")
+    added = manifest.get("added_ham10000")
+    if added:
+        lines.append(
+            f"  HAM10000: {added['rows']} rows added, {added['already_in_isic2019']} dropped as already in "
+            "ISIC 2019 (same image_id)"
+        )
     own = manifest.get("groups", {}).get("own_groups")
     if own:
         lines.append(f"  {own} kept rows have no {manifest['groups']['key']}: each is its own group in the split")
