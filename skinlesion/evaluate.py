@@ -11,6 +11,7 @@ by the main process only, each atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterable
@@ -50,6 +51,7 @@ class Predictions:
     probs: np.ndarray  # [N, C] float64 softmax probabilities
     ood_scores: np.ndarray | None = None  # [N] the model card's OOD score (`card.OODStats.scores`), if ood.pt exists
     metas: list[dict[str, Any]] | None = None  # [N] each sample's metadata (sex, age, site, dx_type: subgroups)
+    classes: tuple[str, ...] = HAM10000.codes  # the manifest's classes: the columns of probs
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,8 @@ def collect_predictions(
         "ood_scores": None if ood is None else torch.cat(scores).double().numpy() if scores else np.zeros(0),
     }
     parts = gather_object([local])  # one dict per rank, in rank order, on every rank
-    return _merge(parts, expected, f"{shards}/manifest.json", split)
+    preds = _merge(parts, expected, f"{shards}/manifest.json", split)
+    return dataclasses.replace(preds, classes=tuple(manifest["classes"]))
 
 
 def _merge(parts: list[dict[str, Any]], expected: int, manifest: str, split: str) -> Predictions:
