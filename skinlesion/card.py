@@ -35,7 +35,6 @@ from skinlesion import __version__, inference
 from skinlesion.data.datasets import of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
-from skinlesion.subgroups import limitation_lines, subgroup_metrics
 
 CARD = "model_card.json"
 OOD = "ood.pt"
@@ -260,6 +259,7 @@ def calibrate(
     The trainer passes the `manifest` it read at start."""
     from skinlesion.data.manifest import read_manifest
     from skinlesion.metrics import compute_metrics
+    from skinlesion.subgroups import limitation_lines, subgroup_metrics
 
     manifest = manifest or read_manifest(shards)
     for split in ("train", "val"):

@@ -70,6 +70,13 @@ class EvalResult:
     def balanced_accuracy(self) -> float:
         return self.metrics["balanced_accuracy"]
 
+    @property
+    def score(self) -> tuple[str, float | None]:
+        """What best.pt is chosen by: balanced accuracy, or for a binary task (ISIC 2020) the AUC."""
+        if "binary" in self.metrics:
+            return "val_auc", self.metrics["binary"]["auc"]
+        return "val_balanced_accuracy", self.metrics["balanced_accuracy"]
+
     def record(self, prefix: str = "val") -> dict[str, Any]:
         """The columns of metrics.jsonl, e.g. ``val_balanced_accuracy``."""
         m = self.metrics

@@ -257,12 +257,12 @@ def fit(run: Run, state: TrainerState) -> bool:
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         record: dict[str, Any] = {"epoch": epoch, "step": state.step, **epoch_stats}
         accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
-        score, result = None, None
+        score, result, name = None, None, "val_balanced_accuracy"
         if run.has("val"):
             last = epoch == cfg.train.epochs - 1  # plots: the last epoch's; metrics and predictions: every epoch's
             result = validate(accelerator, run.shipped, cfg, "val", run.out / "eval-val", run.manifest, val, plots=last)
             record |= result.record("val")
-            score = result.balanced_accuracy
+            name, score = result.score  # balanced accuracy; AUC for a binary task
             if run.ema is not None:  # the raw weights too, to compare
                 raw = validate(accelerator, run.model, cfg, manifest=run.manifest, loader=val)
                 record["val_balanced_accuracy_raw"] = raw.balanced_accuracy
@@ -271,7 +271,7 @@ def fit(run: Run, state: TrainerState) -> bool:
         if accelerator.is_main_process:
             with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score)
+        _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score, name)
         if result is not None and state.best_epoch == epoch:  # W&B: charts + most confident mistakes of best.pt
             tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step, run.manifest)
         save_checkpoint(accelerator, run.out, state, cfg.train.keep_checkpoints, run.ema)
@@ -339,6 +339,7 @@ def _update_best(
     out: Path,
     epoch: int,
     score: float | None,
+    name: str = "val_balanced_accuracy",
 ) -> None:
     """Export best.pt when validation improved strictly (a tie keeps the earlier epoch), when there is no
     validation (the last epoch), or when best.pt is missing from this folder (a run branched from a copied
@@ -355,7 +356,7 @@ def _update_best(
         )
     state.best_metric, state.best_epoch = score, epoch
     if accelerator.is_main_process:
-        metric = {"name": "val_balanced_accuracy", "value": score}
+        metric = {"name": name, "value": score}
         export_best(
             bare_state_dict(accelerator, model),
             out / "best.pt",

@@ -338,3 +338,9 @@ def test_isic2019_plus_ham10000_is_deduplicated_by_image_id(isic2019_dir: Path, 
     assert [labels[i] for i in new] == ["ak", "bcc", "bkl", "df", "mel", "nv", "vasc", "nv", "nv", "ak"]
     with pytest.raises(UserError, match="--add-ham10000 combines HAM10000 with ISIC 2019"):
         prepare(replace(opts, dataset="isic2020", labels=None, add_ham10000=tmp_path / "HAM10000_metadata.csv"))
+
+
+def test_an_isic_csv_prepared_as_ham10000_points_at_its_dataset(isic2020_dir: Path, tmp_path: Path) -> None:
+    opts = PrepareOptions(metadata=isic2020_dir / GT_2020, images=(isic2020_dir / IMAGES_2020,), out=tmp_path / "o")
+    with pytest.raises(UserError, match=r"this is ISIC 2020's layout: pass --dataset isic2020\)$"):
+        prepare(opts)

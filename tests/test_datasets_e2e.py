@@ -101,6 +101,7 @@ def test_isic2020_is_scored_as_a_binary_task_and_other_classes_are_refused(
     assert (tmp_path / "run" / "eval" / "predictions.csv").read_text().splitlines()[0].startswith("image,target")
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert best["model"]["fc.weight"].shape[0] == 2
+    assert best["metric"]["name"] == "val_auc"  # a binary task keeps the epoch with the best validation AUC
 
     _, run_2019 = isic2019_run
     done = _cli("evaluate", "--checkpoint", str(run_2019 / "best.pt"), "--shards", str(tmp_path / "shards"))

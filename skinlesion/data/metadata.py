@@ -74,10 +74,20 @@ def read_csv(path: Path) -> pd.DataFrame:
     if missing:
         raise UserError(
             f"metadata CSV {path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}); "
-            f"a HAM10000 metadata CSV has the header {','.join(COLUMNS)}"
+            f"a HAM10000 metadata CSV has the header {','.join(COLUMNS)}{_layout_hint(df.columns)}"
         )
     known = [c for c in COLUMNS if c in df.columns]
     return df[known]
+
+
+def _layout_hint(columns: Iterable[str]) -> str:
+    """A pointer to the --dataset whose published layout these columns are."""
+    have = set(columns)
+    if {"image_name", "patient_id", "target"} <= have:
+        return " (this is ISIC 2020's layout: pass --dataset isic2020)"
+    if {"image", "age_approx", "anatom_site_general", "lesion_id"} <= have:
+        return " (this is ISIC 2019's metadata: pass --dataset isic2019 with --labels GROUND_TRUTH.csv)"
+    return " (for another dataset, pass --dataset isic2019|isic2020|custom)"
 
 
 def index_images(folders: Iterable[Path]) -> dict[str, list[str]]:
