@@ -18,8 +18,8 @@
 #
 # Time budget on one H100/H200 (estimates from the 301 s run of the previous version of this script on an
 # H200, docs/benchmarks.md; not yet measured as a whole): data 60 s, bench step x3 45 s, bench loader x3
-# 45 s, bench train x2 70 s, the recipe (2 epochs of 21,000 images at batch 64 + validation + test) 70 s and
-# its bench step 15 s: about 305 s. The recipe again with train.compile=true (compile ~60-90 s, 2 epochs,
+# 45 s, bench train x3 100 s, the recipe (2 epochs of 21,000 images at batch 256 + validation + test) 70 s and
+# its bench step 15 s: about 335 s. The recipe again with train.compile=true (compile ~60-90 s, 2 epochs,
 # its bench step --compile ~60 s) takes ~170 s more and runs only when it can finish within 480 s: the
 # script skips it after COMPILE_DEADLINE seconds (default 300) and says so in summary.json.
 set -euo pipefail
@@ -83,10 +83,11 @@ done
 
 common=(data.shards="$out/shards" data.image_size="$size" data.batch_size="$batch" data.num_workers="$workers"
     model.name="$model" train.mixed_precision="$precision" wandb.mode=disabled)
-for augment in device cpu; do
-    stage "bench train: $steps steps, $augment augmentation"
-    sl bench train --config "$repo/configs/smoke.yaml" "${common[@]}" data.augment="$augment" --steps "$steps" \
-        --json "$out/train-$augment.json"
+for path in device-cpu cpu-cpu device-device; do  # augment-decode
+    augment=${path%-*} decode=${path#*-}
+    stage "bench train: $steps steps, $augment augmentation, $decode decode"
+    sl bench train --config "$repo/configs/smoke.yaml" "${common[@]}" data.augment="$augment" data.decode="$decode" \
+        --steps "$steps" --json "$out/train-$path.json"
 done
 
 if [ "$cpu" -eq 0 ] && command -v nvidia-smi >/dev/null; then
@@ -150,7 +151,8 @@ summary = {
     "step": {p.stem: load(p.name) for p in sorted(out.glob("step-*.json")) if not p.stem.startswith("step-recipe")},
     "loader": {path.replace("-cpu", "", 1) if path != "device-device" else "device_decode": load(f"loader-{path}.json")
                for path in ("device-cpu", "cpu-cpu", "device-device")},
-    "train": {aug: load(f"train-{aug}.json") for aug in ("device", "cpu")},
+    "train": {name: load(f"train-{path}.json") for name, path in (("device", "device-cpu"), ("cpu", "cpu-cpu"),
+                                                                   ("device_decode", "device-device"))},
     "recipe": {k: v for k, v in recipe.items() if k != "train_loss"},
     "recipe_compile": load("recipe-compile.json") or {"skipped": skipped},
     "training": {"train_loss": recipe["train_loss"], "loss_fell": recipe["train_loss"][-1] < recipe["train_loss"][0],
@@ -170,7 +172,7 @@ for path, r in summary["loader"].items():
                     f"from the CPU decode | {r['device_decode_ms_per_batch']:.2f}; {r['device_decode_max_abs_diff']:.0f} / "
                     f"{r['device_decode_mean_abs_diff']:.3f} |")
 for aug, r in summary["train"].items():
-    rows.append(f"| bench train, {aug} augmentation: end to end / step only (input-bound fraction) | "
+    rows.append(f"| bench train, {aug.replace('_', ' ')} path: end to end / step only (input-bound fraction) | "
                 f"{r['images_per_second']:.0f} / {r['step_images_per_second']:.0f} images/s ({r['input_bound_fraction']:.2f}) |")
 for name in ("recipe", "recipe_compile"):
     r = summary[name]

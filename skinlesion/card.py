@@ -15,7 +15,10 @@
   of sensitivity 0.95 and 0.80, the OOD threshold, and its intended use and limitations, in words for a
   clinician.
 
-`skinlesion serve` works without either file: the page then says that thresholds and metrics are missing.
+Both record the digest of the weights they were computed on (`card_trust.weights_digest`), and
+`load_calibration`, which serve and predict read them through, uses them only for those weights, after checking
+every value (`card_trust`). `skinlesion serve` works without either file, or with ones that belong to other
+weights: the page then says that thresholds and metrics are missing, and why.
 """
 
 from __future__ import annotations
@@ -23,18 +26,31 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from skinlesion import __version__, inference
+from skinlesion.card_trust import (
+    DIGEST_KEY,
+    card_classes,
+    check_card,
+    check_ood_tensors,
+    finite_float,
+    is_digest,
+    reject_constant,
+    weights_digest,
+)
 from skinlesion.data.datasets import of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
+
+if TYPE_CHECKING:
+    from skinlesion.model import LoadedModel
 
 CARD = "model_card.json"
 OOD = "ood.pt"
@@ -116,14 +132,18 @@ class OODStats:
     Each check flags the same share of validation images (its own tail), chosen so that together they flag
     1 - PASS_RATE of them. `scores` puts both on one scale: the larger of distance / its threshold and
     contrast threshold / contrast, so an image is flagged when its score exceeds THRESHOLD = 1.
+
+    `weights` is the digest of the model whose features these are (`card_trust.weights_digest`).
     """
 
     means: torch.Tensor
     precision: torch.Tensor
     distance_threshold: float
     contrast_threshold: float
+    weights: str | None = None
     threshold: ClassVar[float] = 1.0
-    FORMAT: ClassVar[int] = 2  # ood.pt layout; 1 (one Mahalanobis threshold) predates the contrast check
+    # ood.pt layout: 1 (one Mahalanobis threshold) predates the contrast check, 2 the weights digest.
+    FORMAT: ClassVar[int] = 3
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of each feature row [B, D] to its nearest class mean."""
@@ -133,10 +153,11 @@ class OODStats:
     def scores(self, outputs: inference.Outputs) -> torch.Tensor:
         """[B] max(distance / its threshold, contrast threshold / contrast); above 1 means flagged.
 
-        The contrast ratio is capped at 1000 so that a flat image (contrast 0) gets a finite, JSON-able score.
+        The contrast ratio is capped at 1000 so that a flat image (contrast 0) gets a finite, JSON-able score;
+        a contrast threshold of 0 (no validation image below any contrast) then gives 0, not 0 / 0.
         """
         by_distance = self.distances(outputs.features) / self.distance_threshold
-        contrast = outputs.contrast.double().cpu().clamp(min=self.contrast_threshold / 1000)
+        contrast = outputs.contrast.double().cpu().clamp(min=max(self.contrast_threshold / 1000, 1e-12))
         return torch.maximum(by_distance, self.contrast_threshold / contrast)
 
     @classmethod
@@ -167,42 +188,51 @@ class OODStats:
         )
 
     def save(self, path: Path) -> None:
+        if not is_digest(self.weights):
+            raise ValueError("OODStats.weights must be the digest of the model they describe before saving")
         payload = {
             "format": torch.tensor(self.FORMAT),
+            DIGEST_KEY: self.weights,
             "means": self.means,
             "precision": self.precision,
-            "distance_threshold": torch.tensor(self.distance_threshold),
-            "contrast_threshold": torch.tensor(self.contrast_threshold),
+            "distance_threshold": torch.tensor(self.distance_threshold, dtype=torch.float64),
+            "contrast_threshold": torch.tensor(self.contrast_threshold, dtype=torch.float64),
         }
         atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: Path, feature_dim: int) -> OODStats:
-        """Read ood.pt with weights_only and check its format, every shape and both thresholds before use."""
+        """Read ood.pt with weights_only and check its format, digest, every shape and value before use.
+
+        Whether the digest is that of the model in hand is `load_calibration`'s question."""
         rewrite = (f"rewrite it with `skinlesion evaluate --checkpoint {path.parent}/best.pt --shards SHARDS --split "
                    "val` (SHARDS: the folder the model was trained on)")  # fmt: skip
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-            if int(raw.get("format", 1)) != cls.FORMAT:
-                raise UserError(f"{path} was written by an older skinlesion (format {int(raw.get('format', 1))}, "
-                                f"one OOD score, no centre-contrast check); {rewrite}")  # fmt: skip
-            means, precision = raw["means"], raw["precision"]
+            found = int(raw.get("format", 1))
+            if found != cls.FORMAT:
+                raise UserError(
+                    f"{path} was written by an older skinlesion (ood.pt format {found}; this one reads {cls.FORMAT}, "
+                    f"with the centre-contrast check and the weights digest); {rewrite}"
+                )
+            means, precision, weights = raw["means"], raw["precision"], raw[DIGEST_KEY]
             distance, contrast = float(raw["distance_threshold"]), float(raw["contrast_threshold"])
         except UserError:
             raise
         except Exception as exc:  # unpickling refusal, missing key, wrong type: all mean "unusable"
             raise UserError(f"{path} is not a readable skinlesion OOD file ({exc}); {rewrite}") from exc
-        if (
-            means.ndim != 2
-            or means.shape[0] < 2
-            or means.shape[1] != feature_dim
-            or precision.shape != (feature_dim,) * 2
-        ):
-            raise UserError(f"{path} does not fit this model (means {tuple(means.shape)}, features {feature_dim})")
+        if not is_digest(weights):
+            raise UserError(f"{path}: {DIGEST_KEY} is not a sha256 digest; {rewrite}")
+        check_ood_tensors(means, precision, feature_dim, path)
         if not (math.isfinite(distance) and distance > 0 and math.isfinite(contrast) and contrast >= 0):
             raise UserError(f"{path}: thresholds {distance}, {contrast} are not a positive distance and contrast")
-        return cls(means=means.float(), precision=precision.float(), distance_threshold=distance,
-                   contrast_threshold=contrast)  # fmt: skip
+        return cls(
+            means=means.float(),
+            precision=precision.float(),
+            distance_threshold=distance,
+            contrast_threshold=contrast,
+            weights=weights,
+        )
 
 
 def risk_thresholds(malignant: np.ndarray, is_malignant: np.ndarray) -> dict[str, float | None]:
@@ -256,7 +286,8 @@ def calibrate(
     test_metrics: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ood.pt and model_card.json beside `checkpoint`; return the card. Needs train and val samples.
-    The trainer passes the `manifest` it read at start."""
+    The trainer passes the `manifest` it read at start. Both files record the digest of `model`'s weights,
+    the ones measured here, whatever `checkpoint` holds by then."""
     from skinlesion.data.manifest import read_manifest
     from skinlesion.metrics import compute_metrics
     from skinlesion.subgroups import limitation_lines, subgroup_metrics
@@ -268,10 +299,11 @@ def calibrate(
     source = training_source(manifest)
     dataset = of_manifest(manifest, f"{shards}/manifest.json")  # classes, names and malignant ones
     model.eval()
+    digest = weights_digest(model)
     train = _pass(model, shards, "train", image_size, batch_size, manifest)
     val = _pass(model, shards, "val", image_size, batch_size, manifest)
     val_outputs = inference.Outputs(probs=val["probs"], features=val["features"], contrast=val["contrast"])
-    ood = OODStats.fit(train["features"], train["labels"], val_outputs, len(dataset.codes))
+    ood = replace(OODStats.fit(train["features"], train["labels"], val_outputs, len(dataset.codes)), weights=digest)
     ood.save(checkpoint.parent / OOD)
 
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
@@ -287,6 +319,7 @@ def calibrate(
         "checkpoint": checkpoint.name,
         "arch": arch,
         "image_size": image_size,
+        DIGEST_KEY: digest,
         "dataset": dataset.name,
         "classes": [{"dx": c.code, "name": c.name, "malignant": c.malignant} for c in dataset.classes],
         "training_data": {
@@ -327,7 +360,7 @@ def calibrate(
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    from skinlesion.metrics import sensitivity_key  # here: it imports scikit-learn, which predict and serve skip
+    from skinlesion.metrics import sensitivity_key  # scikit-learn: 1 s of start-up that serve and predict skip
 
     return {
         "n_samples": metrics["n_samples"],
@@ -339,15 +372,67 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_card(checkpoint: Path) -> dict[str, Any] | None:
-    """model_card.json beside `checkpoint`, or None; a damaged one is an error naming it."""
+    """model_card.json beside `checkpoint`, every value checked (`card_trust.check_card`), or None when there is
+    none; a damaged or out-of-range one is a one-line error naming it and the key at fault. Whether it belongs
+    to the weights in hand is `load_calibration`'s question."""
     path = Path(checkpoint).parent / CARD
     if not path.is_file():
         return None
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-        thresholds = card["risk"]["thresholds"]
-        if not all(v is None or isinstance(v, int | float) for v in thresholds.values()):
-            raise ValueError("risk thresholds are not numbers")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        text = path.read_text(encoding="utf-8")
+        return check_card(json.loads(text, parse_constant=reject_constant, parse_float=finite_float))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path} is damaged ({exc}); rerun `skinlesion evaluate --split val` to rewrite it") from exc
-    return card
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The card and OOD statistics that belong to a model's weights, or None and why (`problem`, for the page)."""
+
+    card: dict[str, Any] | None
+    ood: OODStats | None
+    problem: str | None
+    weights: str  # the digest of the model's weights, whether or not a card matched them
+
+
+def load_calibration(loaded: LoadedModel, digest: str | None = None) -> Calibration:
+    """model_card.json and ood.pt beside `loaded.source`, if they were computed on these very weights.
+
+    A card for other weights (a newer best.pt copied in, a resumed run replaced best.pt and stopped before
+    writing its card, an older best.pt evaluated since), or one written before cards recorded their weights,
+    is ignored, and `problem` says so: its cut-offs and OOD statistics would mislead (with the epoch-2 weights
+    beside the epoch-3 card, 21 of 60 ordinary images were flagged out-of-distribution instead of 2).
+    A damaged card or ood.pt, or one with a value out of range, is a UserError. `digest` saves recomputing it.
+    """
+    checkpoint = Path(loaded.source)
+    digest = digest or weights_digest(loaded.model)
+    rewrite = f"rerun `skinlesion evaluate --checkpoint {checkpoint} --shards SHARDS --split val` to write one"
+    card = load_card(checkpoint)
+    if card is None:
+        return Calibration(None, None, f"no {CARD} beside the checkpoint: {rewrite}", digest)
+    if (card["arch"], card["image_size"]) != (loaded.arch, loaded.image_size):
+        why = f"{CARD} describes a {card['arch']} at {card['image_size']} px, not this checkpoint"
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
+    if card_classes(card) != list(loaded.classes):
+        why = f"{CARD} describes the classes {card_classes(card)}, not this checkpoint's {list(loaded.classes)}"
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
+    recorded = card.get(DIGEST_KEY)
+    if recorded is None:
+        why = f"{CARD} records no weights digest (an older skinlesion wrote it), so it cannot be matched to them"
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
+    if recorded != digest:
+        why = (
+            f"{CARD} was computed on other weights than {checkpoint.name} (sha256 {recorded[:12]}, these are "
+            f"{digest[:12]}): its risk cut-offs and out-of-distribution check do not apply to them"
+        )
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
+    ood = OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features)
+    if ood.weights != digest or ood.means.shape[0] != len(loaded.classes):
+        why = f"{OOD} was computed on other weights than {CARD} and {checkpoint.name}"
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
+    stated = (card["ood"]["distance_threshold"], card["ood"]["contrast_threshold"])
+    used = (ood.distance_threshold, ood.contrast_threshold)
+    if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(stated, used, strict=True)):
+        why = f"{OOD}'s thresholds differ from those {CARD} states (they come from two calibrations)"
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
+    return Calibration(card, ood, None, digest)

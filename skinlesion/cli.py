@@ -108,7 +108,15 @@ def _serve(args: argparse.Namespace) -> int:
     from skinlesion.serve import serve_command
 
     return serve_command(
-        args.checkpoint, args.host, args.port, args.token, args.device, args.max_mb, args.max_files, args.batch
+        args.checkpoint,
+        args.host,
+        args.port,
+        args.token,
+        args.device,
+        args.max_mb,
+        args.max_files,
+        args.batch,
+        tuple(args.allow_host),
     )
 
 
@@ -230,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=float, default=20.0, help="largest image accepted, MB (default 20)")
     p.add_argument("--max-files", type=int, default=20, help="most images per request (default 20)")
     p.add_argument("--batch", type=int, default=8, help="images per shared forward pass (default 8; 1 = no batching)")
+    allow = "without --token, also answer requests addressed to NAME (repeatable; localhost and --host always are)"
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help=allow)
     p.set_defaults(func=_serve)
     _add_bench(sub)
     return parser

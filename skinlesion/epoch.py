@@ -66,7 +66,7 @@ def train_epoch(run: Run, state: TrainerState, batches: Iterator[dict[str, Any]]
                 x, y = run.mixer(x, y, state.epoch, rank, index)
             skipped += batch.get("skipped", 0)
             timed = model is not run.model and run.compile_seconds is None and time.perf_counter()
-            with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
+            with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(run.model):
                 loss = run.criterion(model(x), y)
                 accelerator.backward(loss / accum)
             if timed:  # the first compiled forward and backward: Dynamo and the backend compile, on the host

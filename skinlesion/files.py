@@ -67,6 +67,21 @@ def output_folder(path: Path, what: str) -> Path:
     return path
 
 
+def locked_parents(path: Path) -> list[Path]:
+    """The folders above `path`, outermost first, that have skinlesion's lock file (`FolderLock`'s JSON), held
+    or not: a command that writes under one must hold its lock too (a training rewrites eval-val in its
+    output_dir every epoch). Another program's ``.lock`` (pytest leaves one in its temporary folders) is not."""
+    found = []
+    for parent in reversed(Path(path).resolve().parents):
+        try:
+            holder = json.loads((parent / LOCK_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(holder, dict) and {"host", "pid"} <= set(holder):
+            found.append(parent)
+    return found
+
+
 def _holder() -> dict[str, Any]:
     """Who holds a lock: enough for a user to find and stop the other writer."""
     return {

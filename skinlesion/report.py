@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from skinlesion import inference
-from skinlesion.card import OOD, OODStats, load_card, risk_band
+from skinlesion.card import OODStats, load_calibration, risk_band
 
 if TYPE_CHECKING:
     from skinlesion.model import LoadedModel
@@ -93,24 +93,17 @@ class Calibration:
     card: dict[str, Any] | None
     ood: OODStats | None
     problem: str | None
+    weights: str | None = None  # the sha256 of the weights in hand, whether or not a card matched them
     labels: inference.Labels = inference.HAM10000_LABELS  # the model's classes, names and malignant ones
 
     @classmethod
     def load(cls, checkpoint: Path, loaded: LoadedModel) -> Calibration:
-        """model_card.json and ood.pt beside `checkpoint` (loaded as `loaded`) when they describe it; a damaged
+        """model_card.json and ood.pt beside `checkpoint` (loaded as `loaded`) when they were computed on these
+        very weights (`card.load_calibration`: matched by the weights' digest, every value checked); a damaged
         file is a UserError."""
-        checkpoint, arch, image_size = Path(checkpoint), loaded.arch, loaded.image_size
-        card = load_card(checkpoint)
-        labels = inference.Labels.of(loaded.classes, loaded.malignant)
-        if card is None:
-            problem = "no model_card.json beside the checkpoint: run `skinlesion evaluate --split val`"
-            return cls(None, None, problem, labels)
-        facts = (card.get("checkpoint"), card.get("arch"), card.get("image_size"))
-        if facts != (checkpoint.name, arch, image_size):
-            problem = f"model_card.json describes {facts[0]} ({facts[1]}, {facts[2]} px), not this checkpoint"
-            return cls(None, None, problem, labels)
-        labels = inference.Labels.of(loaded.classes, loaded.malignant, card)
-        return cls(card, OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features), None, labels)
+        found = load_calibration(loaded)
+        labels = inference.Labels.of(loaded.classes, loaded.malignant, found.card)
+        return cls(found.card, found.ood, found.problem, found.weights, labels)
 
     @property
     def thresholds(self) -> dict[str, float | None]:

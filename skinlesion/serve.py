@@ -2,9 +2,16 @@
 
 The model is loaded once. Requests that arrive together share forward passes: a small queue collects
 up to 8 images, or whatever came within 10 ms, and runs them as one batch in a worker thread, so the
-event loop keeps accepting uploads meanwhile. Uploads stay in memory (the multipart parser's spool limit
-is raised above --max-mb, so nothing is written to disk) and the log records sizes, formats and timings,
-never an image or its file name.
+event loop keeps accepting uploads meanwhile. Uploads stay in memory and the log records sizes, formats
+and timings, never an image or its file name.
+
+Limits hold while the body streams in, whatever its framing (Content-Length or chunked): the request's bytes
+are counted as they arrive and the request stops with 413 past --max-files x (--max-mb + 1 MB); the parser
+stops at file --max-files + 1; and of each file at most --max-mb + 1 byte is kept, below the spool size, so an
+upload is never written to a temporary file (the rest is counted and dropped, and the file gets "too large").
+Without --token, only requests addressed to localhost, the --host bound to and --allow-host names are
+answered (DNS rebinding); `/` and `/healthz` (which names nothing) are public, everything under /api/ needs
+the token when there is one, and there is no Swagger page, which would load from a CDN.
 
 Every image goes through `skinlesion.inference`, the path `evaluate` and `predict` use, and gets the
 fields of `predict --json` plus the risk band and the out-of-distribution verdict from the model card
@@ -18,8 +25,11 @@ import asyncio
 import base64
 import io
 import logging
+import math
 import secrets
+import socket
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,7 +41,9 @@ import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
-from starlette.formparsers import MultiPartParser
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from skinlesion import inference
 from skinlesion.errors import UserError
@@ -42,6 +54,10 @@ from skinlesion.report import Calibration
 log = logging.getLogger("skinlesion.serve")
 BATCH, WAIT_S = 8, 0.010  # images per shared forward pass; how long the first waits for company
 CAM_FLOOR = 0.25  # heat-map values below this share of the peak are fully transparent
+PART_SLACK = 1_000_000  # bytes per file allowed beyond --max-mb in a request (headers; a file a little too large)
+MAX_FIELDS, FIELD_BYTES = 16, 64 * 1024  # non-file form fields: the API reads none, so keep them small
+LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 @dataclass
@@ -52,6 +68,26 @@ class Settings:
     max_files: int = 20
     device: str = "auto"
     batch: int = BATCH  # images per shared forward pass (1: one request at a time, the benchmark's baseline)
+    host: str = "127.0.0.1"  # the address bound to: a name requests may be addressed to
+    allow_hosts: tuple[str, ...] = ()  # further names (without --token; --allow-host)
+
+    def check(self) -> None:
+        """Each setting usable, or one line saying which is not (a NaN --max-mb once made a traceback)."""
+        if not (math.isfinite(self.max_mb) and self.max_mb > 0) or self.max_files < 1 or self.batch < 1:
+            raise UserError("--max-mb must be a number > 0, and --max-files and --batch whole numbers >= 1")
+        if self.token is not None and not (self.token.isascii() and self.token.isprintable() and " " not in self.token):
+            raise UserError(
+                "--token (or SKINLESION_TOKEN) must be printable ASCII without spaces: a browser sends it in an "
+                "HTTP header, which cannot carry other characters; e.g. use "
+                "`python -c 'import secrets; print(secrets.token_urlsafe())'`"
+            )
+
+    def host_names(self) -> list[str]:
+        """The Host header values answered without a token: this machine's loopback names, the address bound
+        to (for 0.0.0.0 or ::, this machine's name), and --allow-host."""
+        bound = [socket.gethostname(), socket.getfqdn()] if self.host in WILDCARDS else [self.host]
+        names = [*LOCAL_NAMES, *bound, *self.allow_hosts]
+        return sorted({(f"[{n}]" if ":" in n and not n.startswith("[") else n).lower() for n in names if n})
 
 
 @dataclass
@@ -72,11 +108,16 @@ class Model:
             raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
         self.device = torch.device(device)
         self.loaded: LoadedModel = load_for_inference(settings.checkpoint)
-        self.loaded.model.to(self.device)
+        _check_finite(self.loaded)
+        # The card and ood.pt, if they were computed on these weights (matched by digest; every value checked).
         self.calibration = Calibration.load(settings.checkpoint, self.loaded)
         self.card, self.ood, self.card_problem = self.calibration.card, self.calibration.ood, self.calibration.problem
+        self.weights = self.calibration.weights
+        if self.card_problem:
+            print(f"note: no risk bands or out-of-distribution check: {self.card_problem}", flush=True)
+        self.loaded.model.to(self.device)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.batch = max(1, settings.batch)
+        self.batch = settings.batch
 
     async def batcher(self) -> None:
         """Forever: take what is queued (up to BATCH, waiting WAIT_S for company) and answer it in one pass."""
@@ -131,8 +172,15 @@ class Model:
         base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
                 "disclaimer": DISCLAIMER, "banner": self.calibration.banner}  # fmt: skip
         if self.card is None:
-            return base | {"available": False, "reason": self.card_problem}
-        return base | {"available": True, **self.card}
+            return base | {"available": False, "reason": self.card_problem, "weights_sha256": self.weights}
+        return {**self.card, **base, "available": True}  # "checkpoint": the file served, which may be model.pt
+
+
+def _check_finite(loaded: LoadedModel) -> None:
+    """Weights with NaN or infinity answer every image with NaN, which JSON cannot carry: refuse them at start."""
+    for name, tensor in loaded.model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{loaded.source}: its weights hold NaN or infinite values ({name}); the model is broken")
 
 
 def _png(image: Image.Image) -> str:
@@ -161,12 +209,55 @@ def decode_upload(data: bytes, max_bytes: int, size: int | None = None) -> tuple
         return None, str(exc), kind
 
 
+class _TooLarge(Exception):
+    """The request body passed its byte limit while streaming in."""
+
+
+async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """`stream`, stopped with _TooLarge as soon as more than `limit` bytes have arrived (whatever the framing)."""
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > limit:
+            raise _TooLarge
+        yield chunk
+
+
+class UploadParser(MultiPartParser):
+    """starlette's multipart parser, bounded while the body streams in.
+
+    It stops at file `max_files` + 1 (starlette's own count, made as each part's headers arrive). Of each file
+    it keeps at most `max_bytes` + 1 bytes, which is the spool size, so no upload rolls over into a temporary
+    file on disk; the rest is counted (`received`) and dropped, and `decode_upload` answers "too large".
+    """
+
+    def __init__(self, request: Request, limit: int, max_files: int, max_bytes: int) -> None:
+        body = _bounded(request.stream(), limit)
+        super().__init__(request.headers, body, max_files=max_files, max_fields=MAX_FIELDS, max_part_size=FIELD_BYTES)
+        self.spool_max_size = max_bytes + 1  # SpooledTemporaryFile rolls over only when it holds more than this
+        self.max_bytes = max_bytes
+        self.received: dict[int, int] = {}  # id(UploadFile) -> bytes that arrived for it, kept or not
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        upload = self._current_part.file
+        if upload is None:  # a plain form field: starlette's own size limit (FIELD_BYTES)
+            return super().on_part_data(data, start, end)
+        seen = self.received.get(id(upload), 0)
+        self.received[id(upload)] = seen + end - start
+        keep = min(end, start + max(0, self.max_bytes + 1 - seen))
+        if keep > start:
+            super().on_part_data(data, start, keep)
+
+    def too_many_files(self) -> bool:
+        return self._current_files > self.max_files
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI application for `settings` (the model loads here, once)."""
-    # Keep uploads in memory: starlette spools parts over 1 MB to a temporary file by default.
-    MultiPartParser.spool_max_size = int(settings.max_mb * 1e6) + 1_000_000
+    settings.check()
     model = Model(settings)
     max_bytes = int(settings.max_mb * 1e6)
+    limit = settings.max_files * (max_bytes + PART_SLACK)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -174,8 +265,19 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         task.cancel()
 
-    app = FastAPI(title="skinlesion", version="1", lifespan=lifespan,
-                  description="Decision support for dermoscopic images: " + DISCLAIMER)  # fmt: skip
+    # No /docs or /redoc: both load their scripts from a CDN, which an offline hospital network cannot reach.
+    # The schema is under /api/, behind the token like the rest of the API.
+    app = FastAPI(
+        title="skinlesion",
+        version="1",
+        lifespan=lifespan,
+        description="Decision support for dermoscopic images: " + DISCLAIMER,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    if settings.token is None:  # a page on another site, its name rebound to 127.0.0.1, gets 400 (DNS rebinding)
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names(), www_redirect=False)
 
     def authorised(request: Request) -> None:
         if settings.token is None:
@@ -191,31 +293,50 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
-        return {"status": "ok", "checkpoint": model.loaded.source.name}
+        """Public: says the server is up, and nothing about the model (that is /api/model, behind the token)."""
+        return {"status": "ok"}
 
     @app.get("/api/model", dependencies=[Depends(authorised)])
     def model_card() -> dict[str, Any]:
         return model.model_card() | {"limits": {"max_files": settings.max_files, "max_mb": settings.max_mb}}
 
+    @app.get("/api/openapi.json", include_in_schema=False, dependencies=[Depends(authorised)])
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    async def read_uploads(request: Request) -> list[tuple[UploadFile, int]]:
+        """The files of a multipart body and how many bytes each had; 413 as soon as a limit is passed."""
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return []  # no body is read: the caller answers 400
+        parser = UploadParser(request, limit, settings.max_files, max_bytes)
+        try:
+            form = await parser.parse()
+        except _TooLarge:
+            detail = f"request too large: more than {limit / 1e6:g} MB (at most {settings.max_files} files)"
+            raise HTTPException(status_code=413, detail=detail) from None
+        except MultiPartException as exc:
+            if parser.too_many_files():
+                detail = f"more than {settings.max_files} files: at most {settings.max_files} per request"
+                raise HTTPException(status_code=413, detail=detail) from None
+            raise HTTPException(status_code=400, detail=exc.message) from None
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        return [(f, parser.received.get(id(f), 0)) for f in files]
+
     @app.post("/api/predict", dependencies=[Depends(authorised)])
     async def predict(request: Request, tta: int = Query(0, ge=0, le=1), cam: int = Query(0, ge=0, le=1)):
         started = time.perf_counter()
-        limit = settings.max_files * (max_bytes + 1_000_000)
-        if int(request.headers.get("content-length") or 0) > limit:
+        if int(request.headers.get("content-length") or 0) > limit:  # known before the body: no need to read it
             raise HTTPException(status_code=413, detail=f"request too large (at most {settings.max_files} files)")
-        # The body is bounded above, so counting the files after parsing is safe; 21 files get 413, not 400.
-        form = await request.form(max_files=10_000, max_fields=100)
-        uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
+        uploads = await read_uploads(request)
         if not uploads:
             raise HTTPException(status_code=400, detail="no file: send one or more images in the field 'files'")
-        if len(uploads) > settings.max_files:
-            raise HTTPException(status_code=413, detail=f"{len(uploads)} files: at most {settings.max_files}")
         entries, pending = [], []
-        for upload in uploads:
+        for upload, size in uploads:
             data = await upload.read(max_bytes + 1)
-            image, reason, kind = await asyncio.to_thread(decode_upload, data, max_bytes, upload.size)
+            await upload.close()
+            image, reason, kind = await asyncio.to_thread(decode_upload, data, max_bytes, size)
             entry: dict[str, Any] = {"image": upload.filename or ""}
-            log.info("upload: %d bytes, format %s, %s", len(data), kind, "ok" if reason is None else "rejected")
+            log.info("upload: %d bytes, format %s, %s", size, kind, "ok" if reason is None else "rejected")
             if reason is not None:
                 entry["error"] = reason
             else:
@@ -244,20 +365,22 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def serve_command(checkpoint: Path, host: str, port: int, token: str | None, device: str, max_mb: float,
-                  max_files: int, batch: int = BATCH) -> int:  # fmt: skip
+                  max_files: int, batch: int = BATCH, allow_hosts: tuple[str, ...] = ()) -> int:  # fmt: skip
     """CLI entry: load the model and serve until interrupted."""
     import os
 
     import uvicorn
 
     token = token or os.environ.get("SKINLESION_TOKEN") or None
-    if max_mb <= 0 or max_files < 1:
-        raise UserError("--max-mb must be > 0 and --max-files >= 1")
+    settings = Settings(Path(checkpoint), token, max_mb, max_files, device, batch, host, tuple(allow_hosts))
+    settings.check()
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"warning: serving on {host} without --token: anyone who can reach this machine on the network "
               "can use it and send it images", flush=True)  # fmt: skip
+        names = ", ".join(settings.host_names())
+        print(f"note: without --token, only requests to {names} are answered (--allow-host adds one)", flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = create_app(Settings(Path(checkpoint), token, max_mb, max_files, device, batch))
+    app = create_app(settings)
     print(f"serving {checkpoint} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

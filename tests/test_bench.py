@@ -82,7 +82,11 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "cpu" and len(summary["training"]["train_loss"]) == 2
     assert summary["data"].startswith("real content" if (SHARED_SAMPLE / "images").is_dir() else "synthetic")
-    assert set(summary["loader"]) == {"device", "cpu", "device_decode"} and set(summary["train"]) == {"device", "cpu"}
+    assert set(summary["loader"]) == {"device", "cpu", "device_decode"} and set(summary["train"]) == {
+        "device",
+        "cpu",
+        "device_decode",
+    }
     assert summary["loader"]["device_decode"]["device_decode_max_abs_diff"] == 0  # same decoder on the CPU
     # The shipped recipe under accelerate launch, against bench step at its settings; no SM % on a CPU.
     recipe = summary["recipe"]

@@ -97,9 +97,10 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(uneven: Path, tmp_path
         while not (out / "metrics.jsonl").is_file():  # wait until both ranks are deep in the loop
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
             time.sleep(0.1)
-        ranks = [
+        spies = [
             p for p in psutil.Process(proc.pid).children(recursive=True) if "spy_train.py" in " ".join(p.cmdline())
         ]
+        ranks = [p for p in spies if p.ppid() not in {s.pid for s in spies}]  # not their loader workers (same cmdline)
         assert len(ranks) == 2
         ranks[1].send_signal(signal.SIGUSR1)  # only one rank hears it, as with a per-node signal
         assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-3000:]

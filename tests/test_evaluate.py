@@ -128,3 +128,52 @@ def test_the_result_gives_wandb_scalars_and_metrics_jsonl_columns(single):
     assert scalars["val/balanced_accuracy"] == metrics["balanced_accuracy"]
     assert scalars["val/recall/mel"] == metrics["per_class"]["mel"]["recall"]
     assert all(isinstance(v, float) for v in scalars.values())
+
+
+def test_evaluate_refuses_to_write_into_a_run_folder_that_a_training_holds(random_run, shards_dir, tmp_path, capsys):
+    """Issue 16, point 10: `evaluate --split val` on a running training's best.pt wrote model_card.json and
+    ood.pt beside it, and its default --out is eval-val, which the trainer rewrites every epoch."""
+    from skinlesion.files import FolderLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes((random_run / "best.pt").read_bytes())
+    base = ["evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards_dir)]
+    refused = (
+        ["--split", "val"],  # the card beside best.pt, and --out run/eval-val
+        ["--split", "val", "--out", str(tmp_path / "elsewhere")],  # the card alone
+        ["--split", "test", "--out", str(run / "eval-val")],  # a folder inside the run
+    )
+    with FolderLock(run, "train.output_dir"):  # what the trainer holds while it runs
+        for extra in refused:
+            assert main([*base, *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"{run} is in use by host" in err and err.count("\n") == 1
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt"]
+    assert main([*base, "--split", "test", "--out", str(run / "eval-test")]) == 0  # the training has finished
+    assert (run / "eval-test" / "metrics.json").is_file()
+
+
+def test_evaluate_val_keeps_an_earlier_cards_test_figures_only_for_the_same_weights(random_run, shards_dir, tmp_path):
+    """The test figures of a card for other weights (same file name: a newer best.pt) no longer carry over."""
+    import torch
+
+    from skinlesion.checkpoint import export_best
+    from skinlesion.model import ModelFacts
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes((random_run / "best.pt").read_bytes())
+    command = ["evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards_dir), "--split", "val"]
+    test = {"n_samples": 56, "balanced_accuracy": 0.5, "balanced_accuracy_ci95": [0.4, 0.6], "ece": 0.1}
+    assert main(command) == 0
+    card = json.loads((run / "model_card.json").read_text())
+    (run / "model_card.json").write_text(json.dumps(card | {"test": test}))  # as training's finish writes it
+    assert main(command) == 0
+    assert json.loads((run / "model_card.json").read_text())["test"] == test
+    raw = torch.load(run / "best.pt", weights_only=True)
+    raw["model"]["fc.bias"] += 0.01  # a later epoch's weights under the same name
+    facts = ModelFacts(arch=raw["arch"], classes=tuple(raw["classes"]), image_size=raw["image_size"])
+    export_best(raw["model"], run / "best.pt", facts=facts, epoch=2, step=20, metric=raw["metric"])
+    assert main(command) == 0
+    assert json.loads((run / "model_card.json").read_text())["test"] is None

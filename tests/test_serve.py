@@ -5,12 +5,15 @@ Also: evaluate, predict and serve give the same probabilities for the same image
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import re
 import shutil
 import struct
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +42,9 @@ def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.Temp
     return folder / "best.pt"
 
 
-def _client(checkpoint: Path, **settings: object) -> TestClient:
-    return TestClient(create_app(Settings(checkpoint, **settings)))
+def _client(checkpoint: Path, base_url: str = "http://127.0.0.1:8000", **settings: object) -> TestClient:
+    """A test client addressed as a browser on this machine addresses the server (Host: 127.0.0.1:8000)."""
+    return TestClient(create_app(Settings(checkpoint, **settings)), base_url=base_url)
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +258,151 @@ def test_evaluate_on_val_writes_the_card_and_says_when_it_cannot(random_run, sha
     (run / "model_card.json").write_text("{ damaged")
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards_dir), "--split", "val"]) == 0
     assert json.loads((run / "model_card.json").read_text())["arch"] == "resnet18"  # rewritten
+
+
+BOUNDARY = "skinlesion-test-boundary"
+
+
+def _multipart(files: int, size: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
+    """A multipart body of `files` parts of `size` bytes each, produced a piece at a time (as it streams)."""
+    for i in range(files):
+        disposition = f'Content-Disposition: form-data; name="files"; filename="{i}.jpg"'
+        yield f"--{BOUNDARY}\r\n{disposition}\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+        for start in range(0, size, chunk):
+            yield b"\xff" * min(chunk, size - start)
+        yield b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode()
+
+
+def _stream(app, body: Iterator[bytes]) -> tuple[int, int, int]:
+    """POST `body` to /api/predict as a chunked request, straight through ASGI, one piece per receive().
+
+    Returns (status, bytes the server pulled, bytes it would have pulled had it read everything)."""
+    pieces = list(body)
+    pulled = 0
+
+    async def receive() -> dict:
+        nonlocal pulled
+        if not pieces:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        piece = pieces.pop(0)
+        pulled += len(piece)
+        return {"type": "http.request", "body": piece, "more_body": True}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    total = sum(map(len, pieces))
+    content_type = f"multipart/form-data; boundary={BOUNDARY}".encode()
+    headers = [(b"host", b"127.0.0.1:8000"), (b"transfer-encoding", b"chunked"), (b"content-type", content_type)]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/predict",
+        "raw_path": b"/api/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, pulled, total
+
+
+def test_limits_hold_while_a_chunked_body_streams_in(calibrated: Path) -> None:
+    """Issue 16, point 6: a chunked request (no Content-Length) of 30 x 20 MB parts was read whole before its
+    413. Now the parser stops at file --max-files + 1, and the byte count stops the body at its limit."""
+    app = create_app(Settings(calibrated, max_mb=0.05, max_files=2))  # limit: 2 x (50 kB + 1 MB)
+    status, pulled, total = _stream(app, _multipart(files=30, size=100_000))
+    assert status == 413 and pulled < 4 * 100_000 and total > 30 * 100_000
+    status, pulled, total = _stream(app, _multipart(files=1, size=5_000_000))
+    assert status == 413 and 2_100_000 < pulled <= 2_100_000 + 64 * 1024 < total
+
+
+def test_an_upload_over_the_spool_size_never_reaches_the_disk_even_chunked(calibrated: Path, monkeypatch) -> None:
+    """Issue 16, point 7: a file over --max-mb + 1 MB rolled over into a (deleted) temporary file in /tmp."""
+    import tempfile
+
+    spilled = []
+    real = tempfile.TemporaryFile
+
+    def recording(*args, **kwargs):
+        spilled.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording)
+    with tempfile.SpooledTemporaryFile(max_size=10) as probe:  # the patch does catch a roll-over
+        probe.write(b"x" * 11)
+    assert len(spilled) == 1
+    spilled.clear()
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    with _client(calibrated, max_mb=0.5, max_files=2) as c:
+        for body in (b"".join(_multipart(1, 2_500_000)), _multipart(1, 2_500_000)):  # Content-Length, then chunked
+            response = c.post("/api/predict", content=body, headers=headers)
+            assert response.status_code == 422  # over --max-mb + 1 MB, within the request's 2 x (0.5 + 1) MB
+            assert [e["error"] for e in response.json()] == ["too large (2.5 MB; the limit is 0.5 MB)"]
+    assert not spilled
+
+
+def test_only_the_page_and_a_bare_health_check_are_public_and_nothing_loads_from_a_cdn(calibrated: Path) -> None:
+    """Issue 16, point 9: /healthz named the checkpoint to anyone, and /docs loaded Swagger from a CDN."""
+    with _client(calibrated, token="s3cret") as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            assert c.get(path).status_code == 404
+        assert c.get("/api/openapi.json").status_code == 401
+        schema = c.get("/api/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
+        assert "/api/predict" in schema["paths"]
+        assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", c.get("/").text)  # nothing from elsewhere
+        assert c.get("/", headers={"Host": "evil.example"}).status_code == 200  # the token guards the API
+
+
+HOST_CASES = [
+    ({}, ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "LOCALHOST"], ["evil.example", "127.0.0.1.nip.io"]),
+    ({"host": "10.1.2.3"}, ["10.1.2.3:8000", "127.0.0.1"], ["10.1.2.4:8000", "attacker.example:8000"]),
+    ({"host": "::1"}, ["[::1]:8000"], ["[::2]:8000"]),
+    ({"host": "0.0.0.0", "allow_hosts": ("ws-3.clinic.local",)}, ["ws-3.clinic.local:8000"], ["0.0.0.0", "x.example"]),
+]
+
+
+@pytest.mark.parametrize(("settings", "allowed", "refused"), HOST_CASES)
+def test_without_a_token_only_this_servers_own_names_are_answered(calibrated: Path, settings, allowed, refused):
+    """DNS rebinding: a page on another site, its name pointed at 127.0.0.1, must not reach the API."""
+    with _client(calibrated, **settings) as c:
+        for host in allowed:
+            assert c.get("/api/model", headers={"Host": host}).status_code == 200, host
+        for host in refused:
+            assert c.get("/api/model", headers={"Host": host}).status_code == 400, host
+            assert c.get("/", headers={"Host": host}).status_code == 400, host
+
+
+@pytest.mark.parametrize("token", ["pässwort", "two words", "tab\tbed", "naïve-☃"])
+def test_a_token_a_browser_cannot_send_is_refused_at_start(calibrated: Path, token: str, monkeypatch, capsys) -> None:
+    """Issue 16, point 14: a --token outside Latin-1 broke the page (fetch cannot put it in a header)."""
+    import uvicorn
+
+    from skinlesion.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served with an unusable token"))
+    assert main(["serve", "--checkpoint", str(calibrated), "--token", token]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --token (or SKINLESION_TOKEN) must be printable ASCII") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["--max-mb", "nan"], ["--max-mb", "inf"], ["--max-files", "0"], ["--batch", "0"]])
+def test_unusable_limits_are_one_line_errors(calibrated: Path, args: list[str], monkeypatch, capsys) -> None:
+    """A NaN --max-mb passed the old `<= 0` check and ended in a traceback."""
+    import uvicorn
+
+    from skinlesion.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served with unusable limits"))
+    assert main(["serve", "--checkpoint", str(calibrated), *args]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-mb must be a number > 0")
