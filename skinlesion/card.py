@@ -161,10 +161,13 @@ class OODStats:
         return torch.maximum(by_distance, self.contrast_threshold / contrast)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, val: inference.Outputs, n_classes: int) -> OODStats:
-        """Means (one per class of the head) and covariance from the train features; thresholds from the
-        validation outputs."""
+    def fit(
+        cls, features: torch.Tensor, labels: torch.Tensor, val: inference.Outputs, n_classes: int | None = None
+    ) -> OODStats:
+        """Means (one per class of the head: `n_classes`, else up to the largest label) and covariance from the
+        train features; thresholds from the validation outputs."""
         f, y = features.double(), labels.long()
+        n_classes = n_classes or int(y.max()) + 1
         means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(n_classes)])
         centred = f - means[y]
         cov = centred.T @ centred / max(1, len(f) - 1)

@@ -105,13 +105,12 @@ def _check_summary(summary: Any, key: str) -> None:
             raise ValueError(f"{key}.balanced_accuracy_ci95 {ci} has its low end above its high end")
 
 
-def _check_risk(risk: Any, classes: list[str]) -> None:
+def _check_risk(risk: Any, malignant: list[str]) -> None:
     """Both cut-offs in [0, 1] (or both None: no malignant validation image), the 0.95 one not above the 0.80 one;
-    the malignant classes are some of the card's classes."""
+    the cut-offs are for the sum over the classes the card marks malignant, and no others."""
     risk = _mapping(risk, "risk")
-    malignant = risk.get("malignant_classes", list(MALIGNANT))
-    if not isinstance(malignant, list) or not malignant or not set(malignant) <= set(classes):
-        raise ValueError(f"risk.malignant_classes is {malignant!r}, not some of the card's classes {classes}")
+    if risk.get("malignant_classes", malignant) != malignant:
+        raise ValueError(f"risk.malignant_classes is {risk['malignant_classes']!r}, not {malignant}")
     thresholds = _mapping(risk.get("thresholds"), "risk.thresholds")
     expected = {"sensitivity_0.95", "sensitivity_0.80"}
     if set(thresholds) != expected:
@@ -168,7 +167,9 @@ def check_card(card: Any) -> dict[str, Any]:
     classes = card_classes(card)
     if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
         raise ValueError(f"classes are {classes!r}, not two or more distinct class codes")
-    _check_risk(card.get("risk"), classes)
+    entries = card.get("classes")
+    marked = [c["dx"] for c in entries if isinstance(c, dict) and c.get("malignant")] if entries else list(MALIGNANT)
+    _check_risk(card.get("risk"), marked)
     _check_ood(card.get("ood"))
     _check_summary(card.get("validation"), "validation")
     _check_summary(card.get("test"), "test")

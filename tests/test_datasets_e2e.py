@@ -122,3 +122,21 @@ def test_init_from_fine_tunes_a_ham10000_checkpoint_on_isic2019(
     assert best["classes"][0] == "ak" and best["model"]["fc.weight"].shape == (8, ham["model"]["fc.weight"].shape[1])
     done = run_train(tmp_path / "run2", shards, "train.init_from=model.pt", "model.pretrained=imagenet")
     assert done.returncode == 2 and "both initialise the model" in done.stderr
+
+
+def test_a_card_for_other_classes_is_not_used(isic2019_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from skinlesion.model import load_for_inference
+    from skinlesion.report import Calibration
+
+    _, run = isic2019_run
+    for name in ("best.pt", "model_card.json", "ood.pt"):
+        (tmp_path / name).write_bytes((run / name).read_bytes())
+    loaded = load_for_inference(tmp_path / "best.pt")
+    matched = Calibration.load(tmp_path / "best.pt", loaded)
+    assert matched.problem is None and matched.labels.classes == loaded.classes
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    card["classes"] = [{"dx": dx, "name": dx, "malignant": dx == "mel"} for dx in ["other", "mel"]]
+    card["risk"]["malignant_classes"] = ["mel"]
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    other = Calibration.load(tmp_path / "best.pt", loaded)
+    assert other.card is None and "describes the classes ['other', 'mel'], not this checkpoint's" in other.problem
