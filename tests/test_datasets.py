@@ -205,10 +205,11 @@ def test_custom_dataset_from_a_yaml_spec_and_from_columns(tmp_path: Path, synthe
     assert manifest["classes"] == ["other", "mel"] and manifest["dataset"]["name"] == "my-clinic"
     assert manifest["rows"]["kept"] == 80 and manifest["groups"]["key"] == "patient"
     assert datasets.of_manifest(manifest).malignant == ("mel",)
-    columns = (("image_id", "file"), ("label", "diagnosis"), ("group", "patient"))
+    columns = (("image_id", "file"), ("label", "diagnosis"))  # no group column: each image is its own group
     by_flags = PrepareOptions(**base, out=tmp_path / "b", dataset="custom", columns=columns, malignant=("melanoma",))
     manifest = prepare(by_flags).manifest
     assert manifest["classes"] == ["melanoma", "other"]  # the labels found, sorted
+    assert manifest["groups"] == {"key": "image_id", "own_groups": 80} and manifest["rows"]["kept"] == 80
     assert datasets.of_manifest(manifest).malignant == ("melanoma",)
     spec.write_text("columns: {image_id: file}\nclasses: [a, b]\n")
     with pytest.raises(UserError, match=r"^--spec .*my-clinic.yaml: columns must name exactly one of label"):

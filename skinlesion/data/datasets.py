@@ -94,7 +94,8 @@ class Dataset:
 
     @property
     def group_column(self) -> str:
-        return self.columns.group or "lesion_id"
+        """The CSV column the split groups by; "image_id" when there is none (each image its own group)."""
+        return self.columns.group or "image_id"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as manifest.json's `dataset` holds it."""

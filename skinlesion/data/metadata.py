@@ -165,7 +165,7 @@ def load(
     bad_dx = invalid_dx(len(codes))
     group = dataset.columns.group or "lesion_id"
     missing_group = MISSING_LESION_ID if group == "lesion_id" else f"missing {group}"
-    own = dataset.cleaning.missing_group == "own"
+    own = dataset.cleaning.missing_group == "own" or dataset.columns.group is None  # no group column: one per image
     drop_unknown = dataset.cleaning.drop_unknown
     if "lesion_id" not in df.columns:
         df["lesion_id"] = ""
