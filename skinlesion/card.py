@@ -37,6 +37,7 @@ from torch import nn
 from skinlesion import __version__, inference
 from skinlesion.card_trust import (
     DIGEST_KEY,
+    card_classes,
     check_card,
     check_ood_tensors,
     finite_float,
@@ -44,9 +45,9 @@ from skinlesion.card_trust import (
     reject_constant,
     weights_digest,
 )
+from skinlesion.data.datasets import of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
-from skinlesion.labels import CLASSES, MALIGNANT, NAMES
 
 if TYPE_CHECKING:
     from skinlesion.model import LoadedModel
@@ -160,10 +161,14 @@ class OODStats:
         return torch.maximum(by_distance, self.contrast_threshold / contrast)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, val: inference.Outputs) -> OODStats:
-        """Means and covariance from the train features; thresholds from the validation outputs."""
+    def fit(
+        cls, features: torch.Tensor, labels: torch.Tensor, val: inference.Outputs, n_classes: int | None = None
+    ) -> OODStats:
+        """Means (one per class of the head: `n_classes`, else up to the largest label) and covariance from the
+        train features; thresholds from the validation outputs."""
         f, y = features.double(), labels.long()
-        means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(len(CLASSES))])
+        n_classes = n_classes or int(y.max()) + 1
+        means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(n_classes)])
         centred = f - means[y]
         cov = centred.T @ centred / max(1, len(f) - 1)
         # Shrinkage keeps the inverse stable when features outnumber samples (512-2048 vs a few thousand).
@@ -266,7 +271,7 @@ def _pass(
     from skinlesion.data.pipeline import eval_loader
 
     device = next(model.parameters()).device
-    probs, feats, contrast, labels, lesions = [], [], [], [], []
+    probs, feats, contrast, labels, lesions, metas = [], [], [], [], [], []
     for batch in eval_loader(shards, split, image_size, batch_size, 0, 0, 1, manifest=manifest):
         out = inference.run(model, batch["image"].to(device))
         probs.append(out.probs.cpu())
@@ -274,8 +279,9 @@ def _pass(
         contrast.append(out.contrast.cpu())
         labels.append(batch["label"])
         lesions += [m.get("lesion_id") for m in batch["meta"]]
+        metas += batch["meta"]
     return {"probs": torch.cat(probs), "features": torch.cat(feats), "contrast": torch.cat(contrast),
-            "labels": torch.cat(labels), "lesions": lesions}  # fmt: skip
+            "labels": torch.cat(labels), "lesions": lesions, "metas": metas}  # fmt: skip
 
 
 def calibrate(
@@ -287,31 +293,38 @@ def calibrate(
     the ones measured here, whatever `checkpoint` holds by then."""
     from skinlesion.data.manifest import read_manifest
     from skinlesion.metrics import compute_metrics
+    from skinlesion.subgroups import limitation_lines, subgroup_metrics
 
     manifest = manifest or read_manifest(shards)
     for split in ("train", "val"):
         if not manifest["splits"].get(split, {}).get("samples"):
             raise UserError(f"{shards} has no {split} samples: the model card's calibration needs train and val")
     source = training_source(manifest)
+    dataset = of_manifest(manifest, f"{shards}/manifest.json")  # classes, names and malignant ones
     model.eval()
     digest = weights_digest(model)
     train = _pass(model, shards, "train", image_size, batch_size, manifest)
     val = _pass(model, shards, "val", image_size, batch_size, manifest)
     val_outputs = inference.Outputs(probs=val["probs"], features=val["features"], contrast=val["contrast"])
-    ood = replace(OODStats.fit(train["features"], train["labels"], val_outputs), weights=digest)
+    ood = replace(OODStats.fit(train["features"], train["labels"], val_outputs, len(dataset.codes)), weights=digest)
     ood.save(checkpoint.parent / OOD)
 
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
     groups = np.asarray(val["lesions"], dtype=object) if all(val["lesions"]) else None
-    metrics = compute_metrics(labels, probs, groups=groups, n_bootstrap=1000)
-    malignant_index = [CLASSES.index(dx) for dx in MALIGNANT]
+    metrics = compute_metrics(labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes)
+    # Subgroup numbers for LIMITATIONS: the test split's when the trainer evaluated it, else validation's.
+    split, subgroups = "test", (test_metrics or {}).get("subgroups")
+    if subgroups is None:
+        split, subgroups = "validation", subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups)
+    malignant_index = [dataset.codes.index(dx) for dx in dataset.malignant]
     thresholds = risk_thresholds(probs[:, malignant_index].sum(1), np.isin(labels, malignant_index))
     card = {
         "checkpoint": checkpoint.name,
         "arch": arch,
         "image_size": image_size,
         DIGEST_KEY: digest,
-        "classes": [{"dx": dx, "name": NAMES[dx], "malignant": dx in MALIGNANT} for dx in CLASSES],
+        "dataset": dataset.name,
+        "classes": [{"dx": c.code, "name": c.name, "malignant": c.malignant} for c in dataset.classes],
         "training_data": {
             "shards": str(shards),
             "rows": manifest.get("rows"),
@@ -322,7 +335,7 @@ def calibrate(
         "validation": _summary(metrics),
         "test": _summary(test_metrics) if test_metrics else None,
         "risk": {
-            "malignant_classes": list(MALIGNANT),
+            "malignant_classes": list(dataset.malignant),
             "thresholds": thresholds,
             "bands": {
                 "high": "malignant probability at or above the validation operating point of sensitivity 0.80",
@@ -340,7 +353,8 @@ def calibrate(
             "validation_pass_rate": PASS_RATE,
         },
         "intended_use": INTENDED_USE,
-        "limitations": limitations(source),
+        "limitations": limitations(source) + limitation_lines(subgroups, split),
+        "subgroups": {"split": split, "metrics": subgroups},
         "version": __version__,
         "date": dt.date.today().isoformat(),
     }
@@ -402,6 +416,9 @@ def load_calibration(loaded: LoadedModel, digest: str | None = None) -> Calibrat
     if (card["arch"], card["image_size"]) != (loaded.arch, loaded.image_size):
         why = f"{CARD} describes a {card['arch']} at {card['image_size']} px, not this checkpoint"
         return Calibration(None, None, f"{why}; {rewrite}", digest)
+    if card_classes(card) != list(loaded.classes):
+        why = f"{CARD} describes the classes {card_classes(card)}, not this checkpoint's {list(loaded.classes)}"
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
     recorded = card.get(DIGEST_KEY)
     if recorded is None:
         why = f"{CARD} records no weights digest (an older skinlesion wrote it), so it cannot be matched to them"
@@ -413,7 +430,7 @@ def load_calibration(loaded: LoadedModel, digest: str | None = None) -> Calibrat
         )
         return Calibration(None, None, f"{why}; {rewrite}", digest)
     ood = OODStats.load(checkpoint.parent / OOD, loaded.model.fc.in_features)
-    if ood.weights != digest:
+    if ood.weights != digest or ood.means.shape[0] != len(loaded.classes):
         why = f"{OOD} was computed on other weights than {CARD} and {checkpoint.name}"
         return Calibration(None, None, f"{why}; {rewrite}", digest)
     stated = (card["ood"]["distance_threshold"], card["ood"]["contrast_threshold"])

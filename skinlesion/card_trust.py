@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from skinlesion.errors import UserError
-from skinlesion.labels import CLASSES, MALIGNANT
+from skinlesion.labels import CLASSES, MALIGNANT  # the defaults of a card that predates dataset descriptions
 
 DIGEST_KEY = "weights_sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -105,11 +105,12 @@ def _check_summary(summary: Any, key: str) -> None:
             raise ValueError(f"{key}.balanced_accuracy_ci95 {ci} has its low end above its high end")
 
 
-def _check_risk(risk: Any) -> None:
-    """Both cut-offs in [0, 1] (or both None: no malignant validation image), the 0.95 one not above the 0.80 one."""
+def _check_risk(risk: Any, malignant: list[str]) -> None:
+    """Both cut-offs in [0, 1] (or both None: no malignant validation image), the 0.95 one not above the 0.80 one;
+    the cut-offs are for the sum over the classes the card marks malignant, and no others."""
     risk = _mapping(risk, "risk")
-    if risk.get("malignant_classes", list(MALIGNANT)) != list(MALIGNANT):
-        raise ValueError(f"risk.malignant_classes is {risk['malignant_classes']!r}, not {list(MALIGNANT)}")
+    if risk.get("malignant_classes", malignant) != malignant:
+        raise ValueError(f"risk.malignant_classes is {risk['malignant_classes']!r}, not {malignant}")
     thresholds = _mapping(risk.get("thresholds"), "risk.thresholds")
     expected = {"sensitivity_0.95", "sensitivity_0.80"}
     if set(thresholds) != expected:
@@ -163,10 +164,12 @@ def check_card(card: Any) -> dict[str, Any]:
         raise ValueError(f"image_size is {card['image_size']!r}, not a whole number of pixels")
     if DIGEST_KEY in card and not is_digest(card[DIGEST_KEY]):
         raise ValueError(f"{DIGEST_KEY} is {card[DIGEST_KEY]!r}, not a sha256 in hex")
-    classes = card.get("classes")
-    if classes is not None and [c.get("dx") if isinstance(c, dict) else c for c in classes] != list(CLASSES):
-        raise ValueError(f"classes are not skinlesion's {len(CLASSES)} ({', '.join(CLASSES)}) in that order")
-    _check_risk(card.get("risk"))
+    classes = card_classes(card)
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise ValueError(f"classes are {classes!r}, not two or more distinct class codes")
+    entries = card.get("classes")
+    marked = [c["dx"] for c in entries if isinstance(c, dict) and c.get("malignant")] if entries else list(MALIGNANT)
+    _check_risk(card.get("risk"), marked)
     _check_ood(card.get("ood"))
     _check_summary(card.get("validation"), "validation")
     _check_summary(card.get("test"), "test")
@@ -174,15 +177,26 @@ def check_card(card: Any) -> dict[str, Any]:
     return card
 
 
+def card_classes(card: dict[str, Any]) -> list[str]:
+    """The class codes a card describes, in head order (HAM10000's for a card that predates descriptions)."""
+    classes = card.get("classes")
+    if classes is None:
+        return list(CLASSES)
+    if not isinstance(classes, list):
+        raise ValueError(f"classes is {classes!r}, not a list")
+    return [c.get("dx") if isinstance(c, dict) else c for c in classes]
+
+
 def check_ood_tensors(means: Any, precision: Any, feature_dim: int, path: Path) -> None:
-    """ood.pt's class means [7, D] and precision [D, D]: finite, and the precision symmetric and positive
-    semi-definite, so that every squared distance is a finite number >= 0. One NaN in the means made every
-    /api/predict answer 500; a negative direction in the precision would give negative distances that never
-    flag anything."""
+    """ood.pt's class means [C, D] (a row per class of the head) and precision [D, D]: finite, and the
+    precision symmetric and positive semi-definite, so that every squared distance is a finite number >= 0.
+    One NaN in the means made every /api/predict answer 500; a negative direction in the precision would give
+    negative distances that never flag anything."""
     for name, tensor in (("means", means), ("precision", precision)):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise UserError(f"{path}: {name} is not a floating-point tensor")
-    if tuple(means.shape) != (len(CLASSES), feature_dim) or tuple(precision.shape) != (feature_dim,) * 2:
+    rows_ok = means.ndim == 2 and means.shape[0] >= 2 and means.shape[1] == feature_dim
+    if not rows_ok or tuple(precision.shape) != (feature_dim,) * 2:
         raise UserError(f"{path} does not fit this model (means {tuple(means.shape)}, features {feature_dim})")
     for name, tensor in (("means", means), ("precision", precision)):
         if not bool(torch.isfinite(tensor).all()):

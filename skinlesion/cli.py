@@ -17,6 +17,11 @@ from skinlesion.errors import UserError
 
 
 def _synth(args: argparse.Namespace) -> int:
+    if args.layout != "ham10000":
+        from skinlesion.data.synthetic_isic import generate_isic
+
+        generate_isic(args.dir, args.layout, n_images=args.images, seed=args.seed, overwrite=args.overwrite)
+        return 0
     from skinlesion.data.synthetic import generate
 
     generate(args.dir, n_images=args.images, seed=args.seed, overwrite=args.overwrite)
@@ -42,9 +47,24 @@ def _prepare(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard,
             min_shards=args.min_shards,
             workers=args.workers,
+            dataset=args.dataset,
+            labels=args.labels,
+            duplicates=args.duplicates,
+            spec=args.spec,
+            columns=tuple(_column(c) for c in args.column),
+            malignant=tuple(m for arg in args.malignant for m in arg.split(",") if m),
+            add_ham10000=args.add_ham10000,
         )
     )
     return 0
+
+
+def _column(arg: str) -> tuple[str, str]:
+    key, sep, name = arg.partition("=")
+    keys = ("image_id", "label", "group", "age", "sex", "site", "dx_type")
+    if not sep or key not in keys or not name:
+        raise UserError(f"--column {arg!r}: write KEY=CSV_COLUMN with KEY one of {', '.join(keys)}")
+    return key, name
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -134,10 +154,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset already in DIR")
+    p.add_argument(
+        "--layout",
+        choices=("ham10000", "isic2019", "isic2020"),
+        default="ham10000",
+        help="whose published file layout to write (default ham10000)",
+    )
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", help="metadata + image folders -> clean, split, balanced WebDataset shards")
-    p.add_argument("--metadata", type=Path, required=True, help="HAM10000_metadata.csv")
+    p.add_argument("--metadata", type=Path, required=True, help="HAM10000_metadata.csv (or the dataset's metadata)")
+    p.add_argument(
+        "--dataset",
+        choices=("ham10000", "isic2019", "isic2020", "custom"),
+        default="ham10000",
+        help="the dataset description (docs/data.md); default ham10000",
+    )
+    p.add_argument("--labels", type=Path, default=None, help="isic2019: ISIC_2019_Training_GroundTruth.csv")
+    p.add_argument("--duplicates", type=Path, default=None, help="isic2020: ISIC_2020_Training_Duplicates.csv")
+    p.add_argument("--spec", type=Path, default=None, help="custom: a YAML dataset description")
+    p.add_argument(
+        "--add-ham10000",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="isic2019: also HAM10000_metadata.csv (its images via --images), de-duplicated by image id",
+    )
+    p.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="KEY=NAME",
+        help="custom: a CSV column, e.g. label=diagnosis (repeatable; overrides --spec)",
+    )
+    p.add_argument(
+        "--malignant", action="append", default=[], metavar="A,B", help="custom without --spec: the malignant labels"
+    )
     p.add_argument("--images", type=Path, action="append", required=True, help="image folder (repeatable)")
     p.add_argument("--out", type=Path, default=Path("shards"), help="output folder (default shards/)")
     p.add_argument("--samples-per-class", type=int, default=None, help="resample each train class to N")

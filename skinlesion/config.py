@@ -66,6 +66,9 @@ class TrainConfig:
     mix_prob: float = 0.0  # share of batches that get MixUp or CutMix (one of the two, at random); 0 = off
     backbone_lr_mult: float = 1.0  # lr multiplier for everything but the fc head (e.g. 0.1 when fine-tuning)
     freeze_backbone_epochs: int = 0  # first N epochs train the fc head only, BatchNorm statistics frozen
+    init_from: str = (
+        "none"  # a skinlesion best.pt/model.pt to fine-tune from: its backbone, head rows of shared classes
+    )
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (launcher's choice, else bf16 on a bf16 GPU) | no | bf16 | fp16
@@ -302,6 +305,13 @@ def _check_values(cfg: Config) -> None:
     low, high = IMAGE_SIZE_RANGE
     if not low <= cfg.data.image_size <= high:
         raise UserError(f"config key 'data.image_size' must be from {low} to {high} px, got {cfg.data.image_size}")
+    if cfg.train.init_from != "none" and cfg.model.pretrained != "none":
+        raise UserError(
+            f"train.init_from={cfg.train.init_from} and model.pretrained={cfg.model.pretrained} both initialise "
+            "the model: set one of them (init_from for a skinlesion checkpoint, pretrained for other weights)"
+        )
+    if cfg.train.init_from != "none" and not Path(cfg.train.init_from).is_file():
+        raise UserError(f"train.init_from={cfg.train.init_from}: no such file; pass a skinlesion best.pt or model.pt")
     if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
         raise UserError(
             f"train.resume={cfg.train.resume!r}: no such checkpoint folder; use auto, never, "

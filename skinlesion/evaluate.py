@@ -11,8 +11,7 @@ by the main process only, each atomically.
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 import itertools
 import json
 import os
@@ -31,17 +30,15 @@ from tqdm.auto import tqdm
 
 from skinlesion import inference
 from skinlesion.card import OODStats
+from skinlesion.data.datasets import HAM10000, Dataset, of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import FolderLock, atomic_write
 from skinlesion.inference import class_probabilities
-from skinlesion.labels import CLASSES, ISIC_ORDER
 from skinlesion.metrics import SPECIFICITIES, compute_metrics, sensitivity_key
 from skinlesion.model import LoadedModel
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
-
-ISIC_HEADER: tuple[str, ...] = ("image", *(dx.upper() for dx in ISIC_ORDER))
-_ISIC_COLUMNS = [CLASSES.index(dx) for dx in ISIC_ORDER]
-OOD_COLUMNS: tuple[str, ...] = ("ood_score", "ood_flag")
+from skinlesion.subgroups import subgroup_lines, subgroup_metrics
+from skinlesion.submission import isic_csv
 
 
 @dataclass(frozen=True)
@@ -51,9 +48,11 @@ class Predictions:
     keys: list[str]
     image_ids: list[str]
     lesion_ids: list[str | None]
-    labels: np.ndarray  # [N] class indices (labels.CLASSES order)
-    probs: np.ndarray  # [N, 7] float64 softmax probabilities
+    labels: np.ndarray  # [N] class indices (the manifest's classes, in order)
+    probs: np.ndarray  # [N, C] float64 softmax probabilities
     ood_scores: np.ndarray | None = None  # [N] the model card's OOD score (`card.OODStats.scores`), if ood.pt exists
+    metas: list[dict[str, Any]] | None = None  # [N] each sample's metadata (sex, age, site, dx_type: subgroups)
+    classes: tuple[str, ...] = HAM10000.codes  # the manifest's classes: the columns of probs
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,13 @@ class EvalResult:
     @property
     def balanced_accuracy(self) -> float:
         return self.metrics["balanced_accuracy"]
+
+    @property
+    def score(self) -> tuple[str, float | None]:
+        """What best.pt is chosen by: balanced accuracy, or for a binary task (ISIC 2020) the AUC."""
+        if "binary" in self.metrics:
+            return "val_auc", self.metrics["binary"]["auc"]
+        return "val_balanced_accuracy", self.metrics["balanced_accuracy"]
 
     def record(self, prefix: str = "val") -> dict[str, Any]:
         """The columns of metrics.jsonl, e.g. ``val_balanced_accuracy``."""
@@ -102,7 +108,8 @@ class EvalResult:
             return "n/a" if value is None else format(value, fmt)
 
         low, high = m["balanced_accuracy_ci95"]
-        unit = "lesions" if m.get("bootstrap", {}).get("unit") == "group" else "images"
+        group = {"lesion_id": "lesions", "patient_id": "patients"}.get(m.get("group_key", "lesion_id"), "groups")
+        unit = group if m.get("bootstrap", {}).get("unit") == "group" else "images"
         at_spec = ", ".join(f"{num(mel[sensitivity_key(spec)])} at specificity {spec:g}" for spec in SPECIFICITIES)
         lines = [
             f"{m.get('split')} split: {m['n_samples']} images, checkpoint {m.get('checkpoint')}"
@@ -114,6 +121,13 @@ class EvalResult:
             "  support   " + "  ".join(f"{dx} {v['support']}" for dx, v in m["per_class"].items()),
             f"  melanoma  sensitivity {num(mel['sensitivity_at_argmax'])} (argmax), {at_spec}; AUC {num(mel['auc'])}",
         ]
+        if "binary" in m:  # ISIC 2020: melanoma against the rest
+            b, (lo, hi) = m["binary"], m["binary"]["auc_ci95"]
+            lines.append(
+                f"  binary    {b['positive']} AUC {num(b['auc'])} (95% CI {num(lo)}-{num(hi)}, over {unit}), "
+                f"partial AUC above 80% sensitivity {num(b['partial_auc_above_sensitivity_0.8'])}"
+            )
+        lines += subgroup_lines(m.get("subgroups") or {})
         if self.files:
             folder = next(iter(self.files.values())).parent
             lines.append(f"  wrote {folder}/: " + ", ".join(p.name for p in self.files.values()))
@@ -190,12 +204,14 @@ def collect_predictions(
         "keys": keys,
         "image_ids": [str(m.get("image_id", k)) for k, m in zip(keys, metas, strict=True)],
         "lesion_ids": [m.get("lesion_id") for m in metas],
+        "metas": [{k: m.get(k) for k in ("sex", "age", "localization", "dx_type")} for m in metas],
         "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
-        "probs": torch.cat(probs).double().numpy() if probs else np.zeros((0, len(CLASSES))),
+        "probs": torch.cat(probs).double().numpy() if probs else np.zeros((0, len(manifest["classes"]))),
         "ood_scores": None if ood is None else torch.cat(scores).double().numpy() if scores else np.zeros(0),
     }
     parts = gather_object([local])  # one dict per rank, in rank order, on every rank
-    return _merge(parts, expected, f"{shards}/manifest.json", split)
+    preds = _merge(parts, expected, f"{shards}/manifest.json", split)
+    return dataclasses.replace(preds, classes=tuple(manifest["classes"]))
 
 
 def _merge(parts: list[dict[str, Any]], expected: int, manifest: str, split: str) -> Predictions:
@@ -212,10 +228,12 @@ def _merge(parts: list[dict[str, Any]], expected: int, manifest: str, split: str
         )
     image_ids = [i for p in parts for i in p["image_ids"]]
     lesion_ids = [i for p in parts for i in p["lesion_ids"]]
+    metas = [m for p in parts for m in p.get("metas", [{}] * len(p["keys"]))]
     return Predictions(
         keys=keys,
         image_ids=[image_ids[i] for i in order],
         lesion_ids=[lesion_ids[i] for i in order],
+        metas=[metas[i] for i in order],
         labels=np.concatenate([p["labels"] for p in parts]).astype(np.int64)[order],
         probs=np.concatenate([p["probs"] for p in parts])[order],
         ood_scores=None
@@ -249,8 +267,16 @@ def evaluate(
     preds = collect_predictions(
         model, accelerator, shards, split, image_size, batch_size, num_workers, tta, manifest, ood, loader
     )
+    from skinlesion.data.manifest import read_manifest
+
+    dataset = of_manifest(manifest or read_manifest(shards), f"{shards}/manifest.json")
     groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
-    metrics = compute_metrics(preds.labels, preds.probs, groups=groups, n_bootstrap=n_bootstrap)
+    metrics = compute_metrics(preds.labels, preds.probs, groups, n_bootstrap, classes=dataset.codes)
+    metrics["group_key"] = dataset.group_column  # what the bootstrap resamples: lesions, or patients (ISIC 2020)
+    if n_bootstrap and preds.metas is not None:  # the final evaluations, not every epoch's validation
+        metrics["subgroups"] = subgroup_metrics(
+            preds.labels, preds.probs, preds.metas, dataset.codes, groups, n_bootstrap
+        )
     metrics.update(
         checkpoint=None if checkpoint is None else str(checkpoint),
         split=split,
@@ -261,51 +287,31 @@ def evaluate(
     )
     files: dict[str, Path] = {}
     if out is not None and accelerator.is_main_process:
-        files = write_outputs(Path(out), preds, metrics, plots=plots)
+        files = write_outputs(Path(out), preds, metrics, plots=plots, dataset=dataset)
     return EvalResult(metrics=metrics, predictions=preds, files=files)
 
 
-def write_outputs(out: Path, preds: Predictions, metrics: dict[str, Any], plots: bool = True) -> dict[str, Path]:
-    """metrics.json, predictions.csv (ISIC 2018 Task 3), classification_report.txt and the three plots."""
+def write_outputs(
+    out: Path, preds: Predictions, metrics: dict[str, Any], plots: bool = True, dataset: Dataset = HAM10000
+) -> dict[str, Path]:
+    """metrics.json, predictions.csv (the dataset's ISIC format), classification_report.txt and the three plots."""
     out.mkdir(parents=True, exist_ok=True)
     title = f"{metrics.get('split')} split, n={metrics['n_samples']}"
     files = {
         "metrics": _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n"),
-        "predictions": _write_text(out / "predictions.csv", isic_csv(preds)),
+        "predictions": _write_text(out / "predictions.csv", isic_csv(preds, dataset)),
         "report": _write_text(out / "classification_report.txt", _report(preds, metrics)),
     }
     if plots:
         cm = np.asarray(metrics["confusion_matrix"])
         files["confusion_matrix"] = plot_confusion_matrix(
-            cm, out / "confusion_matrix.png", f"Confusion matrix, {title}"
+            cm, out / "confusion_matrix.png", f"Confusion matrix, {title}", metrics["classes"]
         )
-        files["roc"] = plot_roc(preds.labels, preds.probs, out / "roc.png", f"ROC one vs rest, {title}")
+        files["roc"] = plot_roc(
+            preds.labels, preds.probs, out / "roc.png", f"ROC one vs rest, {title}", metrics["classes"]
+        )
         files["reliability"] = plot_reliability(preds.labels, preds.probs, out / "reliability.png")
     return files
-
-
-def isic_csv(preds: Predictions) -> str:
-    """ISIC 2018 Task 3 submission: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC; one row per image_id.
-
-    Probabilities are written in positional notation with a decimal point and enough digits to
-    read back the exact float64, so the official scorer sees the numbers our metrics used. Resampled
-    copies of one image (train split only) carry identical predictions; the first is kept.
-    With OOD scores (a checkpoint with ood.pt), ``ood_score`` and ``ood_flag`` follow (1: above the card's
-    threshold, an image the page and predict show their unfamiliar-image notice for).
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(ISIC_HEADER + (OOD_COLUMNS if preds.ood_scores is not None else ()))
-    scores = preds.ood_scores if preds.ood_scores is not None else [None] * len(preds.image_ids)
-    seen: set[str] = set()
-    rows = sorted(zip(preds.image_ids, preds.probs, scores, strict=True), key=lambda r: r[0])
-    for image_id, row, score in rows:
-        if image_id in seen:
-            continue
-        seen.add(image_id)
-        extra = [] if score is None else [repr(float(score)), int(score > OODStats.threshold)]
-        writer.writerow([image_id, *(np.format_float_positional(row[c], trim="0") for c in _ISIC_COLUMNS), *extra])
-    return buffer.getvalue()
 
 
 def _report(preds: Predictions, metrics: dict[str, Any]) -> str:
@@ -313,8 +319,8 @@ def _report(preds: Predictions, metrics: dict[str, Any]) -> str:
     report = classification_report(
         preds.labels,
         preds.probs.argmax(axis=1),
-        labels=list(range(len(CLASSES))),
-        target_names=list(CLASSES),
+        labels=list(range(len(metrics["classes"]))),
+        target_names=list(metrics["classes"]),
         digits=3,
         zero_division=0,
     )
@@ -347,6 +353,11 @@ def evaluate_checkpoint(
         raise UserError(f"the {split!r} split of {shards} is empty (0 samples): nothing to evaluate; choose another "
                         "--split, or prepare with a non-zero fraction for it")  # fmt: skip
     loaded = loaded or load_for_inference(checkpoint, image_size=image_size)
+    if list(loaded.classes) != list(manifest["classes"]):
+        raise UserError(
+            f"{checkpoint} predicts the classes {list(loaded.classes)}, but {shards} holds {manifest['classes']}: "
+            "evaluate it on shards prepared with the --dataset it was trained on"
+        )
     verify_split(shards, manifest, split)
     out = output_folder(out, "--out")
     held = lock_on_main(accelerator, out, "--out") if lock else None

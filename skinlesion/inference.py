@@ -22,10 +22,10 @@ from PIL import Image
 from torch import nn
 
 from skinlesion.data.augment import to_model_input
+from skinlesion.data.datasets import names_for
 from skinlesion.data.transforms import eval_uint8, pil_to_uint8
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES
 
-MALIGNANT_INDEX = [CLASSES.index(dx) for dx in MALIGNANT]
 CAM_MIN_SIDE = 4  # Grad-CAM uses the last stage whose map is at least this many positions a side
 
 
@@ -104,10 +104,10 @@ def run(model: nn.Module, images_uint8: torch.Tensor, tta: bool = False) -> Outp
     of the un-augmented view."""
     x = to_model_input(images_uint8)
     views = list(dihedral_views(x)) if tta else [x]  # the first view is the image itself
-    probs = torch.zeros(x.shape[0], len(CLASSES), device=x.device)
+    probs = torch.zeros(())  # broadcasts to [B, classes]: the head, not a constant, says how many
     for i, view in enumerate(views):
         logits, view_features, _ = forward(model, view)
-        probs += logits.float().softmax(dim=1)
+        probs = probs.to(logits.device) + logits.float().softmax(dim=1)
         if i == 0:
             features = view_features.float()
     return Outputs(probs=probs / len(views), features=features, contrast=centre_contrast(x))
@@ -145,13 +145,39 @@ def grad_cam(
     return (cam / peak).float(), outputs
 
 
-def describe(probs: torch.Tensor, top_k: int) -> dict:
-    """Top-k diagnoses with full names, and the malignant probability (mel + bcc + akiec)."""
+@dataclass(frozen=True)
+class Labels:
+    """A model's classes (head order), their full names and the malignant ones: what predictions are named with.
+
+    They come from the checkpoint's facts (and the model card's names for a custom dataset), never from a global.
+    """
+
+    classes: tuple[str, ...]
+    names: dict[str, str]
+    malignant: tuple[str, ...]
+
+    @classmethod
+    def of(cls, classes: tuple[str, ...], malignant: tuple[str, ...], card: dict | None = None) -> Labels:
+        names = names_for(classes)
+        for entry in (card or {}).get("classes") or []:
+            if isinstance(entry, dict) and entry.get("dx") in classes and isinstance(entry.get("name"), str):
+                names.setdefault(entry["dx"], entry["name"])
+        return cls(tuple(classes), {c: names.get(c, c) for c in classes}, tuple(malignant))
+
+
+HAM10000_LABELS = Labels(CLASSES, dict(NAMES), MALIGNANT)
+
+
+def describe(probs: torch.Tensor, top_k: int, labels: Labels = HAM10000_LABELS) -> dict:
+    """Top-k diagnoses with full names, and the malignant probability (the sum over the malignant classes:
+    mel + bcc + akiec for HAM10000)."""
     values, indices = probs.topk(top_k)
+    malignant = [labels.classes.index(dx) for dx in labels.malignant]
     return {
         "predictions": [
-            {"dx": CLASSES[i], "name": NAMES[CLASSES[i]], "probability": float(p)}
+            {"dx": labels.classes[i], "name": labels.names[labels.classes[i]], "probability": float(p)}
             for p, i in zip(values.tolist(), indices.tolist(), strict=True)
         ],
-        "malignant_probability": float(probs[MALIGNANT_INDEX].sum()),
+        "malignant_probability": float(probs[malignant].sum()),
+        "malignant_classes": list(labels.malignant),  # the classes summed: the model's, not a constant
     }

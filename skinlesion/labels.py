@@ -1,25 +1,16 @@
-"""The seven HAM10000 diagnoses: codes, full names, index order and which are malignant.
+"""HAM10000's seven diagnoses, read from its dataset description (`data.datasets.HAM10000`).
 
-Class indices are the alphabetical order of the codes; shards, checkpoints, metrics and predictions
-all rely on this single definition.
+These are no longer what every stage relies on: shards, checkpoints, metrics and predictions take their
+classes from the manifest's dataset description or the checkpoint's facts. The names remain for the
+default (zero-config) path and for files that predate descriptions, which are HAM10000's.
 """
 
-CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+from skinlesion.data.datasets import HAM10000
+
+CLASSES: tuple[str, ...] = HAM10000.codes
 CLASS_TO_INDEX: dict[str, int] = {dx: i for i, dx in enumerate(CLASSES)}
 NUM_CLASSES = len(CLASSES)
-
-NAMES: dict[str, str] = {
-    "akiec": "actinic keratosis / intraepithelial carcinoma (Bowen's disease)",
-    "bcc": "basal cell carcinoma",
-    "bkl": "benign keratosis-like lesion",
-    "df": "dermatofibroma",
-    "mel": "melanoma",
-    "nv": "melanocytic nevus",
-    "vasc": "vascular lesion",
-}
-
-# Classes whose probabilities add up to the "malignant" probability shown to a dermatologist.
-MALIGNANT: tuple[str, ...] = ("akiec", "bcc", "mel")
-
+NAMES: dict[str, str] = HAM10000.names
+MALIGNANT: tuple[str, ...] = HAM10000.malignant
 # Column order of the ISIC 2018 Task 3 submission format (header: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC).
-ISIC_ORDER: tuple[str, ...] = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
+ISIC_ORDER: tuple[str, ...] = tuple(code for _, code in HAM10000.submission if code is not None)

@@ -29,11 +29,17 @@ from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES
 
 
+def _classes(manifest: dict) -> list[str]:
+    """The manifest's classes in head order (HAM10000's for a manifest that predates them)."""
+    return list(manifest.get("classes") or CLASSES)
+
+
 def _counts(manifest: dict, key: str) -> torch.Tensor:
     counts = manifest["splits"].get("train", {}).get(key)
-    if not isinstance(counts, dict) or not all(isinstance(counts.get(dx), int) for dx in CLASSES):
+    classes = _classes(manifest)
+    if not isinstance(counts, dict) or not all(isinstance(counts.get(dx), int) for dx in classes):
         raise UserError(f"the manifest's splits.train.{key} is missing or malformed; rerun `skinlesion prepare`")
-    return torch.tensor([float(counts[dx]) for dx in CLASSES])
+    return torch.tensor([float(counts[dx]) for dx in classes])
 
 
 def _smoothed(target: torch.Tensor, n: int, smoothing: float) -> torch.Tensor:
@@ -75,9 +81,9 @@ def make_criterion(cfg: TrainConfig, manifest: dict) -> nn.Module:
     if cfg.loss == "weighted_ce":
         counts = _counts(manifest, "class_counts")
         if (counts == 0).any():
-            missing = [dx for dx, n in zip(CLASSES, counts.tolist(), strict=True) if n == 0]
+            missing = [dx for dx, n in zip(_classes(manifest), counts.tolist(), strict=True) if n == 0]
             raise UserError(f"train.loss=weighted_ce: the train split has no {', '.join(missing)} samples to weigh")
-        weights = counts.sum() / (len(CLASSES) * counts)
+        weights = counts.sum() / (len(counts) * counts)
         return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     if cfg.loss == "logit_adjusted":
         key = "class_counts_before_balancing"

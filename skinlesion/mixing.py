@@ -66,5 +66,5 @@ class Mixer:
         return mixed, one_hot.mul(lam).add_(one_hot.roll(1, 0).mul(1.0 - lam))
 
 
-def make_mixer(cfg: TrainConfig) -> Mixer | None:
-    return Mixer(cfg) if cfg.mix_prob > 0 else None
+def make_mixer(cfg: TrainConfig, num_classes: int = len(CLASSES)) -> Mixer | None:
+    return Mixer(cfg, num_classes) if cfg.mix_prob > 0 else None

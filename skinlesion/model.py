@@ -1,4 +1,4 @@
-"""The classifier: a torchvision ResNet with its fc replaced by a 7-class head (the seed's model).
+"""The classifier: a torchvision ResNet with its fc replaced by a head of the dataset's classes (7 for HAM10000).
 
 Everything that reads weights a user hands over goes through `load_weights`, which uses
 ``torch.load(weights_only=True)``: a file whose unpickling would run code is refused, not executed.
@@ -23,6 +23,7 @@ from torch import nn
 from torchvision import models
 
 from skinlesion.config import IMAGE_SIZE_RANGE
+from skinlesion.data.datasets import known_malignant
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES, NUM_CLASSES
 
@@ -50,6 +51,7 @@ class LoadedModel:
     classes: tuple[str, ...]
     image_size: int
     source: Path
+    malignant: tuple[str, ...] = ()  # the classes whose probabilities add up to "malignant"
 
 
 FACTS_KEY = "skinlesion"  # model.pt's facts live in state_dict._metadata[FACTS_KEY], which torch.save keeps
@@ -57,14 +59,25 @@ FACTS_KEY = "skinlesion"  # model.pt's facts live in state_dict._metadata[FACTS_
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What inference must know about a model and never guesses: architecture, classes, input size."""
+    """What inference must know about a model and never guesses: architecture, classes (in head order, from
+    the dataset description it was trained on), input size, and which classes are malignant."""
 
     arch: str
     classes: tuple[str, ...]
     image_size: int
+    malignant: tuple[str, ...] | None = None  # None: the preset's with these classes (HAM10000's for old files)
+
+    def __post_init__(self) -> None:
+        if self.malignant is None:
+            object.__setattr__(self, "malignant", known_malignant(tuple(self.classes)) or ())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "classes": list(self.classes), "image_size": self.image_size}
+        return {
+            "arch": self.arch,
+            "classes": list(self.classes),
+            "image_size": self.image_size,
+            "malignant": list(self.malignant or ()),
+        }
 
     @classmethod
     def check(cls, raw: dict[str, Any], path: Path) -> ModelFacts:
@@ -72,19 +85,32 @@ class ModelFacts:
         arch, classes, size = raw.get("arch"), raw.get("classes"), raw.get("image_size")
         if arch not in ARCHS:
             raise UserError(f"{path}: arch={arch!r} is not one of {', '.join(ARCHS)}; the file is damaged or foreign")
-        if not isinstance(classes, list | tuple) or tuple(classes) != CLASSES:
-            raise UserError(f"{path}: classes={classes!r} differ from skinlesion's {list(CLASSES)}")
+        if (
+            not isinstance(classes, list | tuple)
+            or len(classes) < 2
+            or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
+            raise UserError(f"{path}: classes={classes!r} is not a list of two or more distinct class codes")
         low, high = IMAGE_SIZE_RANGE
         if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
             raise UserError(f"{path}: image_size={size!r} is not an integer from {low} to {high}")
-        return cls(arch=arch, classes=CLASSES, image_size=size)
+        malignant = raw.get("malignant")
+        if malignant is not None and (not isinstance(malignant, list | tuple) or not set(malignant) <= set(classes)):
+            raise UserError(f"{path}: malignant={malignant!r} is not a list of its classes {list(classes)}")
+        return cls(arch=arch, classes=tuple(classes), image_size=size, malignant=tuple(malignant or ()) or None)
 
 
-def build_model(arch: str = "resnet50", pretrained: str = "none", num_classes: int = NUM_CLASSES) -> nn.Module:
+def build_model(
+    arch: str = "resnet50",
+    pretrained: str = "none",
+    num_classes: int = NUM_CLASSES,
+    classes: tuple[str, ...] | None = None,
+) -> nn.Module:
     """Build `arch` with a `num_classes` head; `pretrained` is none | imagenet | a state_dict path.
 
     ImageNet weights initialise the backbone only (their 1000-class fc is dropped); a local file is read by
-    `load_pretrained`.
+    `load_pretrained`, which maps a skinlesion checkpoint's head rows onto `classes` where the codes match.
     """
     if arch not in ARCHS:
         raise UserError(f"model.name={arch!r} is not a torchvision ResNet; choose one of {', '.join(ARCHS)}")
@@ -102,18 +128,23 @@ def build_model(arch: str = "resnet50", pretrained: str = "none", num_classes: i
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
     model = getattr(models, arch)(num_classes=num_classes)
-    load_pretrained(model, arch, Path(pretrained))
+    load_pretrained(model, arch, Path(pretrained), classes)
     return model
 
 
-def load_pretrained(model: nn.Module, arch: str, path: Path) -> None:
+def load_pretrained(model: nn.Module, arch: str, path: Path, classes: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """Initialise `model` (a torchvision `arch`) from the file `model.pretrained` names, or say in one line
     why the file does not fit: PyTorch's own error is one "size mismatch" line per tensor.
 
     Takes a plain state_dict (a backbone, or a whole model: its fc when it has this head's shape), skinlesion's
     model.pt, and skinlesion's best.pt (its backbone, and its head too when its classes are this run's).
+    When a skinlesion checkpoint's classes differ from `classes` (HAM10000's 7 -> ISIC 2019's 8), the head is
+    new except the rows of classes both share, which are copied (bcc, bkl, df, mel, nv, vasc). Returns the
+    classes whose head rows came from the file.
     """
     obj = load_weights(path)
+    recorded = getattr(obj, "_metadata", None) or {}
+    saved = recorded.get(FACTS_KEY, {}).get("classes") if isinstance(recorded.get(FACTS_KEY), dict) else None
     if isinstance(obj.get("model"), dict) and "arch" in obj:  # skinlesion's best.pt
         saved_arch = obj.get("arch")
         if saved_arch != arch:
@@ -122,8 +153,7 @@ def load_pretrained(model: nn.Module, arch: str, path: Path) -> None:
                 f"set model.name={saved_arch}, or pass a {arch} checkpoint"
             )
         state = strip_wrapper_prefixes(obj["model"])
-        if not isinstance(obj.get("classes"), list | tuple) or tuple(obj["classes"]) != CLASSES:
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # another label set: backbone only
+        saved = obj.get("classes")
     else:
         nested = [k for k, v in obj.items() if isinstance(v, dict)]
         if nested:  # Lightning's {"state_dict": ...}, a {"model_state_dict": ..., "optimizer": ...} bundle
@@ -134,6 +164,10 @@ def load_pretrained(model: nn.Module, arch: str, path: Path) -> None:
         state = strip_wrapper_prefixes(obj)
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"model.pretrained={path} does not hold a state_dict of tensors")
+    head: dict[str, torch.Tensor] = {}
+    saved = tuple(saved) if isinstance(saved, list | tuple) else None
+    if saved is not None and saved != tuple(classes or CLASSES):  # another label set: backbone, mapped head rows
+        head = {k: state.pop(k) for k in ("fc.weight", "fc.bias") if k in state}
     own = model.state_dict()
     if state.get("fc.weight") is not None and state["fc.weight"].shape != own["fc.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet's 1000 classes: head dropped
@@ -144,6 +178,30 @@ def load_pretrained(model: nn.Module, arch: str, path: Path) -> None:
             f"model.pretrained={path} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             f"pass a state_dict saved from torchvision's {arch}"
         )
+    if saved is not None and saved == tuple(classes or CLASSES):
+        return saved
+    shared = tuple(c for c in classes or () if c in (saved or ()) and len(head) == 2)
+    with torch.no_grad():
+        for c in shared:
+            i, j = classes.index(c), saved.index(c)
+            if head["fc.weight"].shape[1:] == model.fc.weight.shape[1:]:
+                model.fc.weight[i] = head["fc.weight"][j]
+                model.fc.bias[i] = head["fc.bias"][j]
+    return shared
+
+
+def init_from(model: nn.Module, arch: str, path: Path, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """`train.init_from`: fine-tune from another skinlesion checkpoint, whatever its classes (HAM10000's 7 ->
+    ISIC 2019's 8). Its backbone is loaded; the head is new, except the rows of the classes both share.
+    Returns those classes. A file without skinlesion's facts is refused: use model.pretrained for it."""
+    obj = load_weights(path)
+    recorded = getattr(obj, "_metadata", None) or {}
+    if not (isinstance(obj.get("model"), dict) and "classes" in obj) and not isinstance(recorded.get(FACTS_KEY), dict):
+        raise UserError(
+            f"train.init_from={path} is not a skinlesion checkpoint (no recorded classes): pass the best.pt or "
+            "model.pt of a skinlesion run, or use model.pretrained for other weights"
+        )
+    return load_pretrained(model, arch, path, classes)
 
 
 def _check_fit(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], arch: str, path: Path) -> None:
@@ -267,7 +325,7 @@ def load_for_inference(path: Path, image_size: int | None = None) -> LoadedModel
             f"drop --image-size"
         )
     _check_state(state, facts, path)
-    model = getattr(models, facts.arch)(num_classes=NUM_CLASSES)
+    model = getattr(models, facts.arch)(num_classes=len(facts.classes))
     mismatch = _shape_mismatch(state, model.state_dict(), facts.arch)
     if mismatch:  # load_state_dict would say so in one line per tensor, after a first line that says nothing
         raise UserError(f"{path} does not load into {facts.arch}: {mismatch}")
@@ -276,20 +334,27 @@ def load_for_inference(path: Path, image_size: int | None = None) -> LoadedModel
     except RuntimeError as exc:
         raise UserError(f"{path} does not load into {facts.arch}: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    return LoadedModel(model=model, arch=facts.arch, classes=CLASSES, image_size=facts.image_size, source=path)
+    return LoadedModel(
+        model=model,
+        arch=facts.arch,
+        classes=facts.classes,
+        image_size=facts.image_size,
+        source=path,
+        malignant=tuple(facts.malignant or ()),
+    )
 
 
 def _check_state(state: dict[str, Any], facts: ModelFacts, path: Path) -> None:
-    """The weights must be tensors of the declared architecture with a 7-class head."""
+    """The weights must be tensors of the declared architecture with a head of the declared classes."""
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a state_dict of tensors")
     arch = infer_arch(state, path)
     if arch != facts.arch:
         raise UserError(f"{path} says arch={facts.arch!r} but its weights are a {arch}; the file is inconsistent")
     head = state.get("fc.weight")
-    if head is None or head.ndim != 2 or head.shape[0] != NUM_CLASSES:
+    if head is None or head.ndim != 2 or head.shape[0] != len(facts.classes):
         outputs = None if head is None else tuple(head.shape)
         raise UserError(
-            f"{path} has a classifier head of shape {outputs}, not {NUM_CLASSES} outputs "
-            f"({', '.join(CLASSES)}); it is not a skinlesion model"
+            f"{path} has a classifier head of shape {outputs}, not {len(facts.classes)} outputs "
+            f"({', '.join(facts.classes)}); it is not a skinlesion model"
         )

@@ -8,6 +8,7 @@ browser) never sees half a file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from skinlesion.labels import CLASSES
 from skinlesion.metrics import ECE_BINS, expected_calibration_error, one_vs_rest_auc, reliability_bins
 
 
-def plot_confusion_matrix(cm: np.ndarray, out: Path, title: str = "") -> Path:
+def plot_confusion_matrix(cm: np.ndarray, out: Path, title: str = "", classes: Sequence[str] = CLASSES) -> Path:
     """Counts and row-normalised (recall per true class) side by side, class codes on both axes."""
     cm = np.asarray(cm)
     support = cm.sum(axis=1, keepdims=True)
@@ -33,8 +34,8 @@ def plot_confusion_matrix(cm: np.ndarray, out: Path, title: str = "") -> Path:
     ):
         image = ax.imshow(data, cmap="Blues", vmin=0, vmax=np.nanmax(data) if np.isfinite(data).any() else 1)
         fig.colorbar(image, ax=ax, shrink=0.8, label=label)
-        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
-        ax.set_yticks(range(len(CLASSES)), [f"{dx} ({n})" for dx, n in zip(CLASSES, support[:, 0], strict=True)])
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), [f"{dx} ({n})" for dx, n in zip(classes, support[:, 0], strict=True)])
         ax.set_xlabel("predicted")
         ax.set_ylabel("true (support)")
         threshold = np.nanmax(data) / 2 if np.isfinite(data).any() else 0
@@ -47,11 +48,13 @@ def plot_confusion_matrix(cm: np.ndarray, out: Path, title: str = "") -> Path:
     return _save(fig, out)
 
 
-def plot_roc(y_true: np.ndarray, probs: np.ndarray, out: Path, title: str = "") -> Path:
+def plot_roc(
+    y_true: np.ndarray, probs: np.ndarray, out: Path, title: str = "", classes: Sequence[str] = CLASSES
+) -> Path:
     """One ROC curve per class present (class vs rest), AUC in the legend; melanoma drawn thickest."""
     fig = Figure(figsize=(6.5, 6), layout="constrained")
     ax = fig.add_subplot()
-    for c, (dx, auc) in enumerate(zip(CLASSES, one_vs_rest_auc(y_true, probs), strict=True)):
+    for c, (dx, auc) in enumerate(zip(classes, one_vs_rest_auc(y_true, probs), strict=True)):
         if auc is None:
             continue
         fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])

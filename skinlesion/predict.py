@@ -26,7 +26,6 @@ from PIL import Image
 
 from skinlesion import inference
 from skinlesion.errors import UserError
-from skinlesion.labels import MALIGNANT, NUM_CLASSES
 from skinlesion.model import LoadedModel, load_for_inference
 from skinlesion.report import Calibration
 
@@ -34,8 +33,8 @@ from skinlesion.report import Calibration
 # 224 px, 2 cores; docs/benchmarks.md): big CPU batches fall out of cache.
 BATCH_SIZE = 8
 DISCLAIMER = (
-    "Decision support only, not a diagnosis: these are a model's probabilities for 7 dermoscopic "
-    "categories. The diagnosis rests with a clinician (and, for suspicious lesions, histopathology)."
+    "Decision support only, not a diagnosis: these are a model's probabilities for the dermoscopic categories "
+    "it was trained on. The diagnosis rests with a clinician (and, for suspicious lesions, histopathology)."
 )
 NO_CALIBRATION = Calibration(None, None, "no model card given")
 
@@ -70,8 +69,7 @@ def predict_images(
 ) -> list[dict[str, Any]]:
     """One entry per path, in order: {image, error} or {image} + `Calibration.judge`'s fields (predictions,
     malignant probability, risk band, OOD verdict and their words)."""
-    if not 1 <= top_k <= NUM_CLASSES:
-        raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
+    _check_top_k(top_k, loaded.classes)
     device = device or next(loaded.model.parameters()).device
     size = loaded.image_size
 
@@ -97,6 +95,12 @@ def predict_images(
                     entry.update(calibration.judge(*next(ok), top_k))
         entries.extend(chunk_entries)
     return entries
+
+
+def _check_top_k(top_k: int, classes: Sequence[str]) -> None:
+    """--top-k shows from one to all of the model's classes (7 for HAM10000, 8 for ISIC 2019)."""
+    if not 1 <= top_k <= len(classes):
+        raise UserError(f"--top-k {top_k}: choose a number from 1 to {len(classes)} (this model's classes)")
 
 
 def document(checkpoint: Path, calibration: Calibration, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -133,7 +137,7 @@ def format_text(entries: Sequence[dict[str, Any]], calibration: Calibration = NO
             for rank, pred in enumerate(entry["predictions"], start=1):
                 label = f"{pred['dx']}: {pred['name']}"
                 lines.append(f"  {rank}. {label:<{width}}  {pred['percent']:>4}")
-            malignant = " + ".join(MALIGNANT)
+            malignant = " + ".join(calibration.labels.malignant)
             lines.append(f"  malignant ({malignant}): {entry['malignant_percent']}")
             band = f"{entry['risk_label']}. " if entry.get("risk_label") else ""
             lines.append(f"  risk band: {band}{entry['risk_note']}")
@@ -151,11 +155,12 @@ def predict_command(
     image_size: int | None = None,
 ) -> int:
     """CLI entry: print suggestions for `images`; 0 when all were predicted, 1 when any failed."""
-    if not 1 <= top_k <= NUM_CLASSES:
-        raise UserError(f"--top-k {top_k}: choose a number from 1 to {NUM_CLASSES}")
+    if top_k < 1:
+        raise UserError(f"--top-k {top_k}: choose a number from 1 to the model's number of classes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = Path(checkpoint)
     loaded = load_for_inference(checkpoint, image_size=image_size)
+    _check_top_k(top_k, loaded.classes)
     loaded.model.to(device)
     calibration = Calibration.load(checkpoint, loaded)
     entries = predict_images(

@@ -94,6 +94,7 @@ class Calibration:
     ood: OODStats | None
     problem: str | None
     weights: str | None = None  # the sha256 of the weights in hand, whether or not a card matched them
+    labels: inference.Labels = inference.HAM10000_LABELS  # the model's classes, names and malignant ones
 
     @classmethod
     def load(cls, checkpoint: Path, loaded: LoadedModel) -> Calibration:
@@ -101,7 +102,8 @@ class Calibration:
         very weights (`card.load_calibration`: matched by the weights' digest, every value checked); a damaged
         file is a UserError."""
         found = load_calibration(loaded)
-        return cls(found.card, found.ood, found.problem, found.weights)
+        labels = inference.Labels.of(loaded.classes, loaded.malignant, found.card)
+        return cls(found.card, found.ood, found.problem, found.weights, labels)
 
     @property
     def thresholds(self) -> dict[str, float | None]:
@@ -120,7 +122,7 @@ class Calibration:
         ``malignant_percent``), ``risk`` (a band, or null without thresholds or when flagged), ``risk_label`` and
         ``risk_note`` (the words shown), ``ood`` {flag, score, threshold} (null without ood.pt) and ``notice``
         (the OOD notice, or null)."""
-        entry = inference.describe(probs, top_k)
+        entry = inference.describe(probs, top_k, self.labels)
         for prediction in entry["predictions"]:
             prediction["percent"] = percent(prediction["probability"])
         entry["malignant_percent"] = percent(entry["malignant_probability"])

@@ -23,7 +23,6 @@ import numpy as np
 from accelerate import Accelerator
 
 from skinlesion.evaluate import EvalResult, Predictions
-from skinlesion.labels import CLASSES
 from skinlesion.tracking import wandb_run, warn
 
 MISTAKES = 32  # rows of the most-confident-mistakes table
@@ -77,7 +76,7 @@ def charts(preds: Predictions, prefix: str) -> dict[str, Any]:
         f"{prefix}/confusion_matrix_chart": wandb.plot.confusion_matrix(
             y_true=preds.labels.tolist(),
             preds=predicted.tolist(),
-            class_names=list(CLASSES),
+            class_names=list(preds.classes),
             title=f"Confusion matrix, {title}",
         )
     }
@@ -88,7 +87,7 @@ def charts(preds: Predictions, prefix: str) -> dict[str, Any]:
         values[f"{prefix}/roc_chart"] = wandb.plot.roc_curve(
             y_true=np.searchsorted(present, preds.labels),
             y_probas=preds.probs[:, present],
-            labels=[CLASSES[c] for c in present],
+            labels=[preds.classes[c] for c in present],
             title=f"ROC one vs rest, {title}",
         )
     return values
@@ -116,11 +115,11 @@ def mistakes_table(
     for i in chosen:
         true, predicted = int(preds.labels[i]), int(preds.probs[i].argmax())
         table.add_data(
-            _thumbnail(images.get(preds.keys[i]), f"true {CLASSES[true]}, predicted {CLASSES[predicted]}"),
+            _thumbnail(images.get(preds.keys[i]), f"true {preds.classes[true]}, predicted {preds.classes[predicted]}"),
             preds.keys[i],
             preds.image_ids[i],
-            CLASSES[true],
-            CLASSES[predicted],
+            preds.classes[true],
+            preds.classes[predicted],
             float(preds.probs[i, predicted]),
             float(preds.probs[i, true]),
         )

@@ -39,6 +39,7 @@ from skinlesion.checkpoint import (
 )
 from skinlesion.config import Config, TrainConfig, save_config
 from skinlesion.data.batches import resolve_augment
+from skinlesion.data.datasets import of_manifest
 from skinlesion.data.device_decode import resolve_decode
 from skinlesion.data.manifest import read_manifest, verify_split
 from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
@@ -55,10 +56,9 @@ from skinlesion.epoch import train_epoch, validate
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate_checkpoint
 from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
-from skinlesion.labels import CLASSES
 from skinlesion.losses import make_criterion
 from skinlesion.mixing import Mixer, make_mixer
-from skinlesion.model import ModelFacts, build_model, load_for_inference
+from skinlesion.model import ModelFacts, build_model, init_from, load_for_inference
 from skinlesion.optim import make_optimizer, scaled_schedule
 
 
@@ -143,7 +143,13 @@ def setup(cfg: Config) -> Run:
         )
         schedule = scaled_schedule(cfg.train, cfg.data.batch_size * world * cfg.train.grad_accum)
         set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
-        model = build_model(cfg.model.name, cfg.model.pretrained)
+        dataset = of_manifest(manifest, f"{cfg.data.shards}/manifest.json")  # the classes: the head, the facts
+        model = build_model(cfg.model.name, cfg.model.pretrained, len(dataset.codes), dataset.codes)
+        if cfg.train.init_from != "none":
+            shared = init_from(model, cfg.model.name, Path(cfg.train.init_from), dataset.codes)
+            new = [c for c in dataset.codes if c not in shared]
+            rows = f"backbone and head rows of {', '.join(shared) or 'no class'} from {cfg.train.init_from}"
+            accelerator.print(f"train.init_from: {rows}; new head rows: {', '.join(new) or 'none'}")
         if accelerator.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, schedule)
@@ -165,11 +171,11 @@ def setup(cfg: Config) -> Run:
             batches=batches,
             augment=augment,
             decode=resolve_decode(cfg.data.decode, augment, accelerator.device),
-            mixer=make_mixer(cfg.train),
+            mixer=make_mixer(cfg.train, len(dataset.codes)),
             ema=make_ema(accelerator.unwrap_model(model), schedule.ema_decay),
             total_steps=steps_per_epoch * cfg.train.epochs,
             warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
-            facts=ModelFacts(arch=cfg.model.name, classes=CLASSES, image_size=cfg.data.image_size),
+            facts=ModelFacts(cfg.model.name, dataset.codes, cfg.data.image_size, dataset.malignant),
         )
     except BaseException:
         lock.release()
@@ -199,7 +205,7 @@ def resume(run: Run) -> TrainerState:
                 f"notice: {cfg.data.shards} has no val samples: validation is skipped and best.pt "
                 "is the last epoch's weights"
             )
-        if cfg.train.freeze_backbone_epochs and cfg.model.pretrained == "none":
+        if cfg.train.freeze_backbone_epochs and cfg.model.pretrained == "none" and cfg.train.init_from == "none":
             accelerator.print(
                 f"notice: train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} with "
                 "model.pretrained=none holds a random backbone still; set model.pretrained"
@@ -251,12 +257,12 @@ def fit(run: Run, state: TrainerState) -> bool:
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         record: dict[str, Any] = {"epoch": epoch, "step": state.step, **epoch_stats}
         accelerator.log({"train/skipped_samples": epoch_stats["skipped_samples"], "epoch": epoch}, step=state.step)
-        score, result = None, None
+        score, result, name = None, None, "val_balanced_accuracy"
         if run.has("val"):
             last = epoch == cfg.train.epochs - 1  # plots: the last epoch's; metrics and predictions: every epoch's
             result = validate(accelerator, run.shipped, cfg, "val", run.out / "eval-val", run.manifest, val, plots=last)
             record |= result.record("val")
-            score = result.balanced_accuracy
+            name, score = result.score  # balanced accuracy; AUC for a binary task
             if run.ema is not None:  # the raw weights too, to compare
                 raw = validate(accelerator, run.model, cfg, manifest=run.manifest, loader=val)
                 record["val_balanced_accuracy_raw"] = raw.balanced_accuracy
@@ -265,7 +271,7 @@ def fit(run: Run, state: TrainerState) -> bool:
         if accelerator.is_main_process:
             with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score)
+        _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score, name)
         if result is not None and state.best_epoch == epoch:  # W&B: charts + most confident mistakes of best.pt
             tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step, run.manifest)
         save_checkpoint(accelerator, run.out, state, cfg.train.keep_checkpoints, run.ema)
@@ -333,6 +339,7 @@ def _update_best(
     out: Path,
     epoch: int,
     score: float | None,
+    name: str = "val_balanced_accuracy",
 ) -> None:
     """Export best.pt when validation improved strictly (a tie keeps the earlier epoch), when there is no
     validation (the last epoch), or when best.pt is missing from this folder (a run branched from a copied
@@ -349,7 +356,7 @@ def _update_best(
         )
     state.best_metric, state.best_epoch = score, epoch
     if accelerator.is_main_process:
-        metric = {"name": "val_balanced_accuracy", "value": score}
+        metric = {"name": name, "value": score}
         export_best(
             bare_state_dict(accelerator, model),
             out / "best.pt",

@@ -249,7 +249,7 @@ def test_the_page_says_what_predict_says_and_never_misleads(served, browser, ima
         percents = [e.text for e in result.find_elements(By.CSS_SELECTOR, ".pct")]
         assert percents == [p["percent"] for p in entry["predictions"]]
         assert all(p == "<1%" or p == ">99%" or p[:-1].isdigit() for p in percents)  # whole percents
-        assert f"(mel + bcc + akiec): {entry['malignant_percent']}" in result.text
+        assert f"({' + '.join(entry['malignant_classes'])}): {entry['malignant_percent']}" in result.text
         assert entry["risk_note"] in result.text
         if entry["risk"]:
             band = result.find_element(By.CSS_SELECTOR, ".risk")

@@ -80,7 +80,10 @@ def _best(random_run: Path, path: Path, **changes: object) -> Path:
         ({"image_size": True}, "image_size=True is not an integer"),
         ({"arch": "os.system"}, "arch='os.system' is not one of resnet18"),
         ({"arch": "resnet50"}, "says arch='resnet50' but its weights are a resnet18"),
-        ({"classes": ["mel", "nv"]}, "classes=['mel', 'nv'] differ"),
+        # Classes are the checkpoint's own (any dataset's), but they must match its head.
+        ({"classes": ["mel", "nv"], "malignant": ["mel"]}, "head of shape (7, 512), not 2 outputs (mel, nv)"),
+        ({"classes": ["mel", "mel"]}, "is not a list of two or more distinct class codes"),
+        ({"malignant": ["scc"]}, "malignant=['scc'] is not a list of its classes"),
     ],
 )
 def test_every_checkpoint_field_is_validated(random_run, image, tmp_path, capsys, changes, message) -> None:

@@ -136,6 +136,18 @@ def make_lesion(rng: np.random.Generator, dx: str) -> _Lesion:
                       softness=u(0.12, 0.22), core=_rgb(0.78, 0.30, 0.28) * u(0.9, 1.1), rim=_rgb(0.82, 0.45, 0.40),
                       gamma=1, opacity=u(0.7, 0.95), blotch=_rgb(0.95, 0.91, 0.78), blotch_strength=u(0.6, 0.9),
                       noise=noise(12))  # fmt: skip
+    elif dx == "scc":  # keratinising: white-yellow central keratin, red rim, dotted and hairpin vessels
+        les = _Lesion(
+            radius=u(40, 70),
+            aspect=u(0.7, 1.0),
+            harmonics=_harmonics(rng, range(2, 5), (0.04, 0.12)),
+            softness=u(0.06, 0.14),
+            core=_rgb(0.93, 0.88, 0.70),
+            rim=_rgb(0.80, 0.36, 0.32) * u(0.9, 1.1),
+            gamma=2,
+            opacity=u(0.8, 0.95),
+        )
+        les.layers.append((_rgb(0.70, 0.10, 0.14), 0.9, _dots(rng, (8, 16), 0.9, (0.02, 0.04))))
     elif dx == "df":  # small and firm: central white scar, faint brown ring, very soft border
         les = _Lesion(radius=u(25, 45), aspect=u(0.8, 1.0), harmonics=_harmonics(rng, range(2, 4), (0.0, 0.06)),
                       softness=u(0.12, 0.22), core=_rgb(0.95, 0.90, 0.86), rim=_rgb(0.55, 0.36, 0.25) * u(0.8, 1.2),

@@ -14,8 +14,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from skinlesion.data.datasets import of_manifest
 from skinlesion.errors import UserError
-from skinlesion.labels import CLASSES
 
 
 def read_manifest(shards: Path) -> dict[str, Any]:
@@ -53,8 +53,15 @@ def _check_manifest(manifest: Any, path: Path) -> None:
 
     if not isinstance(manifest, dict):
         raise bad("the top level", "is not an object")
-    if list(manifest.get("classes") or []) != list(CLASSES):
-        raise bad("'classes'", f"is {manifest.get('classes')!r}, not {list(CLASSES)}")
+    classes = manifest.get("classes")
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise bad("'classes'", f"is {classes!r}, not a list of two or more distinct class codes")
+    of_manifest(manifest, str(path))  # the dataset description, when there is one, agrees with 'classes'
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not set(splits) <= {"train", "val", "test"}:
         raise bad("'splits'", "must be an object with train, val and/or test")
@@ -107,7 +114,7 @@ def verify_split(shards: Path, manifest: dict[str, Any], split: str) -> None:
                         continue
                     keys.setdefault(key, set()).add(ext)
                     if ext == "cls":
-                        label_of(tar.extractfile(member).read(), key, path)
+                        label_of(tar.extractfile(member).read(), key, path, len(manifest["classes"]))
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise UserError(f"shard {path} is not a readable tar file ({exc}); rerun `skinlesion prepare`") from exc
         for key, exts in keys.items():
@@ -120,12 +127,17 @@ def verify_split(shards: Path, manifest: dict[str, Any], split: str) -> None:
             )
 
 
-def label_of(data: bytes, key: str, shard: Any) -> int:
-    """A ``cls`` member as a class index, or an error naming the sample."""
+def label_of(data: bytes, key: str, shard: Any, n_classes: int | None = None) -> int:
+    """A ``cls`` member as a class index, or an error naming the sample.
+
+    Without `n_classes` (the loaders' per-sample decode) only the form is checked: `verify_split` has
+    checked every index against the manifest's classes before an epoch or an evaluation starts.
+    """
     try:
         label = int(data.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         label = -1
-    if not 0 <= label < len(CLASSES):
-        raise UserError(f"shard {shard}: sample {key!r} has class {data[:20]!r}, not an index 0-{len(CLASSES) - 1}")
+    if label < 0 or (n_classes is not None and label >= n_classes):
+        top = "" if n_classes is None else f"-{n_classes - 1}"
+        raise UserError(f"shard {shard}: sample {key!r} has class {data[:20]!r}, not an index 0{top}")
     return label

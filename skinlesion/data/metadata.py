@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from skinlesion.data import layouts
+from skinlesion.data.datasets import HAM10000, HAM10000_TO_ISIC2019, Dataset
 from skinlesion.errors import UserError
-from skinlesion.labels import CLASSES
 
 COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
 REQUIRED = ("lesion_id", "image_id", "dx")
@@ -27,10 +28,10 @@ _NULLS = {"", "nan", "null", "none", "na", "n/a"}
 # Row faults (always rejected), in the order they are checked; the first that applies is recorded.
 MISSING_IMAGE_ID = "missing image_id"
 DUPLICATE = "duplicate image_id"
-INVALID_DX = "dx not one of the 7 classes"
 MISSING_LESION_ID = "missing lesion_id"
 MISSING_IMAGE = "missing image"
 CONFLICTING_COPIES = "different files with the same image_id"
+ALREADY_IN_ISIC2019 = "HAM10000 image already in the ISIC 2019 files (same image_id)"
 INVALID_AGE = "invalid age"
 # Cleaning (the seed's rules; kept with --keep-incomplete): "null age" and "unknown <column>".
 NULL_AGE = "null age"
@@ -38,6 +39,13 @@ NULL_AGE = "null age"
 
 def unknown(column: str) -> str:
     return f"unknown {column}"
+
+
+def invalid_dx(n_classes: int) -> str:
+    return f"dx not one of the {n_classes} classes"
+
+
+INVALID_DX = invalid_dx(len(HAM10000.classes))
 
 
 @dataclass(frozen=True)
@@ -53,35 +61,33 @@ class Metadata:
     kept: pd.DataFrame  # the CSV's known columns as text, plus `path`
     rejected: list[Rejection]
     n_input: int
+    own_groups: int = 0  # kept rows without a group id, each made its own group (ISIC 2019's old archive)
+    duplicates_listed: int = 0  # pairs in the duplicates file, when one was given
+    added: dict[str, int] | None = None  # --add-ham10000: its rows, and those dropped as already in ISIC 2019
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """The CSV as text columns (empty string for blanks), or a UserError saying what is wrong with it."""
+    """The HAM10000 CSV as text columns (empty string for blanks), or a UserError saying what is wrong with it."""
     path = Path(path)
-    hint = "pass HAM10000_metadata.csv with --metadata"
-    if not path.exists():
-        raise UserError(f"metadata CSV {path} does not exist; {hint}")
-    if path.is_dir():
-        raise UserError(f"metadata CSV {path} is a folder, not a file; {hint}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
-    except PermissionError as exc:
-        raise UserError(f"cannot read metadata CSV {path} ({exc.strerror}); check its permissions") from exc
-    except UnicodeDecodeError as exc:
-        raise UserError(f"metadata CSV {path} is not UTF-8 text ({exc.reason}); {hint}") from exc
-    except pd.errors.EmptyDataError as exc:
-        raise UserError(f"metadata CSV {path} is empty; {hint}") from exc
-    except (pd.errors.ParserError, OSError) as exc:
-        raise UserError(f"cannot parse metadata CSV {path}: {exc}") from exc
-    df.columns = [str(c).strip() for c in df.columns]
+    df = layouts.read_text_csv(path, "metadata CSV", "pass HAM10000_metadata.csv with --metadata")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise UserError(
             f"metadata CSV {path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}); "
-            f"a HAM10000 metadata CSV has the header {','.join(COLUMNS)}"
+            f"a HAM10000 metadata CSV has the header {','.join(COLUMNS)}{_layout_hint(df.columns)}"
         )
     known = [c for c in COLUMNS if c in df.columns]
-    return df[known].apply(lambda col: col.str.strip())
+    return df[known]
+
+
+def _layout_hint(columns: Iterable[str]) -> str:
+    """A pointer to the --dataset whose published layout these columns are."""
+    have = set(columns)
+    if {"image_name", "patient_id", "target"} <= have:
+        return " (this is ISIC 2020's layout: pass --dataset isic2020)"
+    if {"image", "age_approx", "anatom_site_general", "lesion_id"} <= have:
+        return " (this is ISIC 2019's metadata: pass --dataset isic2019 with --labels GROUND_TRUTH.csv)"
+    return " (for another dataset, pass --dataset isic2019|isic2020|custom)"
 
 
 def index_images(folders: Iterable[Path]) -> dict[str, list[str]]:
@@ -132,44 +138,90 @@ def _age_fault(age: str) -> str | None:
     return INVALID_AGE if not 0 <= value <= 150 else None
 
 
-def load(csv: Path, folders: Iterable[Path], keep_incomplete: bool = False) -> Metadata:
-    """Read csv, match its rows to files in folders and apply the cleaning rules."""
+def load(
+    csv: Path,
+    folders: Iterable[Path],
+    keep_incomplete: bool = False,
+    dataset: Dataset = HAM10000,
+    labels: Path | None = None,
+    duplicates: Path | None = None,
+    add_ham10000: Path | None = None,
+) -> Metadata:
+    """Read csv (and the ground-truth and duplicates files of layouts that have them), match its rows to
+    files in folders and apply the dataset's cleaning rules."""
     index = index_images(folders)  # first, so a wrong --images fails before any work
-    df = read_csv(csv)
-    df["dx"] = df["dx"].str.lower()
+    n_pairs = 0
+    if dataset.layout == "ham10000" and labels is None and duplicates is None:
+        df = read_csv(csv)
+        df["dx"] = df["dx"].str.lower()
+        df[layouts.FAULT] = ""
+    else:
+        parsed = layouts.read(dataset, csv, labels, duplicates)
+        df, n_pairs = parsed.rows, parsed.duplicates_listed
+    added = None
+    if add_ham10000 is not None:
+        df, added = _add_ham10000(df, add_ham10000)
+    codes = set(dataset.codes)
+    bad_dx = invalid_dx(len(codes))
+    group = dataset.columns.group or "lesion_id"
+    missing_group = MISSING_LESION_ID if group == "lesion_id" else f"missing {group}"
+    own = dataset.cleaning.missing_group == "own" or dataset.columns.group is None  # no group column: one per image
+    drop_unknown = dataset.cleaning.drop_unknown
+    if "lesion_id" not in df.columns:
+        df["lesion_id"] = ""
     seen: set[str] = set()
-    keep, paths, rejected = [], [], []
+    keep, paths, groups, rejected = [], [], [], []
+    n_own = 0
     for row in df.itertuples(index=False):
         r = row._asdict()
         image_id = r["image_id"]
+        lesion = r["lesion_id"]
         path: str | None = None
         if not image_id:
             reason: str | None = MISSING_IMAGE_ID
+        elif r[layouts.FAULT]:  # a parse fault, or a HAM10000 row already in ISIC 2019 (said so, not "duplicate")
+            reason = r[layouts.FAULT]
         elif image_id in seen:
             reason = DUPLICATE
-        elif r["dx"] not in CLASSES:
-            reason = INVALID_DX
-        elif not r["lesion_id"]:
-            reason = MISSING_LESION_ID
+        elif r["dx"] not in codes:
+            reason = bad_dx
+        elif not lesion and not own:
+            reason = missing_group
         elif image_id not in index:
             reason = MISSING_IMAGE
         elif (path := _pick(index[image_id])) is None:
             reason = CONFLICTING_COPIES
         else:
             reason = _age_fault(r["age"]) if "age" in r else None
-            if reason == NULL_AGE and keep_incomplete:
+            if reason == NULL_AGE and (keep_incomplete or not dataset.cleaning.drop_null_age):
                 reason = None
             if reason is None and not keep_incomplete:
-                reason = next((unknown(c) for c, v in r.items() if v.lower() == "unknown"), None)
+                reason = next((unknown(c) for c, v in r.items() if c in drop_unknown and v.lower() == "unknown"), None)
         seen.add(image_id)
         keep.append(reason is None)
         if reason is None:
             paths.append(path)
+            n_own += not lesion
+            groups.append(lesion or image_id)
         else:
             rejected.append(Rejection(image_id, reason))
-    kept = df[keep].reset_index(drop=True)
+    kept = df[keep].drop(columns=[layouts.FAULT]).reset_index(drop=True)
+    kept["lesion_id"] = groups
     kept["path"] = paths
-    return Metadata(kept=kept, rejected=rejected, n_input=len(df))
+    return Metadata(kept, rejected, len(df), own_groups=n_own, duplicates_listed=n_pairs, added=added)
+
+
+def _add_ham10000(df: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, dict[str, int]]:
+    """ISIC 2019's rows followed by HAM10000's, labelled as ISIC 2019 classes. All 10,015 HAM10000 images are in
+    ISIC 2019 under the same image_id and lesion_id: a HAM10000 row whose image_id is already there is rejected
+    (de-duplicated by image id), so an image is never counted twice or split across train and test."""
+    ham = read_csv(csv)
+    ham["dx"] = ham["dx"].str.lower().map(lambda dx: HAM10000_TO_ISIC2019.get(dx, dx))
+    ham[layouts.FAULT] = ""
+    already = ham["image_id"].isin(set(df["image_id"]))
+    ham.loc[already, layouts.FAULT] = ALREADY_IN_ISIC2019
+    combined = pd.concat([df, ham[[c for c in df.columns if c in ham.columns]]], ignore_index=True).fillna("")
+    return combined, {"rows": len(ham), "already_in_isic2019": int(already.sum())}
 
 
 def sample_metadata(row: Mapping[str, str]) -> dict[str, str | float | None]:

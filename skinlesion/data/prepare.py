@@ -28,12 +28,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from skinlesion import __version__
-from skinlesion.data import images, metadata, shards, source
+from skinlesion.data import datasets, images, layouts, metadata, shards, source
 from skinlesion.data.pool import worker_pool
 from skinlesion.data.split import SPLITS, balance, split_by_lesion
 from skinlesion.errors import UserError
 from skinlesion.files import no_room_is_user_error
-from skinlesion.labels import CLASS_TO_INDEX, CLASSES
 
 MAX_STORED_SIZE = 4096  # shorter side in shards; a typo like 100000 would upscale every image to gigabytes
 T = TypeVar("T")
@@ -58,6 +57,34 @@ class PrepareOptions:
     samples_per_shard: int | None = None
     min_shards: int = 32
     workers: int | None = None
+    dataset: str = "ham10000"  # ham10000 | isic2019 | isic2020 | custom (data.datasets)
+    labels: Path | None = None  # ISIC 2019's ground-truth CSV (one-hot)
+    duplicates: Path | None = None  # ISIC 2020's duplicates list
+    spec: Path | None = None  # custom: the YAML description
+    columns: tuple[tuple[str, str], ...] = ()  # custom: --column KEY=NAME
+    malignant: tuple[str, ...] = ()  # custom without a spec: the malignant labels
+    add_ham10000: Path | None = None  # isic2019: HAM10000_metadata.csv to combine, de-duplicated by image id
+
+
+def describe(opts: PrepareOptions) -> datasets.Dataset:
+    """The dataset description that `opts` selects; for `custom` without a spec, its classes are the labels
+    found in the CSV."""
+    if opts.dataset != "custom":
+        for flag, value in (("--spec", opts.spec), ("--column", opts.columns), ("--malignant", opts.malignant)):
+            if value:
+                raise UserError(f"{flag} is for --dataset custom; --dataset {opts.dataset} has a fixed layout")
+        return datasets.preset(opts.dataset)
+    columns = dict(opts.columns)
+    found = None
+    if opts.spec is None:
+        label = columns.get("label")
+        if not label or not columns.get("image_id"):
+            raise UserError("--dataset custom needs --spec FILE, or --column image_id=NAME --column label=NAME")
+        table = layouts.read_text_csv(opts.metadata, "metadata CSV", "pass the labels CSV with --metadata")
+        if label not in table.columns:
+            raise UserError(f"metadata CSV {opts.metadata} has no column {label!r} (--column label={label})")
+        found = sorted({v for v in table[label].str.lower() if v})
+    return datasets.custom(opts.spec, columns, found, tuple(m.lower() for m in opts.malignant))
 
 
 @dataclass(frozen=True)
@@ -85,6 +112,16 @@ def _check(opts: PrepareOptions) -> None:
         problems.append(f"--on-bad-image {opts.on_bad_image!r} must be skip or error")
     if not opts.images:
         problems.append("pass at least one --images folder")
+    if opts.dataset not in datasets.DATASETS:
+        problems.append(f"--dataset {opts.dataset!r} must be one of {', '.join(datasets.DATASETS)}")
+    if opts.labels is not None and opts.dataset not in ("isic2019", "custom"):
+        problems.append(f"--labels is ISIC 2019's ground truth; --dataset {opts.dataset} keeps labels in --metadata")
+    if opts.duplicates is not None and opts.dataset != "isic2020":
+        problems.append("--duplicates is ISIC 2020's duplicates list; pass it with --dataset isic2020")
+    if opts.add_ham10000 is not None and opts.dataset != "isic2019":
+        problems.append("--add-ham10000 combines HAM10000 with ISIC 2019: pass it with --dataset isic2019")
+    if opts.dataset == "isic2019" and opts.labels is None:
+        problems.append("--dataset isic2019 needs --labels ISIC_2019_Training_GroundTruth.csv")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -140,10 +177,12 @@ def _encode_all(
     return where, bad
 
 
-def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+def _split_rows(
+    good: pd.DataFrame, opts: PrepareOptions, dataset: datasets.Dataset
+) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
     """Rows per split in the order they go into shards (shuffled: each shard a random mix of classes), and
     the train split's class counts before balancing (the class priors a logit-adjusted loss needs)."""
-    assignment = split_by_lesion(good, opts.val_fraction, opts.test_fraction, opts.seed)
+    assignment = split_by_lesion(good, opts.val_fraction, opts.test_fraction, opts.seed, dataset.stratify)
     rng = np.random.default_rng([opts.seed, 1])
     out = {}
     natural = good[assignment == "train"]["dx"].value_counts()
@@ -154,7 +193,7 @@ def _split_rows(good: pd.DataFrame, opts: PrepareOptions) -> tuple[dict[str, pd.
         else:
             rows = rows.iloc[rng.permutation(len(rows))].reset_index(drop=True).assign(copy=0)
         out[split] = rows
-    return out, {dx: int(natural.get(dx, 0)) for dx in CLASSES}
+    return out, {dx: int(natural.get(dx, 0)) for dx in dataset.codes}
 
 
 def _keys(rows: pd.DataFrame) -> list[str]:
@@ -167,22 +206,23 @@ def _keys(rows: pd.DataFrame) -> list[str]:
     return keys
 
 
-def _entries(rows: pd.DataFrame, where: dict[int, tuple[int, int]]) -> list[shards.Entry]:
+def _entries(rows: pd.DataFrame, where: dict[int, tuple[int, int]], classes: tuple[str, ...]) -> list[shards.Entry]:
     records = rows.to_dict("records")
+    index = {dx: i for i, dx in enumerate(classes)}
     return [
-        shards.Entry(key, *where[r["row"]], CLASS_TO_INDEX[r["dx"]], metadata.sample_metadata(r))
+        shards.Entry(key, *where[r["row"]], index[r["dx"]], metadata.sample_metadata(r))
         for key, r in zip(_keys(rows), records, strict=True)
     ]
 
 
-def _split_manifest(rows: pd.DataFrame, files: list[str], sizes: list[int]) -> dict:
+def _split_manifest(rows: pd.DataFrame, files: list[str], sizes: list[int], classes: tuple[str, ...]) -> dict:
     counts = rows["dx"].value_counts()
     return {
         "samples": len(rows),
         "shards": len(files),
         "files": files,
         "shard_samples": sizes,
-        "class_counts": {dx: int(counts.get(dx, 0)) for dx in CLASSES},
+        "class_counts": {dx: int(counts.get(dx, 0)) for dx in classes},
         "images": int(rows["image_id"].nunique()),
         "lesions": int(rows["lesion_id"].nunique()),
     }
@@ -204,7 +244,10 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
     started = time.perf_counter()
     out = Path(opts.out)
     shards.check_destination(out, opts.overwrite)
-    meta = metadata.load(opts.metadata, opts.images, opts.keep_incomplete)
+    dataset = describe(opts)
+    meta = metadata.load(
+        opts.metadata, opts.images, opts.keep_incomplete, dataset, opts.labels, opts.duplicates, opts.add_ham10000
+    )
     if meta.kept.empty:
         reasons = dict(Counter(r.reason for r in meta.rejected).most_common())
         raise UserError(f"no usable rows in {opts.metadata} (rejected: {reasons}); check --images and the CSV")
@@ -226,15 +269,15 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
             raise UserError(f"none of the {len(meta.kept)} images could be decoded (reasons: {Counter(bad.values())})")
 
         splits, tasks = {}, []
-        by_split, before_balancing = _split_rows(good, opts)
+        by_split, before_balancing = _split_rows(good, opts, dataset)
         for split, rows in by_split.items():
             sizes = shards.shard_sizes(len(rows), opts.min_shards, opts.samples_per_shard)
             files = [f"{split}-{i:06d}.tar" for i in range(len(sizes))]
-            entries = _entries(rows, where)
+            entries = _entries(rows, where, dataset.codes)
             ends = np.cumsum(sizes).tolist()
             starts = [end - size for end, size in zip(ends, sizes, strict=True)]
             tasks += [(build.path / f, spool, entries[a:b]) for f, a, b in zip(files, starts, ends, strict=True)]
-            splits[split] = _split_manifest(rows, files, sizes)
+            splits[split] = _split_manifest(rows, files, sizes, dataset.codes)
         splits["train"]["class_counts_before_balancing"] = before_balancing
         with tqdm(total=sum(len(t[2]) for t in tasks), desc="shards", unit="sample", file=sys.stderr) as bar:
             for n in pool.imap_unordered(_write_shard, tasks):
@@ -243,7 +286,9 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
         timings["shards"] = time.perf_counter() - started - sum(timings.values())
 
         manifest = {
-            "classes": list(CLASSES),
+            "classes": list(dataset.codes),
+            "dataset": dataset.to_dict(),
+            "groups": {"key": dataset.group_column, "own_groups": meta.own_groups},
             "rows": {"input": meta.n_input, "kept": len(good), "rejected": len(rejected)},
             "rejected_by_reason": dict(Counter(reason for _, reason in rejected).most_common()),
             "source": source.describe(opts.metadata, good),  # synthetic or real: the model card copies it
@@ -253,6 +298,10 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
             "seed": opts.seed,
             "version": __version__,
         }
+        if opts.duplicates is not None:
+            manifest["duplicates_listed"] = meta.duplicates_listed
+        if meta.added is not None:
+            manifest["added_ham10000"] = meta.added
         if manifest["rows"]["input"] != manifest["rows"]["kept"] + manifest["rows"]["rejected"]:
             raise RuntimeError(f"rows do not add up: {manifest['rows']}")  # a bug, never a user error
         summary = format_summary(manifest)
@@ -282,10 +331,20 @@ def format_summary(manifest: dict) -> str:
     lines = [f"rows: {rows['input']} in, {rows['kept']} kept, {rows['rejected']} rejected"]
     for reason, n in manifest["rejected_by_reason"].items():
         lines.append(f"  {reason:<40} {n:>6}")
-    header = ["split", *CLASSES, "total", "images", "lesions", "shards"]
+    added = manifest.get("added_ham10000")
+    if added:
+        lines.append(
+            f"  HAM10000: {added['rows']} rows added, {added['already_in_isic2019']} dropped as already in "
+            "ISIC 2019 (same image_id)"
+        )
+    own = manifest.get("groups", {}).get("own_groups")
+    if own:
+        lines.append(f"  {own} kept rows have no {manifest['groups']['key']}: each is its own group in the split")
+    classes = manifest["classes"]
+    header = ["split", *classes, "total", "images", "lesions", "shards"]
     lines.append("".join(f"{h:>8}" if i else f"{h:<6}" for i, h in enumerate(header)))
     for split, info in manifest["splits"].items():
-        cells = [*(info["class_counts"][dx] for dx in CLASSES), info["samples"], info["images"]]
+        cells = [*(info["class_counts"][dx] for dx in classes), info["samples"], info["images"]]
         cells += [info["lesions"], info["shards"]]
         lines.append(f"{split:<6}" + "".join(f"{c:>8}" for c in cells))
     return "\n".join(lines)

@@ -18,8 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-SYNTHETIC_IMAGE_ID = re.compile(r"^ISIC_9\d{6}$")
-SYNTHETIC_LESION_ID = re.compile(r"^HAM_9\d{6}$")
+SYNTHETIC_IMAGE_ID = re.compile(r"^ISIC_9\d{6}(_downsampled)?$")  # synth --layout isic2019 adds the suffix too
+# Lesions (HAM10000, ISIC 2019) or patients (ISIC 2020) of synth's layouts; an ISIC 2019 row without a lesion_id
+# is its own group, named by its image id.
+SYNTHETIC_LESION_ID = re.compile(r"^((HAM|BCN|IP)_9\d{6}|ISIC_9\d{6}(_downsampled)?)$")
 SYNTHETIC_NAME = "skinlesion synth (synthetic HAM10000-style pictures)"
 
 

@@ -15,7 +15,11 @@ SPLITS = ("train", "val", "test")
 
 
 def split_by_lesion(
-    rows: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+    rows: pd.DataFrame,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    stratify: str = "majority",
 ) -> pd.Series:
     """The split name of each row (indexed like rows): no lesion_id in two splits, every dx stratified.
 
@@ -23,13 +27,21 @@ def split_by_lesion(
     that is furthest below its target image count (a greedy bin fill that lands within one lesion of
     the fractions). A class with at least three lesions gets at least one in each of val and test
     (when their fractions are above zero), so small classes can still be evaluated.
+
+    `lesion_id` is the grouping key (a patient for ISIC 2020). A group's stratum is its most frequent dx
+    (``stratify="majority"``), or its rarest one (``"rarest"``): a patient with 1 melanoma among 20 nevi is a
+    melanoma patient, so ISIC 2020's 1.8% melanomas spread evenly over the splits.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction {val_fraction} + test_fraction {test_fraction} must be in [0, 1)")
     fractions = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
     rng = np.random.default_rng(seed)
+    if stratify not in ("majority", "rarest"):
+        raise ValueError(f"stratify must be majority or rarest, got {stratify!r}")
     # A lesion's class is its most frequent dx (HAM10000 has one per lesion; ties go alphabetically).
     pairs = rows.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
+    if stratify == "rarest":  # rank by the class's frequency in the whole dataset, rarest first
+        pairs["n"] = -pairs["dx"].map(rows["dx"].value_counts())
     pairs = pairs.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True], kind="stable")
     lesion_dx = pairs.drop_duplicates("lesion_id").set_index("lesion_id")["dx"]
     lesion_size = rows.groupby("lesion_id").size()

@@ -146,24 +146,25 @@ def generate(
     if n_images < len(CLASSES):
         raise UserError(f"--images {n_images} is too few: pass at least {len(CLASSES)}, one per class")
     out = Path(out)
-    _check_destination(out, overwrite)
+    check_destination(out, overwrite)
     out = output_folder(out, "synth DIR")
     with FolderLock(out, "synth DIR"):
-        _check_destination(out, overwrite)  # again, under the lock
+        check_destination(out, overwrite)  # again, under the lock
         return _generate(out, n_images, seed, workers)
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def check_destination(out: Path, overwrite: bool, ours: tuple[str, ...] = (*FOLDERS, METADATA)) -> None:
+    """OUT must be new or empty (hidden files aside), or, with `overwrite`, hold only the names in `ours`."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; pass a folder for the synthetic dataset")
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     if not visible:
         return
-    ours = set(visible) <= {*FOLDERS, METADATA}
+    ours_only = set(visible) <= set(ours)
     if not overwrite:
-        hint = "pass --overwrite to replace the synthetic dataset in it" if ours else "pass an empty or new folder"
+        hint = "pass --overwrite to replace the synthetic dataset in it" if ours_only else "pass an empty or new folder"
         raise UserError(f"{out} is not empty ({', '.join(visible[:3])}); {hint}")
-    if not ours:
+    if not ours_only:
         shown = ", ".join(visible[:3])
         raise UserError(f"{out} holds files synth did not write ({shown}); pass an empty or new folder")
 
