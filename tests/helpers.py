@@ -6,6 +6,7 @@ that make a run take seconds on a CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -160,6 +162,18 @@ def hold_at_first_epoch_end(out: Path) -> None:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and its workers (torchrun starts each worker in its own session, so no killpg)."""
+    try:
+        parent = psutil.Process(pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def free_port() -> int:

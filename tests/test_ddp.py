@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY, env, free_port, metrics, write_shards
+from helpers import REPO, TINY, env, free_port, kill_tree, metrics, write_shards
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -105,8 +105,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(uneven: Path, tmp_path
         ranks[1].send_signal(signal.SIGUSR1)  # only one rank hears it, as with a per-node signal
         assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_tree(proc.pid)  # the launcher and its ranks: a rank left behind waits on its peer for dist_timeout_s
     preempted = json.loads((out / "preempted").read_text())
     assert preempted["signal"] == "SIGUSR1"
     assert (out / "checkpoints" / f"step-{preempted['step']:08d}" / "COMPLETE").is_file()

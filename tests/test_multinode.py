@@ -8,7 +8,6 @@ allocation until the wall-clock limit.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -16,10 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from helpers import REPO, TINY_MODEL, free_port, wait_for
+from helpers import REPO, TINY_MODEL, free_port, kill_tree, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -48,18 +46,6 @@ def machines(tmp_path: Path, shards_dir: Path) -> Iterator[Callable[..., list[su
     yield start
     for proc in started:
         kill_tree(proc.pid)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and its workers (torchrun starts each worker in its own session, so no killpg)."""
-    try:
-        parent = psutil.Process(pid)
-        procs = [*parent.children(recursive=True), parent]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
 
 
 def log_tail(tmp_path: Path, rank: int) -> str:

@@ -29,6 +29,18 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_shards(tmp_path_factory.mktemp("tiny") / "shards")
 
 
+EMA = "train.ema_decay=0.9"
+
+
+@pytest.fixture(scope="module")
+def finished(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch run with an EMA, for tests that copy it (read-only: copy before changing)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    done = run_train(out, shards, EMA)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
 def test_resuming_at_an_epoch_boundary_reproduces_the_uninterrupted_weights(shards: Path, tmp_path: Path) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert run_train(whole, shards).returncode == 0  # 2 epochs; keeps the checkpoints of both epoch ends
@@ -95,34 +107,34 @@ def test_sigusr1_checkpoints_writes_preempted_and_exits_0_then_resume_finishes(s
     ],
 )
 def test_a_resume_with_another_recipe_is_refused_and_changes_nothing(
-    shards: Path, tmp_path: Path, change: list[str], named: str
+    shards: Path, finished: Path, tmp_path: Path, change: list[str], named: str
 ) -> None:
     """Issue 16: a copied run trained on with other settings would mix two recipes under one config.yaml. The
     checkpoint keeps the recipe; a resume that changes it stops with one line, and writes nothing. Keys a
     resume may change (train.epochs here) are accepted."""
-    whole, copy = tmp_path / "whole", tmp_path / "copy"
-    assert run_train(whole, shards, "train.ema_decay=0.9").returncode == 0
-    shutil.copytree(whole, copy)
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
     before = {p.name: p.read_bytes() for p in (copy / "config.yaml", copy / "model.pt", copy / "metrics.jsonl")}
-    done = run_train(copy, shards, "train.ema_decay=0.9", "train.epochs=3", *change)
+    done = run_train(copy, shards, EMA, "train.epochs=3", *change)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "another recipe" in done.stderr and named in done.stderr and "Traceback" not in done.stderr
     assert {p: (copy / p).read_bytes() for p in before} == before
-    done = run_train(copy, shards, "train.ema_decay=0.9", "train.epochs=3")  # a longer run: allowed
+    done = run_train(copy, shards, EMA, "train.epochs=3")  # a longer run: allowed
     assert done.returncode == 0, done.stderr[-2000:]
     assert [m["epoch"] for m in metrics(copy)] == [0, 1, 2]
 
 
-def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_the_resume(shards: Path, tmp_path: Path) -> None:
+def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_the_resume(
+    shards: Path, finished: Path, tmp_path: Path
+) -> None:
     """Issue 16: a crash mid-append leaves half a line in metrics.jsonl; every later resume died on it."""
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert run_train(whole, shards).returncode == 0
+    resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    first_epoch = whole / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}"
+    first_epoch = finished / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}"
     shutil.copytree(first_epoch, resumed / "checkpoints" / first_epoch.name)
-    lines = (whole / "metrics.jsonl").read_text().splitlines()
+    lines = (finished / "metrics.jsonl").read_text().splitlines()
     (resumed / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
-    done = run_train(resumed, shards)
+    done = run_train(resumed, shards, EMA)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dropped its last line, cut short" in done.stderr
     assert [m["epoch"] for m in metrics(resumed)] == [0, 1]
