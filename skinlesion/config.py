@@ -242,6 +242,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if key in AUTO:
         if value == "auto":
             return value
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"config key {key!r} must be an integer or auto, got {value!r}")
         hint = int
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     if optional:
