@@ -75,6 +75,21 @@ def _lesion_rng(seed: int, lesion: int, shot: int | None = None) -> np.random.Ge
     return np.random.default_rng(key)
 
 
+def write_images(tasks: list[tuple[int, int, int, str, str]], workers: int | None) -> None:
+    """Render and save each (seed, lesion, shot, dx, path), over `workers` processes, with a progress bar: the
+    HAM10000 layout's and the ISIC layouts' (`synthetic_isic`) images alike."""
+    workers = workers or os.cpu_count() or 1
+    with tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True) as bar:
+        if workers == 1:
+            for task in tasks:
+                _write_image(task)
+                bar.update()
+        else:
+            with worker_pool(workers) as pool:
+                for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
+                    bar.update()
+
+
 def _write_image(task: tuple[int, int, int, str, str]) -> None:
     seed, lesion, shot, dx, path = task
     pic = render(make_lesion(_lesion_rng(seed, lesion), dx), _lesion_rng(seed, lesion, shot))
@@ -185,16 +200,7 @@ def _generate(out: Path, n_images: int, seed: int, workers: int | None) -> Path:
         for stale in (out / folder).glob("ISIC_9*.jpg"):
             if _SYNTH_IMAGE.match(stale.name) and stale.name not in planned:
                 stale.unlink()
-    workers = workers or os.cpu_count() or 1
-    with tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True) as bar:
-        if workers == 1:
-            for task in tasks:
-                _write_image(task)
-                bar.update()
-        else:
-            with worker_pool(workers) as pool:
-                for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
-                    bar.update()
+    write_images(tasks, workers)
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HEADER, extrasaction="ignore", lineterminator="\r\n")

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from skinlesion.data.pool import worker_pool
-from skinlesion.data.synthetic import _lesion_sizes, _write_image, check_destination
+from skinlesion.data.synthetic import _lesion_sizes, check_destination, write_images
 from skinlesion.errors import UserError
 from skinlesion.files import FolderLock, atomic_write, output_folder
 
@@ -178,16 +175,7 @@ def _generate(out: Path, layout: str, n_images: int, seed: int, workers: int | N
         if _SYNTH_IMAGE.match(stale.name) and stale.name not in planned:
             stale.unlink()
     tasks = [(seed, int(r["_lesion"]), int(r["_shot"]), r["_look"], str(folder / f"{r[name]}.jpg")) for r in rows]
-    workers = workers or os.cpu_count() or 1
-    with tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True) as bar:
-        if workers == 1:
-            for task in tasks:
-                _write_image(task)
-                bar.update()
-        else:
-            with worker_pool(workers) as pool:
-                for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
-                    bar.update()
+    write_images(tasks, workers)
     if layout == "isic2019":
         atomic_write(out / META_2019, _csv(rows, META_HEADER_2019))
         atomic_write(out / GT_2019, _csv(rows, HEADER_2019))
