@@ -39,8 +39,8 @@ SYNTHETIC_BANNER = (
     "clinical meaning, and its validation and test scores describe synthetic images only."
 )
 UNKNOWN_SOURCE_BANNER = (
-    "Unverified model: its model card does not say that it was trained on real dermoscopy. Treat its numbers "
-    "as having no clinical meaning."
+    "Unverified model: no model card for these weights says that it was trained on real dermoscopy. Treat its "
+    "numbers as having no clinical meaning."
 )
 
 
@@ -78,8 +78,8 @@ def band_note(band: str, thresholds: dict[str, float | None]) -> str:
 
 def banner(card: dict[str, Any] | None) -> str | None:
     """The warning shown above every result unless the card says the model was trained on real images."""
-    if card is None:
-        return None  # without a card the page and predict already say that nothing is calibrated
+    if card is None:  # no card (or one of other weights): nothing says where its training images came from
+        return UNKNOWN_SOURCE_BANNER
     source = (card.get("training_data") or {}).get("source") or {}
     if source.get("kind") == "real":
         return None

@@ -167,3 +167,9 @@ def test_evaluate_writes_the_ood_score_and_flag_that_predict_gives(calibrated, t
         assert float(row["ood_score"]) == pytest.approx(entry["ood"]["score"], rel=1e-5)
         assert row["ood_flag"] == str(int(entry["ood"]["flag"]))
     assert rows[0]["ood_flag"] == "1"  # the plain skin
+
+
+def test_a_model_without_a_card_for_its_weights_gets_the_unverified_banner() -> None:
+    """Without a card (or with one of other weights) nothing says where the training images came from: the page
+    and predict warn, as for a card that does not say real data."""
+    assert banner(None) == UNKNOWN_SOURCE_BANNER
