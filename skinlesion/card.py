@@ -45,7 +45,7 @@ from skinlesion.card_trust import (
     reject_constant,
     weights_digest,
 )
-from skinlesion.data.datasets import of_manifest
+from skinlesion.data.datasets import HAM10000, Dataset, of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 
@@ -57,17 +57,24 @@ OOD = "ood.pt"
 PASS_RATE = 0.95  # share of validation images the OOD threshold lets through
 SENSITIVITIES = (0.95, 0.80)  # validation operating points that bound the risk bands
 
-INTENDED_USE = (
-    "Decision support for dermatologists and trained clinicians looking at a dermoscopic image of a single "
-    "skin lesion: a ranking of 7 diagnostic categories (HAM10000's) with probabilities, and a malignancy "
-    "risk band. It is not a diagnosis and does not replace examination, the patient's history, or "
-    "histopathology."
-)
+
+TITLES = {"ham10000": "HAM10000", "isic2019": "ISIC 2019", "isic2020": "ISIC 2020"}  # presets' names as written
+
+
+def intended_use(dataset: Dataset) -> str:
+    """What the card says the model is for, in the terms of the dataset it was trained on."""
+    title = TITLES.get(dataset.name, dataset.name)
+    return (
+        "Decision support for dermatologists and trained clinicians looking at a dermoscopic image of a single "
+        f"skin lesion: a ranking of the {len(dataset.codes)} diagnostic categories of {title} "
+        f"({', '.join(dataset.codes)}) with probabilities, and a malignancy risk band. It is not a diagnosis and "
+        "does not replace examination, the patient's history, or histopathology."
+    )
+
+
 LIMITATIONS = [
     "Dermoscopic images only: clinical (non-dermoscopic) photographs, other imaging and other body sites "
     "are outside what the model has seen, and its numbers for them mean nothing.",
-    "Only the 7 HAM10000 categories (akiec, bcc, bkl, df, mel, nv, vasc): any other disease is forced into "
-    "one of them.",
     "The risk thresholds and metrics were measured on a validation split of the training data source, "
     "not on a prospective clinical population.",
 ]
@@ -88,7 +95,7 @@ def training_source(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def limitations(source: dict[str, Any]) -> list[str]:
+def limitations(source: dict[str, Any], described: Dataset | None = None) -> list[str]:
     """LIMITATIONS, led by what the training data means for this model: synthetic pictures, HAM10000's
     population, another dataset, or an unrecorded source."""
     kind, dataset = source.get("kind"), source.get("dataset")
@@ -114,7 +121,13 @@ def limitations(source: dict[str, Any]) -> list[str]:
         first = (
             "Where the training images came from was not recorded: treat the model as not validated on real dermoscopy."
         )
-    return [first, *LIMITATIONS]
+    described = described or HAM10000  # the model's classes: shards without a description are HAM10000's
+    classes = (
+        f"Only the {len(described.codes)} {TITLES.get(described.name, described.name)} categories "
+        f"({', '.join(described.codes)}): any other "
+        "disease is forced into one of them."
+    )
+    return [first, LIMITATIONS[0], classes, *LIMITATIONS[1:]]
 
 
 @dataclass(frozen=True)
@@ -352,8 +365,8 @@ def calibrate(
             "contrast_threshold": ood.contrast_threshold,
             "validation_pass_rate": PASS_RATE,
         },
-        "intended_use": INTENDED_USE,
-        "limitations": limitations(source) + limitation_lines(subgroups, split),
+        "intended_use": intended_use(dataset),
+        "limitations": limitations(source, dataset) + limitation_lines(subgroups, split),
         "subgroups": {"split": split, "metrics": subgroups},
         "version": __version__,
         "date": dt.date.today().isoformat(),

@@ -67,6 +67,9 @@ def test_isic2019_trains_an_eight_way_head_and_reports_eight_columns(isic2019_ru
     card = json.loads((run / "model_card.json").read_text())
     assert [c["dx"] for c in card["classes"]] == classes and card["dataset"] == "isic2019"
     assert card["risk"]["malignant_classes"] == ["ak", "bcc", "mel", "scc"]
+    # The card speaks of this model's classes, not HAM10000's seven.
+    assert "the 8 diagnostic categories of ISIC 2019" in card["intended_use"]
+    assert any(line.startswith("Only the 8 ISIC 2019 categories") for line in card["limitations"])
     image = next((shards.parent / "raw" / IMAGES_2019).glob("*.jpg"))
     done = _cli("predict", "--checkpoint", str(run / "best.pt"), "--top-k", "8", "--json", str(image))
     assert done.returncode == 0, done.stderr
