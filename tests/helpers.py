@@ -176,6 +176,12 @@ def kill_tree(pid: int) -> None:
             proc.kill()
 
 
+def dataset_files(folder: Path) -> dict[str, bytes]:
+    """A folder's files and their bytes, without `.lock`: each run rewrites it with its own pid and start time
+    (to the second, so comparing it fails whenever two runs straddle a second)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

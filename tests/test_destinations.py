@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import small_options
+from helpers import dataset_files, small_options
 
 from skinlesion.cli import main
 from skinlesion.data import shards
@@ -23,10 +23,6 @@ from skinlesion.data.synthetic import generate
 from skinlesion.errors import UserError
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
 
 
 def test_prepare_keeps_the_folder_itself_owner_mode_setgid_and_inode(synthetic_dir: Path, tmp_path: Path) -> None:
@@ -100,7 +96,7 @@ def test_mount_point_as_out(synthetic_dir: Path, tmp_path: Path) -> None:
 def test_interrupted_build_leaves_the_old_dataset_usable(synthetic_dir, tmp_path, monkeypatch) -> None:
     opts = small_options(synthetic_dir, tmp_path, n=40)
     prepare(opts)
-    old = _tree(opts.out)
+    old = dataset_files(opts.out)
 
     def crash(*args: object) -> int:
         raise KeyboardInterrupt  # Ctrl-C while shards are written
@@ -108,7 +104,7 @@ def test_interrupted_build_leaves_the_old_dataset_usable(synthetic_dir, tmp_path
     monkeypatch.setattr("skinlesion.data.prepare._write_shard", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(replace(opts, overwrite=True, seed=1))
-    assert _tree(opts.out) == old
+    assert dataset_files(opts.out) == old
     assert not list(opts.out.glob(".partial-*"))
 
 

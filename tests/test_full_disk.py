@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import REPO, STEPS_PER_EPOCH, TINY, env, small_options, tiny_shards
+from helpers import REPO, STEPS_PER_EPOCH, TINY, dataset_files, env, small_options, tiny_shards
 from safetensors.torch import load_file
 from torch import nn
 
@@ -75,12 +75,12 @@ def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_previous_dataset(
 ) -> None:
     opts = small_options(synthetic_dir, tmp_path, n=40)
     prepare(opts)
-    before = {p.name: p.read_bytes() for p in opts.out.iterdir() if p.is_file()}
+    before = dataset_files(opts.out)
     monkeypatch.setattr(shards, "write_shard", _enospc)  # the disk fills while the new shards are written
     assert main([*_prepare_args(opts), "--overwrite"]) == 2
     line = _last_line_only(capsys.readouterr().err)
     assert f"--out={opts.out}: no space left on device" in line and "free there now" in line
-    assert {p.name: p.read_bytes() for p in opts.out.iterdir() if p.is_file()} == before  # old dataset intact
+    assert dataset_files(opts.out) == before  # old dataset intact
     assert not [p for p in opts.out.iterdir() if p.name.startswith((".partial", ".incomplete"))]
 
 
