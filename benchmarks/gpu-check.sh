@@ -28,7 +28,7 @@ source "$(dirname "$0")/setup.sh" "$@"  # [--cpu] OUTDIR -> $cpu, $out, $repo, $
 started=$SECONDS
 
 if [ "$cpu" -eq 1 ]; then
-    images=300 stored=80 size=64 model=resnet18 batch=8 step_batch=8 workers=1 steps=6 precision=no per_class=40
+    images=300 stored=80 size=64 model=resnet18 batch=8 step_batch=8 workers=1 steps=6 precision=no per_class=16
     launch=(--cpu --mixed_precision no)
     # The recipe scaled down to what a CI CPU runs in about a minute; everything else is configs/ham10000.yaml.
     scale=(model.name=resnet18 data.image_size=64 data.batch_size=8 data.eval_batch_size=32 data.num_workers=1

@@ -11,7 +11,7 @@ set -euo pipefail
 source "$(dirname "$0")/setup.sh" "$@"  # [--cpu] OUTDIR -> $cpu, $out, $repo, $PYTHON; sl, stage, logged
 
 if [ "$cpu" -eq 1 ]; then
-    images=400 stored=72 size=64 model=resnet18 batch=16 workers=1 steps=6 precision=no
+    images=200 stored=72 size=64 model=resnet18 batch=16 workers=1 steps=6 precision=no
     launch=(--num_processes 1 --cpu)
 else
     images=12000 stored=256 size=224 model=resnet50 batch=128 workers=14 steps=200 precision=bf16
