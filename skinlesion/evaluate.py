@@ -29,13 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skinlesion import inference
-from skinlesion.card import OODStats
 from skinlesion.data.datasets import HAM10000, Dataset, of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import FolderLock, atomic_write
 from skinlesion.inference import class_probabilities
 from skinlesion.metrics import SPECIFICITIES, compute_metrics, sensitivity_key
 from skinlesion.model import LoadedModel
+from skinlesion.ood import OODStats
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
 from skinlesion.subgroups import subgroup_lines, subgroup_metrics
 from skinlesion.submission import isic_csv

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from skinlesion import inference
-from skinlesion.card import OODStats, load_calibration, risk_band
+from skinlesion.card import load_calibration, risk_band
+from skinlesion.ood import OODStats
 
 if TYPE_CHECKING:
     from skinlesion.model import LoadedModel

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from skinlesion.card import OODStats
 from skinlesion.data.datasets import HAM10000, Dataset
+from skinlesion.ood import OODStats
 
 if TYPE_CHECKING:
     from skinlesion.evaluate import Predictions

@@ -23,13 +23,14 @@ import torch
 from helpers import REPO
 
 from skinlesion import inference
-from skinlesion.card import OOD, OODStats
+from skinlesion.card import OOD
 from skinlesion.data.lesions import make_lesion, not_lesions, render
 from skinlesion.data.pipeline import eval_loader
 from skinlesion.data.synthetic import _lesion_rng, generate, plan
 from skinlesion.data.transforms import eval_uint8
 from skinlesion.labels import CLASSES
 from skinlesion.model import load_for_inference
+from skinlesion.ood import OODStats
 
 pytestmark = pytest.mark.slow
 

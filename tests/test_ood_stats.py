@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from skinlesion.card import PASS_RATE, OODStats
 from skinlesion.errors import UserError
 from skinlesion.inference import Outputs, centre_contrast
+from skinlesion.ood import PASS_RATE, OODStats
 
 D = 16
 

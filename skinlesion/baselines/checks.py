@@ -26,7 +26,6 @@ import torch.nn.functional as nnf
 from PIL import Image
 
 from skinlesion import inference
-from skinlesion.card import OODStats
 from skinlesion.data.augment import to_model_input
 from skinlesion.data.lesions import make_lesion, not_lesions, render
 from skinlesion.data.pipeline import eval_loader
@@ -34,6 +33,7 @@ from skinlesion.data.synthetic import _lesion_rng, plan
 from skinlesion.data.transforms import eval_uint8
 from skinlesion.labels import CLASSES
 from skinlesion.model import load_for_inference
+from skinlesion.ood import OODStats
 
 
 def _outputs(model: torch.nn.Module, images: torch.Tensor) -> tuple[inference.Outputs, torch.Tensor]:
