@@ -50,7 +50,7 @@ class Predictions:
     lesion_ids: list[str | None]
     labels: np.ndarray  # [N] class indices (the manifest's classes, in order)
     probs: np.ndarray  # [N, C] float64 softmax probabilities
-    ood_scores: np.ndarray | None = None  # [N] the model card's OOD score (`card.OODStats.scores`), if ood.pt exists
+    ood_scores: np.ndarray | None = None  # [N] the model card's OOD score (`ood.OODStats.scores`), if ood.pt exists
     metas: list[dict[str, Any]] | None = None  # [N] each sample's metadata (sex, age, site, dx_type: subgroups)
     classes: tuple[str, ...] = HAM10000.codes  # the manifest's classes: the columns of probs
 

@@ -1,4 +1,4 @@
-"""card.OODStats on made-up features: the two checks, their joint validation pass rate, and ood.pt's format.
+"""ood.OODStats on made-up features: the two checks, their joint validation pass rate, and ood.pt's format.
 
 Fast and model-free; tests/test_model_checks.py measures the flag on a trained model and real-looking inputs.
 """
