@@ -155,7 +155,7 @@ def validate(
 ) -> EvalResult:
     """The evaluator of `skinlesion evaluate` on `split`: every sample once across ranks, same metrics on all.
     `loader`: the split's eval loader with workers kept for the run (`train.fit`), else a new one. `plots`:
-    the PNGs too (0.7 s of matplotlib on the main process while the other ranks wait).
+    the PNGs too (most of a validation pass's file writing, on the main process while the other ranks wait).
 
     BatchNorm statistics are first made identical on every rank (DDP only broadcasts them at the next
     forward), so the result does not depend on the number of processes.
