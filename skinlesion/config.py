@@ -304,6 +304,8 @@ def _check_values(cfg: Config) -> None:
     if cfg.train.freeze_backbone_epochs >= cfg.train.epochs:
         raise UserError(f"train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} leaves no epoch of the "
                         f"{cfg.train.epochs} (train.epochs) to train the backbone; lower it")  # fmt: skip
+    if cfg.data.decode == "device" and cfg.data.augment == "cpu":  # caught before any folder is made or locked
+        raise UserError("data.decode=device needs data.augment=device (or auto): set one of them, e.g. data.decode=cpu")
     low, high = IMAGE_SIZE_RANGE
     if not low <= cfg.data.image_size <= high:
         raise UserError(f"config key 'data.image_size' must be from {low} to {high} px, got {cfg.data.image_size}")

@@ -165,3 +165,10 @@ def test_integers_past_what_torch_and_numpy_take_are_refused(override: str, limi
     with pytest.raises(UserError, match=f"is out of range: .* \\(at most {limit}\\)"):
         load_config(None, [override])
     assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1
+
+
+def test_decoding_on_the_device_with_cpu_augmentation_is_refused_at_load(tmp_path) -> None:
+    """A contradiction in the recipe fails when the config is read, before train creates or locks its folder."""
+    with pytest.raises(UserError, match=r"data\.decode=device needs data\.augment=device"):
+        load_config(None, ["data.decode=device", "data.augment=cpu", f"train.output_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()
