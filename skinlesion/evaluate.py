@@ -301,13 +301,13 @@ def write_outputs(
     files = {
         "metrics": _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n"),
         "predictions": _write_text(out / "predictions.csv", isic_csv(preds, dataset)),
-        "report": _write_text(out / "classification_report.txt", _report(preds, metrics)),
     }
     ood = ood_csv(preds)
     if ood is not None:
         files["ood"] = _write_text(out / "ood.csv", ood)
     else:  # an earlier evaluation's ood.csv in this folder would pair other scores with these predictions
         (out / "ood.csv").unlink(missing_ok=True)
+    files["report"] = _write_text(out / "classification_report.txt", _report(preds, metrics))
     if plots:
         cm = np.asarray(metrics["confusion_matrix"])
         files["confusion_matrix"] = plot_confusion_matrix(
