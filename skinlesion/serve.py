@@ -9,9 +9,10 @@ Limits hold while the body streams in, whatever its framing (Content-Length or c
 are counted as they arrive and the request stops with 413 past --max-files x (--max-mb + 1 MB); the parser
 stops at file --max-files + 1; and of each file at most --max-mb + 1 byte is kept, below the spool size, so an
 upload is never written to a temporary file (the rest is counted and dropped, and the file gets "too large").
-Without --token, only requests addressed to localhost, the --host bound to and --allow-host names are
-answered (DNS rebinding); `/` and `/healthz` (which names nothing) are public, everything under /api/ needs
-the token when there is one, and there is no Swagger page, which would load from a CDN.
+Without --token, only requests addressed to localhost, the --host bound to and --allow-host names (exact:
+`skinlesion.hosts`) are answered (DNS rebinding); `/` and `/healthz` (which names nothing) are public,
+everything under /api/ needs the token when there is one, and there is no Swagger page, which would load from
+a CDN.
 
 Every image goes through `skinlesion.inference`, the path `evaluate` and `predict` use, and gets the
 fields of `predict --json` plus the risk band and the out-of-distribution verdict from the model card

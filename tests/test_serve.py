@@ -429,6 +429,23 @@ def test_allow_host_takes_exact_names_only(calibrated: Path, value: str, says: s
         assert "set --token" in err
 
 
+def test_start_up_names_exactly_the_hosts_answered(calibrated: Path, monkeypatch, capsys) -> None:
+    """The start-up note lists the names answered without a token (once `*`, which meant every name); with a
+    token, --allow-host is said to have no effect."""
+    import uvicorn
+
+    from skinlesion.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    args = ["serve", "--checkpoint", str(calibrated), "--host", "10.1.2.3"]
+    assert main([*args, "--allow-host", "WS-3.clinic.local", "--allow-host", "fe80::1"]) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: without --token"))
+    assert note.startswith("note: without --token, only requests to 10.1.2.3, 127.0.0.1, [::1], [fe80::1], ")
+    assert "localhost, ws-3.clinic.local are answered" in note
+    assert main([*args, "--token", "s3cret", "--allow-host", "ws-3.clinic.local"]) == 0
+    assert "note: --allow-host has no effect with --token" in capsys.readouterr().out
+
+
 def test_a_wildcard_never_reaches_the_app_and_a_failing_host_check_answers_400(calibrated: Path, monkeypatch):
     """Issue 21, point 14: with `clinic*` every request, /healthz included, answered 500 (the old middleware's
     assertion); with `*` any Host was answered. Neither can be configured now, and whatever fails inside the
