@@ -238,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=float, default=20.0, help="largest image accepted, MB (default 20)")
     p.add_argument("--max-files", type=int, default=20, help="most images per request (default 20)")
     p.add_argument("--batch", type=int, default=8, help="images per shared forward pass (default 8; 1 = no batching)")
-    allow = "without --token, also answer requests addressed to NAME (repeatable; localhost and --host always are)"
+    allow = (
+        "without --token, also answer requests addressed to NAME, an exact host name or IP address without port or "
+        "wildcard (repeatable; localhost and --host always are)"
+    )
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help=allow)
     p.set_defaults(func=_serve)
     _add_bench(sub)

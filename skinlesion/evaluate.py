@@ -1,4 +1,4 @@
-"""A model + a split of the shards -> clinical metrics, ISIC predictions.csv, report and plots.
+"""A model + a split of the shards -> clinical metrics, ISIC predictions.csv (+ ood.csv), report and plots.
 
 The core (`evaluate`) is shared by `skinlesion evaluate` and by the trainer's per-epoch validation,
 so best.pt is chosen by exactly the numbers the user later reads. It runs on every rank: each reads
@@ -38,7 +38,7 @@ from skinlesion.model import LoadedModel
 from skinlesion.ood import OODStats
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
 from skinlesion.subgroups import subgroup_lines, subgroup_metrics
-from skinlesion.submission import isic_csv
+from skinlesion.submission import isic_csv, ood_csv
 
 
 @dataclass(frozen=True)
@@ -294,14 +294,20 @@ def evaluate(
 def write_outputs(
     out: Path, preds: Predictions, metrics: dict[str, Any], plots: bool = True, dataset: Dataset = HAM10000
 ) -> dict[str, Path]:
-    """metrics.json, predictions.csv (the dataset's ISIC format), classification_report.txt and the three plots."""
+    """metrics.json, predictions.csv (the dataset's ISIC format, nothing more), ood.csv (with OOD scores),
+    classification_report.txt and the three plots."""
     out.mkdir(parents=True, exist_ok=True)
     title = f"{metrics.get('split')} split, n={metrics['n_samples']}"
     files = {
         "metrics": _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n"),
         "predictions": _write_text(out / "predictions.csv", isic_csv(preds, dataset)),
-        "report": _write_text(out / "classification_report.txt", _report(preds, metrics)),
     }
+    ood = ood_csv(preds)
+    if ood is not None:
+        files["ood"] = _write_text(out / "ood.csv", ood)
+    else:  # an earlier evaluation's ood.csv in this folder would pair other scores with these predictions
+        (out / "ood.csv").unlink(missing_ok=True)
+    files["report"] = _write_text(out / "classification_report.txt", _report(preds, metrics))
     if plots:
         cm = np.asarray(metrics["confusion_matrix"])
         files["confusion_matrix"] = plot_confusion_matrix(

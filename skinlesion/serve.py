@@ -9,9 +9,10 @@ Limits hold while the body streams in, whatever its framing (Content-Length or c
 are counted as they arrive and the request stops with 413 past --max-files x (--max-mb + 1 MB); the parser
 stops at file --max-files + 1; and of each file at most --max-mb + 1 byte is kept, below the spool size, so an
 upload is never written to a temporary file (the rest is counted and dropped, and the file gets "too large").
-Without --token, only requests addressed to localhost, the --host bound to and --allow-host names are
-answered (DNS rebinding); `/` and `/healthz` (which names nothing) are public, everything under /api/ needs
-the token when there is one, and there is no Swagger page, which would load from a CDN.
+Without --token, only requests addressed to localhost, the --host bound to and --allow-host names (exact:
+`skinlesion.hosts`) are answered (DNS rebinding); `/` and `/healthz` (which names nothing) are public,
+everything under /api/ needs the token when there is one, and there is no Swagger page, which would load from
+a CDN.
 
 Every image goes through `skinlesion.inference`, the path `evaluate` and `predict` use, and gets the
 fields of `predict --json` plus the risk band and the out-of-distribution verdict from the model card
@@ -43,10 +44,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from skinlesion import inference
 from skinlesion.errors import UserError
+from skinlesion.hosts import HostCheck, allowed_name, canonical
 from skinlesion.model import LoadedModel, load_for_inference
 from skinlesion.predict import DISCLAIMER
 from skinlesion.report import Calibration
@@ -69,7 +70,7 @@ class Settings:
     device: str = "auto"
     batch: int = BATCH  # images per shared forward pass (1: one request at a time, the benchmark's baseline)
     host: str = "127.0.0.1"  # the address bound to: a name requests may be addressed to
-    allow_hosts: tuple[str, ...] = ()  # further names (without --token; --allow-host)
+    allow_hosts: tuple[str, ...] = ()  # further exact names (without --token; --allow-host): skinlesion.hosts
 
     def check(self) -> None:
         """Each setting usable, or one line saying which is not (a NaN --max-mb once made a traceback)."""
@@ -81,13 +82,15 @@ class Settings:
                 "HTTP header, which cannot carry other characters; e.g. use "
                 "`python -c 'import secrets; print(secrets.token_urlsafe())'`"
             )
+        for name in self.allow_hosts:  # exact names only: `*` once switched the Host check off
+            allowed_name(name)
 
     def host_names(self) -> list[str]:
         """The Host header values answered without a token: this machine's loopback names, the address bound
         to (for 0.0.0.0 or ::, this machine's name), and --allow-host."""
         bound = [socket.gethostname(), socket.getfqdn()] if self.host in WILDCARDS else [self.host]
-        names = [*LOCAL_NAMES, *bound, *self.allow_hosts]
-        return sorted({(f"[{n}]" if ":" in n and not n.startswith("[") else n).lower() for n in names if n})
+        names = [canonical(n) for n in (*LOCAL_NAMES, *bound)] + [allowed_name(n) for n in self.allow_hosts]
+        return sorted({n for n in names if n})
 
 
 @dataclass
@@ -277,7 +280,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=None,
     )
     if settings.token is None:  # a page on another site, its name rebound to 127.0.0.1, gets 400 (DNS rebinding)
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names(), www_redirect=False)
+        app.add_middleware(HostCheck, names=settings.host_names())
 
     def authorised(request: Request) -> None:
         if settings.token is None:
@@ -379,6 +382,9 @@ def serve_command(checkpoint: Path, host: str, port: int, token: str | None, dev
               "can use it and send it images", flush=True)  # fmt: skip
         names = ", ".join(settings.host_names())
         print(f"note: without --token, only requests to {names} are answered (--allow-host adds one)", flush=True)
+    if token is not None and allow_hosts:
+        print("note: --allow-host has no effect with --token: the token guards the API, and no Host is checked",
+              flush=True)  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)
     print(f"serving {checkpoint} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)

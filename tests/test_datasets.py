@@ -228,12 +228,13 @@ def test_ham10000_stays_the_default_and_its_description_is_the_old_constants(sha
     assert datasets.of_manifest(legacy) == ham
 
 
-def test_partial_auc_and_2019_balanced_accuracy_agree_with_the_official_scorer(monkeypatch) -> None:
+def test_partial_auc_and_2019_balanced_accuracy_agree_with_the_official_scorer(monkeypatch, tmp_path: Path) -> None:
+    """On the predictions.csv evaluate writes, OOD scores and all (they go to ood.csv: issue 21, point 16)."""
     pytest.importorskip("isic_challenge_scoring")
     from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
     from isic_challenge_scoring.metrics import auc_above_sensitivity
 
-    from skinlesion.evaluate import Predictions, isic_csv
+    from skinlesion.evaluate import Predictions, write_outputs
     from skinlesion.metrics import compute_metrics, partial_auc_above_sensitivity
 
     if not hasattr(pd.DataFrame, "applymap"):
@@ -253,9 +254,14 @@ def test_partial_auc_and_2019_balanced_accuracy_agree_with_the_official_scorer(m
     logits = rng.normal(size=(n + n_unk, k)) + 2.0 * np.eye(k)[np.concatenate([y_true, np.zeros(n_unk, int)])]
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     ids = [f"ISIC_{i:07d}" for i in range(n + n_unk)]
-    preds = Predictions(keys=ids, image_ids=ids, lesion_ids=[None] * len(ids), labels=y_true, probs=probs)
-    predictions = isic_csv(preds, isic2019)
+    labels = np.concatenate([y_true, np.zeros(n_unk, int)])
+    ood = np.linspace(0.0, 2.0, n + n_unk)
+    preds = Predictions(ids, ids, [None] * len(ids), labels, probs, ood_scores=ood, classes=isic2019.codes)
+    metrics = compute_metrics(labels, probs, n_bootstrap=0, classes=isic2019.codes)
+    files = write_outputs(tmp_path / "eval", preds, metrics, plots=False, dataset=isic2019)
+    predictions = files["predictions"].read_text()
     assert predictions.splitlines()[0] == "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK"
+    assert files["ood"].read_text().splitlines()[0] == "image,ood_score,ood_flag"
     one_hot = np.zeros((n + n_unk, k + 1))
     one_hot[np.arange(n), y_true] = 1
     one_hot[n:, k] = 1
@@ -272,6 +278,34 @@ def test_partial_auc_and_2019_balanced_accuracy_agree_with_the_official_scorer(m
     assert partial_auc_above_sensitivity(is_mel, probs[:, mel], 0.8) == pytest.approx(
         score.per_category.loc["MEL", "auc_sens_80"], abs=1e-12
     )
+
+
+def test_isic2020_predictions_are_the_challenge_sample_submission_layout(tmp_path: Path) -> None:
+    """ISIC 2020 was scored on Kaggle, not by isic-challenge-scoring (whose reader needs an `image` column), so
+    this checks the layout of the challenge's published sample submission: exactly `image_name,target`, one
+    row per image, the melanoma probability as a number in [0, 1]; the OOD scores go to ood.csv."""
+    from skinlesion.evaluate import Predictions, write_outputs
+    from skinlesion.metrics import compute_metrics
+
+    isic2020 = datasets.preset("isic2020")
+    ids = ["ISIC_0052060", "ISIC_0052349", "ISIC_0058510", "ISIC_0073313"]
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([[0.75, 0.25], [0.125, 0.875], [1.0, 0.0], [0.5, 0.5]])
+    preds = Predictions(
+        ids, ids, ids, labels, probs, ood_scores=np.array([0.5, 2.0, 0.1, 1.5]), classes=("other", "mel")
+    )
+    metrics = compute_metrics(labels, probs, n_bootstrap=0, classes=isic2020.codes)
+    files = write_outputs(tmp_path / "eval", preds, metrics, plots=False, dataset=isic2020)
+    assert files["predictions"].read_text().splitlines() == [
+        "image_name,target",
+        "ISIC_0052060,0.25",
+        "ISIC_0052349,0.875",
+        "ISIC_0058510,0.0",
+        "ISIC_0073313,0.5",
+    ]
+    assert files["ood"].read_text().splitlines()[1:] == [
+        f"{i},{s},{f}" for i, s, f in zip(ids, (0.5, 2.0, 0.1, 1.5), (0, 1, 0, 1), strict=True)
+    ]
 
 
 def test_binary_metrics_bootstrap_auc_over_patients() -> None:

@@ -63,7 +63,7 @@ def test_isic2019_trains_an_eight_way_head_and_reports_eight_columns(isic2019_ru
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["classes"] == classes and len(metrics["confusion_matrix"]) == 8 and "binary" not in metrics
     header = (run / "eval" / "predictions.csv").read_text().splitlines()[0]
-    assert header.startswith("image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK")
+    assert header == "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK"
     card = json.loads((run / "model_card.json").read_text())
     assert [c["dx"] for c in card["classes"]] == classes and card["dataset"] == "isic2019"
     assert card["risk"]["malignant_classes"] == ["ak", "bcc", "mel", "scc"]
@@ -101,7 +101,7 @@ def test_isic2020_is_scored_as_a_binary_task_and_other_classes_are_refused(
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["classes"] == ["other", "mel"] and metrics["group_key"] == "patient_id"
     assert metrics["binary"]["positive"] == "mel" and metrics["binary"]["auc"] == metrics["per_class"]["mel"]["auc"]
-    assert (tmp_path / "run" / "eval" / "predictions.csv").read_text().splitlines()[0].startswith("image,target")
+    assert (tmp_path / "run" / "eval" / "predictions.csv").read_text().splitlines()[0] == "image_name,target"
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert best["model"]["fc.weight"].shape[0] == 2
     assert best["metric"]["name"] == "val_auc"  # a binary task keeps the epoch with the best validation AUC

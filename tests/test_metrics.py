@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -146,13 +145,15 @@ def test_confusion_matrix_helper_counts_pairs():
 
 
 @pytest.mark.filterwarnings("ignore")  # the scorer's own pandas deprecation warnings
-def test_agrees_with_the_official_isic_scorer(monkeypatch):
-    """Our balanced accuracy and per-class AUC equal isic-challenge-scoring's on our predictions.csv."""
+def test_agrees_with_the_official_isic_scorer(monkeypatch, tmp_path):
+    """Our balanced accuracy and per-class AUC equal isic-challenge-scoring's on the predictions.csv that
+    evaluate writes, with OOD scores: issue 21, point 16, the scorer refused the file for its OOD columns
+    ("Extra columns in CSV"), which this test missed while its predictions had no OOD scores."""
     pytest.importorskip("isic_challenge_scoring")
     import pandas as pd
     from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 
-    from skinlesion.evaluate import Predictions, isic_csv
+    from skinlesion.evaluate import Predictions, write_outputs
 
     if not hasattr(pd.DataFrame, "applymap"):  # the scorer (5.6) still calls applymap, removed in pandas 3
         monkeypatch.setattr(pd.DataFrame, "applymap", pd.DataFrame.map, raising=False)
@@ -162,15 +163,26 @@ def test_agrees_with_the_official_isic_scorer(monkeypatch):
     logits = rng.normal(size=(n, 7)) + 2.0 * np.eye(7)[y_true]
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     ids = [f"ISIC_{i:07d}" for i in range(n)]
-    preds = Predictions(keys=ids, image_ids=ids, lesion_ids=[None] * n, labels=y_true, probs=probs)
+    ood = np.where(np.arange(n) % 4 == 0, 3.0, 0.5)  # every fourth image far above the threshold of 1
+    preds = Predictions(keys=ids, image_ids=ids, lesion_ids=[None] * n, labels=y_true, probs=probs, ood_scores=ood)
     truth = pd.DataFrame(np.eye(7)[y_true], columns=[dx.upper() for dx in CLASSES])
     truth.insert(0, "image", ids)
-    truth_csv = truth[["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]].to_csv(index=False)
-
-    score = ClassificationScore.from_stream(
-        io.StringIO(truth_csv), io.StringIO(isic_csv(preds)), ClassificationMetric.BALANCED_ACCURACY
+    (tmp_path / "truth.csv").write_text(
+        truth[["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]].to_csv(index=False)
     )
     ours = compute_metrics(y_true, probs, n_bootstrap=0)
+    files = write_outputs(tmp_path / "eval", preds, ours, plots=False)
+
+    score = ClassificationScore.from_file(
+        tmp_path / "truth.csv", files["predictions"], ClassificationMetric.BALANCED_ACCURACY
+    )
+    assert files["predictions"].read_text().splitlines()[0] == "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
     assert ours["balanced_accuracy"] == pytest.approx(score.aggregate["balanced_accuracy"], abs=1e-12)
     for dx in CLASSES:
         assert ours["per_class"][dx]["auc"] == pytest.approx(score.per_category.loc[dx.upper(), "auc"], abs=1e-12)
+    beside = pd.read_csv(files["ood"])  # the OOD scores, beside the submission and keyed like it
+    assert list(beside.columns) == ["image", "ood_score", "ood_flag"] and list(beside["image"]) == ids
+    assert list(beside["ood_score"]) == list(ood) and list(beside["ood_flag"]) == [int(s > 1) for s in ood]
+    plain = Predictions(keys=ids, image_ids=ids, lesion_ids=[None] * n, labels=y_true, probs=probs)
+    assert "ood" not in write_outputs(tmp_path / "eval", plain, ours, plots=False)
+    assert not (tmp_path / "eval" / "ood.csv").exists()  # no stale scores left beside other predictions

@@ -133,7 +133,7 @@ def test_predict_prints_the_banner_band_words_and_notice_and_no_band_when_flagge
     assert "%" in text and ".0%" not in text and "low" not in text.lower().split()
 
 
-def test_evaluate_writes_the_ood_score_and_flag_that_predict_gives(calibrated, tmp_path, capsys):
+def test_evaluate_writes_the_ood_score_and_flag_that_predict_gives_beside_the_submission(calibrated, tmp_path, capsys):
     from skinlesion.data.lesions import make_lesion, render
 
     rng = np.random.default_rng(4)
@@ -158,8 +158,13 @@ def test_evaluate_writes_the_ood_score_and_flag_that_predict_gives(calibrated, t
     (shards / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(calibrated), "--shards", str(shards), "--out", str(out)]) == 0
-    rows = list(csv.DictReader((out / "predictions.csv").open()))
-    assert list(rows[0])[-2:] == ["ood_score", "ood_flag"]
+    # The submission holds the ISIC 2018 columns only (the official scorer refuses any other: issue 21, point 16);
+    # the OOD verdicts are in ood.csv beside it, for the same images in the same order.
+    submission = list(csv.reader((out / "predictions.csv").open()))
+    assert submission[0] == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    rows = list(csv.DictReader((out / "ood.csv").open()))
+    assert list(rows[0]) == ["image", "ood_score", "ood_flag"]
+    assert [row["image"] for row in rows] == [line[0] for line in submission[1:]] == list(images)
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(calibrated), *map(str, images.values()), "--json"]) == 0
     predicted = json.loads(capsys.readouterr().out)["results"]

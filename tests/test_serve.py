@@ -369,6 +369,22 @@ HOST_CASES = [
     ({"host": "10.1.2.3"}, ["10.1.2.3:8000", "127.0.0.1"], ["10.1.2.4:8000", "attacker.example:8000"]),
     ({"host": "::1"}, ["[::1]:8000"], ["[::2]:8000"]),
     ({"host": "0.0.0.0", "allow_hosts": ("ws-3.clinic.local",)}, ["ws-3.clinic.local:8000"], ["0.0.0.0", "x.example"]),
+    # Exact names, compared as the same name however written (case, IPv6 spelling, port); a Host that cannot be
+    # read is refused like a foreign one.
+    (
+        {"host": "::1", "allow_hosts": ("WS-3.Clinic.Local", "fe80::1", "10.1.2.3")},
+        ["[0:0:0:0:0:0:0:1]:8000", "ws-3.clinic.local", "[FE80::1]:8000", "10.1.2.3:8000"],
+        [
+            "ws-3.clinic.local.evil.example",
+            "clinic.local",
+            "10.1.2.3.nip.io",
+            "[::1",
+            "[::1]x",
+            "a:b:c",
+            "ws-3:port",
+            "",
+        ],
+    ),
 ]
 
 
@@ -381,6 +397,104 @@ def test_without_a_token_only_this_servers_own_names_are_answered(calibrated: Pa
         for host in refused:
             assert c.get("/api/model", headers={"Host": host}).status_code == 400, host
             assert c.get("/", headers={"Host": host}).status_code == 400, host
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("*", "patterns are not accepted"),
+        ("clinic*", "patterns are not accepted"),
+        ("*.clinic.local", "patterns are not accepted"),
+        ("ws-3.clinic.local:8000", "without the port"),
+        ("[::1]:8000", "without the port"),
+        ("http://ws-3.clinic.local", "is not an exact host name"),
+        ("", "is not an exact host name"),
+        ("two words", "is not an exact host name"),
+        ("10.1.2", "is not an exact host name"),
+        ("ws-3-.clinic", "is not an exact host name"),
+    ],
+)
+def test_allow_host_takes_exact_names_only(calibrated: Path, value: str, says: str, monkeypatch, capsys) -> None:
+    """Issue 21, point 14: `--allow-host '*'` switched the Host check off (and the note said only `*` was
+    answered); `clinic*` started, then answered every request 500. Now each value is checked at start."""
+    import uvicorn
+
+    from skinlesion.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail(f"served with --allow-host {value!r}"))
+    assert main(["serve", "--checkpoint", str(calibrated), "--host", "0.0.0.0", "--allow-host", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --allow-host {value!r}") and says in err and err.count("\n") == 1
+    if "*" in value:  # and it says how to serve any name instead
+        assert "set --token" in err
+
+
+def test_start_up_names_exactly_the_hosts_answered(calibrated: Path, monkeypatch, capsys) -> None:
+    """The start-up note lists the names answered without a token (once `*`, which meant every name); with a
+    token, --allow-host is said to have no effect."""
+    import uvicorn
+
+    from skinlesion.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    args = ["serve", "--checkpoint", str(calibrated), "--host", "10.1.2.3"]
+    assert main([*args, "--allow-host", "WS-3.clinic.local", "--allow-host", "fe80::1"]) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: without --token"))
+    assert note.startswith("note: without --token, only requests to 10.1.2.3, 127.0.0.1, [::1], [fe80::1], ")
+    assert "localhost, ws-3.clinic.local are answered" in note
+    assert main([*args, "--token", "s3cret", "--allow-host", "ws-3.clinic.local"]) == 0
+    assert "note: --allow-host has no effect with --token" in capsys.readouterr().out
+
+
+def test_a_wildcard_never_reaches_the_app_and_a_failing_host_check_answers_400(calibrated: Path, monkeypatch):
+    """Issue 21, point 14: with `clinic*` every request, /healthz included, answered 500 (the old middleware's
+    assertion); with `*` any Host was answered. Neither can be configured now, and whatever fails inside the
+    check itself, the answer is 400 with a plain message."""
+    from skinlesion import hosts
+    from skinlesion.errors import UserError
+
+    for value in ("*", "clinic*"):
+        with pytest.raises(UserError, match="patterns are not accepted"):
+            create_app(Settings(calibrated, allow_hosts=(value,)))
+
+    def broken(header: str) -> str:
+        raise RuntimeError("a bug in the check")
+
+    monkeypatch.setattr(hosts, "request_host", broken)
+    with _client(calibrated) as c:
+        for path in ("/healthz", "/api/model", "/"):
+            response = c.get(path)
+            assert response.status_code == 400, path
+            assert response.headers["content-type"].startswith("text/plain")
+            assert response.text.startswith("Invalid host header")
+
+
+def test_a_request_with_two_host_headers_or_none_is_refused(calibrated: Path) -> None:
+    """The check reads the one Host header a request must have (RFC 9112); two, or none, get 400."""
+    from skinlesion.hosts import HostCheck
+
+    reached: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        reached.append(scope["path"])
+
+    async def request(headers: list[tuple[bytes, bytes]]) -> int:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": headers, "query_string": b""}
+        await HostCheck(app, ["127.0.0.1"])(scope, receive, send)
+        return sent[0]["status"] if sent else 200
+
+    assert asyncio.run(request([(b"host", b"127.0.0.1:8000")])) == 200 and reached == ["/healthz"]
+    assert asyncio.run(request([(b"host", b"127.0.0.1"), (b"host", b"evil.example")])) == 400
+    assert asyncio.run(request([])) == 400
+    assert reached == ["/healthz"]
 
 
 @pytest.mark.parametrize("token", ["pässwort", "two words", "tab\tbed", "naïve-☃"])
