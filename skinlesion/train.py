@@ -43,10 +43,10 @@ from skinlesion.data.datasets import of_manifest
 from skinlesion.data.device_decode import resolve_decode
 from skinlesion.data.manifest import read_manifest, verify_split
 from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
+from skinlesion.data.workers import resolve_workers
 from skinlesion.distributed import (
     StepCheck,
     StopSignal,
-    loader_workers,
     lock_on_main,
     make_accelerator,
     runtime_info,
@@ -117,6 +117,8 @@ def train(cfg: Config) -> Path:
 
 def setup(cfg: Config) -> Run:
     """Check the inputs before any process group exists, then form it and build what training needs."""
+    workers = resolve_workers(cfg.data.num_workers, gpu=torch.cuda.is_available())  # before any folder is made
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers.count))
     out = output_folder(cfg.train.output_dir, "train.output_dir")  # every rank: a bad folder fails all alike
     manifest = read_manifest(cfg.data.shards)
     for split in ("train", "val"):
@@ -126,6 +128,8 @@ def setup(cfg: Config) -> Run:
         cfg.train.mixed_precision, cfg.train.dist_timeout_s, tracking.log_with(cfg), project_dir=str(out)
     )
     lock = lock_on_main(accelerator, out, "train.output_dir")
+    if workers.note and accelerator.is_main_process:
+        accelerator.print(workers.note)
     try:
         world, train_samples = accelerator.num_processes, manifest["splits"].get("train", {}).get("samples", 0)
         batches = batches_per_rank(train_samples, cfg.data.batch_size, world, cfg.train.grad_accum)
@@ -137,10 +141,6 @@ def setup(cfg: Config) -> Run:
             )
         if cfg.train.resume == "never" and complete_checkpoints(out):
             raise UserError(f"{out} already holds checkpoints; pass train.resume=auto or another train.output_dir")
-
-        cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, num_workers=loader_workers(cfg.data.num_workers))
-        )
         schedule = scaled_schedule(cfg.train, cfg.data.batch_size * world * cfg.train.grad_accum)
         set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
         dataset = of_manifest(manifest, f"{cfg.data.shards}/manifest.json")  # the classes: the head, the facts
