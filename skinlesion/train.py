@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from skinlesion.distributed import (
     runtime_info,
 )
 from skinlesion.ema import EMA, make_ema
-from skinlesion.epoch import train_epoch, validate
+from skinlesion.epoch import epoch_line, train_epoch, validate
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate_checkpoint
 from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
@@ -250,7 +251,7 @@ def fit(run: Run, state: TrainerState) -> bool:
         size, batch, workers = cfg.data.image_size, cfg.data.eval_batch_size, cfg.data.num_workers
         val = eval_loader(cfg.data.shards, "val", size, batch, workers, rank, world, run.manifest, persistent=True)
     for epoch in range(state.epoch, cfg.train.epochs):
-        state.epoch = epoch
+        state.epoch, started = epoch, time.perf_counter()
         epoch_stats = train_epoch(run, state, batches)
         if epoch_stats is None:  # preempted: checkpoint written, every rank leaves cleanly
             return False
@@ -272,6 +273,10 @@ def fit(run: Run, state: TrainerState) -> bool:
             with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score, name)
+        val_line = (record["val_loss"], name, score) if result is not None else None
+        seconds = time.perf_counter() - started
+        line = epoch_line(epoch, cfg.train.epochs, epoch_stats, seconds, val_line, state.best_epoch == epoch)
+        accelerator.print(line)  # main process only
         if result is not None and state.best_epoch == epoch:  # W&B: charts + most confident mistakes of best.pt
             tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step, run.manifest)
         save_checkpoint(accelerator, run.out, state, cfg.train.keep_checkpoints, run.ema)
