@@ -300,7 +300,8 @@ def finish(run: Run, state: TrainerState) -> None:
             )
         export_model(weights, out / "model.pt", run.facts)
         (out / "preempted").unlink(missing_ok=True)
-        accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
+        best = "?" if state.best_epoch is None else state.best_epoch + 1  # counted from 1, as in `epoch_line`
+        accelerator.print(f"done: {out}/model.pt, best.pt (epoch {best}/{cfg.train.epochs}), metrics.jsonl")
     accelerator.wait_for_everyone()  # best.pt is written by the main process
     test: EvalResult | None = None
     if run.has("test"):

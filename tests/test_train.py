@@ -58,6 +58,7 @@ def test_training_writes_the_contract_outputs_and_the_loss_falls(shards: Path, t
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["arch"] == "resnet18" and best["image_size"] == 32 and best["metric"]["name"] == "val_balanced_accuracy"
     assert best["metric"]["value"] == max(m["val_balanced_accuracy"] for m in lines)
+    assert f"best.pt (epoch {best['epoch'] + 1}/3)" in done.stdout  # counted from 1 on the console, 0 in files
     assert load_for_inference(out / "best.pt").arch == "resnet18"
 
     config = yaml.safe_load((out / "config.yaml").read_text())
