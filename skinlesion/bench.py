@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -218,12 +219,16 @@ def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5)
     from skinlesion.data.device_decode import resolve_decode
     from skinlesion.data.manifest import read_manifest
     from skinlesion.data.pipeline import train_loader
-    from skinlesion.distributed import loader_workers, resolve_mixed_precision
+    from skinlesion.data.workers import resolve_workers
+    from skinlesion.distributed import resolve_mixed_precision
 
     cfg = load_config(config, overrides)
-    cfg.data.num_workers = loader_workers(cfg.data.num_workers)
-    read_manifest(cfg.data.shards)
     device = _device()
+    workers = resolve_workers(cfg.data.num_workers, gpu=device.type == "cuda")
+    if workers.note:
+        print(workers.note, file=sys.stderr)
+    cfg.data.num_workers = workers.count
+    read_manifest(cfg.data.shards)
     precision = resolve_mixed_precision(cfg.train.mixed_precision)
     augment = resolve_augment(cfg.data.augment, device)
     decode = resolve_decode(cfg.data.decode, augment, device)

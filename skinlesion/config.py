@@ -127,7 +127,7 @@ NON_NEGATIVE |= {"train.checkpoint_every_steps", "train.momentum", "train.min_lr
 NON_NEGATIVE |= {"train.focal_gamma", "train.label_smoothing", "train.ema_decay"}
 NON_NEGATIVE |= {"train.mixup_alpha", "train.cutmix_alpha", "train.mix_prob", "train.backbone_lr_mult"}
 NON_NEGATIVE |= {"train.freeze_backbone_epochs", "train.reference_batch"}
-AUTO = {"data.num_workers"}  # a count, or "auto": resolved when the machine is known (distributed.loader_workers)
+AUTO = {"data.num_workers"}  # a count, or "auto": checked and resolved on the machine that trains (data.workers)
 POSITIVE |= {"train.ema_every_steps"}
 # Integers past int32 overflow torch and numpy (train.seed: numpy's seeds stop at 2**32 - 1); "*" is every key.
 INT_LIMIT = {"*": 2**31 - 1, "train.seed": 2**32 - 1}

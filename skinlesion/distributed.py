@@ -164,18 +164,6 @@ class StepCheck:
         return int(signum), first, total / accelerator.num_processes, None if math.isinf(mine) else bad
 
 
-def loader_workers(setting: int | str, env: dict[str, str] | None = None) -> int:
-    """data.num_workers=auto: this process's share of the machine's cores, less one for the process itself
-    (it queues the GPU's work and runs the device augmentation). A GPU at 4,000+ images/s needs every core
-    that decodes JPEGs: 8 GPUs on 128 cores get 15 workers each; one GPU on 16 cores gets 15."""
-    if setting != "auto":
-        return int(setting)
-    env = dict(os.environ if env is None else env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = max(1, int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1))
-    return max(0, cores // local - 1)
-
-
 def any_rank(accelerator: Accelerator, *values: int) -> list[int]:
     """Element-wise maximum of small integers over all ranks (one all-reduce): how ranks agree to stop."""
     flags = torch.tensor(values, dtype=torch.int64, device=accelerator.device)

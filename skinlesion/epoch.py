@@ -46,7 +46,7 @@ def train_epoch(run: Run, state: TrainerState, batches: Iterator[dict[str, Any]]
     bar = tqdm(
         total=total,
         initial=total - steps,
-        desc=f"epoch {state.epoch}",
+        desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",  # counted from 1, as in `epoch_line`
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
     )
@@ -113,6 +113,31 @@ def train_epoch(run: Run, state: TrainerState, batches: Iterator[dict[str, Any]]
     if model is not run.model:  # compiled: what it cost, and whether anything compiled again
         stats |= {"compile_seconds": run.compile_seconds, "compiled_graphs": compiling.graphs()}
     return stats
+
+
+def epoch_line(
+    epoch: int,
+    epochs: int,
+    stats: dict[str, Any],
+    seconds: float,
+    val: tuple[float, str, float | None] | None,
+    best: bool,
+) -> str:
+    """The one line the main process prints per epoch, e.g. ``epoch 3/4  loss 0.41  val loss 0.38  val
+    balanced_accuracy 0.91  1,230 images/s  12.4 s  -> best.pt``: the progress bar shows the step, this says
+    whether the epoch helped. `stats` are `train_epoch`'s; `val` is (val loss, the name of the metric that
+    chooses best.pt as metrics.jsonl spells it, ``val_<name>``, its value), None without a val split. Epochs
+    count from 1 here, as in the progress bar (metrics.jsonl and best.pt count from 0)."""
+
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {num(stats['train_loss'])}"]
+    if val is not None:
+        loss, name, score = val
+        parts += [f"val loss {num(loss)}", f"val {name.removeprefix('val_')} {num(score)}"]
+    parts += [f"{stats['images_per_second']:,.0f} images/s", f"{seconds:.1f} s"]
+    return "  ".join(parts) + ("  -> best.pt" if best else "")
 
 
 def _agree(run: Run, state: TrainerState) -> tuple[int, float]:

@@ -24,8 +24,9 @@ from typing import Any
 
 from skinlesion.errors import UserError
 
-# tqdm's bar for a training epoch, as train.py draws it: "epoch 3:  41%|####      | 135/328 [...]".
-_BAR = re.compile(r"epoch (\d+):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+# tqdm's bar for a training epoch, as epoch.py draws it: "epoch 4/30:  41%|####      | 135/328 [...]" (counted
+# from 1), or "epoch 3:  41%..." (counted from 0) in logs written before the per-epoch line came.
+_BAR = re.compile(r"epoch (\d+)(/\d+)?:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
 
 def real_content_images(sample: Path, dest: Path, limit: int | None = None) -> int:
@@ -70,7 +71,8 @@ def epoch_windows(stamped: str) -> dict[int, tuple[float, float]]:
     for line in stamped.splitlines():
         at, _, text = line.partition(" ")
         for match in _BAR.finditer(text):
-            epoch, done, total = (int(g) for g in match.groups())
+            numbered, of, done, total = match.groups()
+            epoch, done, total = int(numbered) - (1 if of else 0), int(done), int(total)  # metrics.jsonl's epoch
             if done >= 1:
                 first.setdefault(epoch, float(at))
             if done == total:

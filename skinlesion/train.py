@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,16 +44,16 @@ from skinlesion.data.datasets import of_manifest
 from skinlesion.data.device_decode import resolve_decode
 from skinlesion.data.manifest import read_manifest, verify_split
 from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
+from skinlesion.data.workers import resolve_workers
 from skinlesion.distributed import (
     StepCheck,
     StopSignal,
-    loader_workers,
     lock_on_main,
     make_accelerator,
     runtime_info,
 )
 from skinlesion.ema import EMA, make_ema
-from skinlesion.epoch import train_epoch, validate
+from skinlesion.epoch import epoch_line, train_epoch, validate
 from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate_checkpoint
 from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
@@ -117,6 +118,8 @@ def train(cfg: Config) -> Path:
 
 def setup(cfg: Config) -> Run:
     """Check the inputs before any process group exists, then form it and build what training needs."""
+    workers = resolve_workers(cfg.data.num_workers, gpu=torch.cuda.is_available())  # before any folder is made
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers.count))
     out = output_folder(cfg.train.output_dir, "train.output_dir")  # every rank: a bad folder fails all alike
     manifest = read_manifest(cfg.data.shards)
     for split in ("train", "val"):
@@ -126,6 +129,8 @@ def setup(cfg: Config) -> Run:
         cfg.train.mixed_precision, cfg.train.dist_timeout_s, tracking.log_with(cfg), project_dir=str(out)
     )
     lock = lock_on_main(accelerator, out, "train.output_dir")
+    if workers.note and accelerator.is_main_process:
+        accelerator.print(workers.note)
     try:
         world, train_samples = accelerator.num_processes, manifest["splits"].get("train", {}).get("samples", 0)
         batches = batches_per_rank(train_samples, cfg.data.batch_size, world, cfg.train.grad_accum)
@@ -137,10 +142,6 @@ def setup(cfg: Config) -> Run:
             )
         if cfg.train.resume == "never" and complete_checkpoints(out):
             raise UserError(f"{out} already holds checkpoints; pass train.resume=auto or another train.output_dir")
-
-        cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, num_workers=loader_workers(cfg.data.num_workers))
-        )
         schedule = scaled_schedule(cfg.train, cfg.data.batch_size * world * cfg.train.grad_accum)
         set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
         dataset = of_manifest(manifest, f"{cfg.data.shards}/manifest.json")  # the classes: the head, the facts
@@ -250,7 +251,7 @@ def fit(run: Run, state: TrainerState) -> bool:
         size, batch, workers = cfg.data.image_size, cfg.data.eval_batch_size, cfg.data.num_workers
         val = eval_loader(cfg.data.shards, "val", size, batch, workers, rank, world, run.manifest, persistent=True)
     for epoch in range(state.epoch, cfg.train.epochs):
-        state.epoch = epoch
+        state.epoch, started = epoch, time.perf_counter()
         epoch_stats = train_epoch(run, state, batches)
         if epoch_stats is None:  # preempted: checkpoint written, every rank leaves cleanly
             return False
@@ -272,6 +273,10 @@ def fit(run: Run, state: TrainerState) -> bool:
             with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         _update_best(accelerator, run.shipped, state, run.facts, run.out, epoch, score, name)
+        val_line = (record["val_loss"], name, score) if result is not None else None
+        seconds = time.perf_counter() - started
+        line = epoch_line(epoch, cfg.train.epochs, epoch_stats, seconds, val_line, state.best_epoch == epoch)
+        accelerator.print(line)  # main process only
         if result is not None and state.best_epoch == epoch:  # W&B: charts + most confident mistakes of best.pt
             tracking_eval.log_val_best(accelerator, result, cfg.data.shards, epoch, state.step, run.manifest)
         save_checkpoint(accelerator, run.out, state, cfg.train.keep_checkpoints, run.ema)
@@ -295,7 +300,8 @@ def finish(run: Run, state: TrainerState) -> None:
             )
         export_model(weights, out / "model.pt", run.facts)
         (out / "preempted").unlink(missing_ok=True)
-        accelerator.print(f"done: {out}/model.pt, best.pt (epoch {state.best_epoch}), metrics.jsonl")
+        best = "?" if state.best_epoch is None else state.best_epoch + 1  # counted from 1, as in `epoch_line`
+        accelerator.print(f"done: {out}/model.pt, best.pt (epoch {best}/{cfg.train.epochs}), metrics.jsonl")
     accelerator.wait_for_everyone()  # best.pt is written by the main process
     test: EvalResult | None = None
     if run.has("test"):

@@ -93,8 +93,10 @@ PY
     rm -f "$output_dir/preempted" "$output_dir/failed"
 
     # Single quotes keep $SLURM_NODEID unexpanded here: each node evaluates its own (an expanded one would
-    # make every node machine rank 0 and the rendezvous would time out).
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    # make every node machine rank 0 and the rendezvous would time out). --cpus-per-task is passed on because
+    # srun stopped reading SLURM_CPUS_PER_TASK in SLURM 22.05: without it the step's task may be bound to one
+    # core, and every loader worker on the node would share it.
+    srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} --kill-on-bad-exit=1 \
         bash -c "$(declare -f node_main)"'; node_main "$@"' node_main "$@" &
     step_pid=$!
     [ -n "$pending_signal" ] && forward "$pending_signal"

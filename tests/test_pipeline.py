@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -21,6 +25,7 @@ from PIL import Image
 from skinlesion.data.manifest import read_manifest
 from skinlesion.data.pipeline import batches_per_rank, eval_loader, train_loader
 from skinlesion.data.transforms import eval_crop, train_crop, train_transform
+from skinlesion.data.workers import resolve_workers
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES
 
@@ -170,3 +175,59 @@ def test_shards_that_are_mostly_corrupt_stop_training_instead_of_spinning(tmp_pa
                           batches=3)  # fmt: skip
     with pytest.raises(UserError, match=r"100 of 100 samples do not decode .*rerun `skinlesion prepare`"):
         list(loader)
+
+
+# data.num_workers: the cores this process may use (affinity mask, SLURM's allocation), never the machine's.
+# env={} keeps a test run inside a SLURM job from reading that job's variables.
+
+
+def cores(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+
+
+def test_auto_workers_under_a_one_cpu_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU run on one core still gets a worker (decoding in the training process stalls the GPU), and a
+    one-line warning naming the cores and the fix; on CPU 0 is right, and the log says why."""
+    cores(monkeypatch, 1)
+    gpu = resolve_workers("auto", gpu=True, env={})
+    assert gpu.count == 1
+    assert gpu.note.startswith("warning: data.num_workers=auto: 1 core(s)") and "affinity mask 1" in gpu.note
+    assert "1 loader worker(s) per GPU" in gpu.note and "--cpus-per-task" in gpu.note and "\n" not in gpu.note
+    cpu = resolve_workers("auto", gpu=False, env={})
+    assert cpu.count == 0 and "0 loader workers" in cpu.note and "on CPU" in cpu.note
+
+
+def test_auto_workers_follow_slurm_cpus_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    cores(monkeypatch, 128)  # a cluster that does not bind CPUs: the mask shows the whole node
+    granted = resolve_workers("auto", gpu=True, env={"SLURM_CPUS_PER_TASK": "64", "LOCAL_WORLD_SIZE": "8"})
+    assert granted.count == 7 and "SLURM_CPUS_PER_TASK=64" in granted.note and "warning" not in granted.note
+    default = resolve_workers("auto", gpu=True, env={"SLURM_CPUS_PER_TASK": "1", "LOCAL_WORLD_SIZE": "8"})
+    assert default.count == 1 and default.note.startswith("warning:") and "SLURM_CPUS_PER_TASK=1" in default.note
+    no_flag = resolve_workers("auto", gpu=True, env={"SLURM_CPUS_ON_NODE": "16"})  # sbatch without -c: the node's share
+    assert no_flag.count == 15 and "SLURM_CPUS_ON_NODE=16" in no_flag.note
+    cores(monkeypatch, 4)  # a cluster that binds: a mask narrower than the allocation wins
+    assert resolve_workers("auto", gpu=True, env={"SLURM_CPUS_PER_TASK": "16"}).count == 3
+
+
+def test_more_workers_than_cores_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    cores(monkeypatch, 2)
+    with pytest.raises(UserError) as refused:
+        resolve_workers(1000, gpu=False, env={})
+    message = str(refused.value)
+    assert message.startswith("data.num_workers=1000 is more than the 2 core(s)") and "\n" not in message
+    assert "affinity mask 2" in message and "data.num_workers=auto" in message
+    assert resolve_workers(2, gpu=True, env={}) == resolve_workers(2, gpu=False, env={})
+    assert resolve_workers(2, gpu=True, env={}).count == 2
+    with pytest.raises(UserError, match="SLURM_CPUS_PER_TASK=1"):
+        resolve_workers(2, gpu=True, env={"SLURM_CPUS_PER_TASK": "1"})
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"), reason="no taskset")
+def test_auto_workers_in_a_process_that_taskset_pins_to_one_core() -> None:
+    code = "from skinlesion.data.workers import resolve_workers as r; print(r('auto', True, {}).count, "
+    code += "r('auto', False, {}).count)"
+    core = str(min(os.sched_getaffinity(0)))  # one of the cores this test may use
+    pinned = ["taskset", "-c", core, sys.executable, "-c", code]
+    done = subprocess.run(pinned, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0"]

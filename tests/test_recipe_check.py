@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def _dmon(start: float, values: list[int]) -> str:
 def test_epoch_windows_run_from_the_first_step_to_the_last() -> None:
     # Epoch 1 starts at its first finished step (112), not at the bar's creation (110, worker start-up).
     assert epoch_windows(LOG) == {0: (101.0, 102.0), 1: (112.0, 115.0)}
+    # Today's bars count from 1 ("epoch 1/2"); the windows stay keyed by metrics.jsonl's epoch, from 0.
+    current = re.sub(r"epoch (\d+):", lambda m: f"epoch {int(m.group(1)) + 1}/2:", LOG)
+    assert "epoch 2/2:" in current and epoch_windows(current) == epoch_windows(LOG)
 
 
 def test_mean_sm_takes_the_dmon_samples_inside_the_window() -> None:

@@ -5,6 +5,7 @@ Runs go through `python -m skinlesion train` in a subprocess, as a user would ru
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import yaml
 from helpers import metrics, run_train, tiny_shards
 from torchvision.models import resnet18
 
+from skinlesion.epoch import epoch_line
 from skinlesion.model import load_for_inference
 
 
@@ -28,6 +30,16 @@ def test_training_writes_the_contract_outputs_and_the_loss_falls(shards: Path, t
     assert done.returncode == 0, done.stderr
     lines = metrics(out)
     assert [m["epoch"] for m in lines] == [0, 1, 2]
+    # one line per epoch on the console: losses, the metric that chose best.pt, images/s, wall time
+    printed = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  ")[0] for line in printed] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    for line, m in zip(printed, lines, strict=True):
+        assert f"  loss {m['train_loss']:.3f}  val loss {m['val_loss']:.3f}  " in line
+        assert f"  val balanced_accuracy {m['val_balanced_accuracy']:.3f}  " in line
+        assert re.search(r"  [\d,]+ images/s  \d+\.\d s(  -> best\.pt)?$", line), line
+    scores = [m["val_balanced_accuracy"] for m in lines]  # best.pt is rewritten on every strict improvement
+    improved = [i == 0 or score > max(scores[:i]) for i, score in enumerate(scores)]
+    assert [line.endswith("  -> best.pt") for line in printed] == improved
     assert {
         "step",
         "train_loss",
@@ -46,6 +58,7 @@ def test_training_writes_the_contract_outputs_and_the_loss_falls(shards: Path, t
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["arch"] == "resnet18" and best["image_size"] == 32 and best["metric"]["name"] == "val_balanced_accuracy"
     assert best["metric"]["value"] == max(m["val_balanced_accuracy"] for m in lines)
+    assert f"best.pt (epoch {best['epoch'] + 1}/3)" in done.stdout  # counted from 1 on the console, 0 in files
     assert load_for_inference(out / "best.pt").arch == "resnet18"
 
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -64,6 +77,26 @@ def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint
     assert "Traceback" not in done.stderr
     assert not (out / "model.pt").exists()
     assert list((out / "checkpoints").glob("step-*/COMPLETE"))
+
+
+def test_the_epoch_line_names_the_metric_that_chooses_best_pt() -> None:
+    stats = {"train_loss": 0.41234, "images_per_second": 1230.4}
+    line = epoch_line(2, 4, stats, 12.44, (0.3849, "val_balanced_accuracy", 0.9101), best=True)
+    expected = "epoch 3/4  loss 0.412  val loss 0.385  val balanced_accuracy 0.910  1,230 images/s  12.4 s  -> best.pt"
+    assert line == expected
+    binary = epoch_line(0, 1, stats, 1.0, (0.5, "val_auc", None), best=False)  # AUC undefined: one class in val
+    assert "  val auc n/a  " in binary and not binary.endswith("best.pt")
+    assert epoch_line(0, 1, stats, 1.0, None, best=True) == "epoch 1/1  loss 0.412  1,230 images/s  1.0 s  -> best.pt"
+
+
+def test_more_loader_workers_than_cores_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """data.num_workers=100000 used to fork until memory ran out (the DataLoader only warns)."""
+    done = run_train(tmp_path / "run", tmp_path, "data.num_workers=100000")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: data.num_workers=100000 is more than the ")
+    assert "core(s) this process may use" in errors[0] and "data.num_workers=auto" in errors[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_shards_and_bad_keys_are_clear_errors(tmp_path: Path) -> None:
