@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from skinlesion.data import datasets
+from skinlesion.data.manifest import verify_split
 from skinlesion.data.prepare import PrepareOptions, prepare
 from skinlesion.data.synthetic_isic import (
     DUPLICATES_2020,
@@ -111,6 +112,8 @@ def test_isic2019_prepares_eight_classes_with_old_archive_rows_as_their_own_grou
         splits_of.setdefault(sample["lesion_id"], set()).add(split)
     assert all(len(s) == 1 for s in splits_of.values())  # no lesion on both sides of the split
     assert any(s["image_id"].endswith("_downsampled") for _, _, s in samples)
+    for split in manifest["splits"]:  # every sample's json dx is classes[cls]: what train checks before it starts
+        verify_split(tmp_path / "out", manifest, split)
 
 
 def test_isic2019_ground_truth_written_as_ints_with_crlf_reads_the_same(isic2019_dir: Path, tmp_path: Path) -> None:
@@ -181,6 +184,8 @@ def test_isic2020_groups_by_patient_spreads_melanoma_and_applies_the_duplicates_
     assert all(n > 0 for n in mel.values())  # every split gets melanomas (stratified by patient)
     truth = pd.read_csv(isic2020_dir / GT_2020).set_index("image_name")
     assert all(truth.loc[s["image_id"], "target"] == label for _, label, s in samples)
+    for split in manifest["splits"]:
+        verify_split(tmp_path / "out", manifest, split)
 
 
 def _clinic(tmp_path: Path, synthetic_dir: Path, missing_group: str = "reject") -> tuple[Path, dict]:

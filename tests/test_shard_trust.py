@@ -190,3 +190,26 @@ def test_train_refuses_a_manifest_without_a_dataset_before_making_its_folder(cop
     err = capsys.readouterr().err
     assert code == 2 and "manifest.json has no 'dataset' description" in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_evaluate_and_the_card_say_when_images_were_split_without_grouping(random_run, copy, tmp_path) -> None:
+    from accelerate import Accelerator
+
+    from skinlesion.card import calibrate
+    from skinlesion.data.manifest import UNGROUPED
+    from skinlesion.evaluate import evaluate
+    from skinlesion.model import load_for_inference
+
+    def ungrouped_and_small(manifest: dict) -> None:
+        manifest["groups"] = {"key": "image_id", "own_groups": manifest["rows"]["kept"], "ungrouped": True}
+        for info in manifest["splits"].values():  # one shard a split: a cheap calibration
+            info.update(files=info["files"][:1], shard_samples=info["shard_samples"][:1])
+            info["samples"] = info["shard_samples"][0]
+
+    _edit_manifest(copy, ungrouped_and_small)
+    shutil.copy(random_run / "best.pt", tmp_path / "best.pt")
+    loaded = load_for_inference(tmp_path / "best.pt")
+    result = evaluate(loaded.model, Accelerator(cpu=True), copy, "test", 32, n_bootstrap=0, plots=False)
+    assert result.metrics["split_notes"] == [UNGROUPED] and f"note: {UNGROUPED}" in result.summary()
+    card = calibrate(loaded.model, tmp_path / "best.pt", copy, loaded.image_size, loaded.arch)
+    assert UNGROUPED in card["limitations"]

@@ -87,6 +87,19 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+UNGROUPED = (
+    "Images were split without grouping (prepare --allow-ungrouped: the metadata had no lesion or patient "
+    "column): a patient or lesion may appear in train and test, so these numbers may be optimistic."
+)
+
+
+def ungrouped_note(manifest: dict[str, Any]) -> list[str]:
+    """[UNGROUPED] when prepare split image by image (`groups.ungrouped`), else []: evaluate's summary and
+    the model card's limitations say so, since a lesion seen in training inflates every test number."""
+    groups = manifest.get("groups")
+    return [UNGROUPED] if isinstance(groups, dict) and groups.get("ungrouped") is True else []
+
+
 def split_shards(shards: Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
     """(shard path, samples in it) for each file of `split`, in manifest order."""
     info = manifest["splits"].get(split)
