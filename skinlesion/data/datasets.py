@@ -61,7 +61,9 @@ class Cleaning:
 
     drop_null_age: bool = False
     drop_unknown: tuple[str, ...] = ()  # canonical columns where the value 'unknown' drops the row
-    missing_group: str = "reject"  # reject | own: a row without a group id becomes its own group
+    # reject | own: a row with an empty group id becomes its own group (counted in the manifest). The column
+    # itself must exist: a missing one is an error unless prepare --allow-ungrouped (layouts.check_group).
+    missing_group: str = "reject"
 
 
 @dataclass(frozen=True)

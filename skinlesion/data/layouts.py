@@ -101,9 +101,10 @@ def check_group(have: Iterable[str], dataset: Dataset, path: Path, allow_ungroup
             f"so that no lesion or patient is on both sides of the split); add --column group=NAME (or "
             f"columns.group in the spec), {ungrouped}"
         )
+    another = " (or name another with --column group=NAME)" if dataset.layout == "custom" else ""
     raise UserError(
         f"metadata CSV {path} has no group column {group!r} (it has: {', '.join(have)}), which the {dataset.name} "
-        f"description groups the split by; add it, name another with --column group=NAME (custom), {ungrouped}"
+        f"description groups the split by; add it{another}, {ungrouped}"
     )
 
 
