@@ -180,7 +180,7 @@ def calibrate(
     """Write ood.pt and model_card.json beside `checkpoint`; return the card. Needs train and val samples.
     The trainer passes the `manifest` it read at start. Both files record the digest of `model`'s weights,
     the ones measured here, whatever `checkpoint` holds by then."""
-    from skinlesion.data.manifest import read_manifest
+    from skinlesion.data.manifest import read_manifest, ungrouped_note
     from skinlesion.metrics import compute_metrics
     from skinlesion.subgroups import limitation_lines, subgroup_metrics
 
@@ -242,7 +242,7 @@ def calibrate(
             "validation_pass_rate": PASS_RATE,
         },
         "intended_use": intended_use(dataset),
-        "limitations": limitations(source, dataset) + limitation_lines(subgroups, split),
+        "limitations": limitations(source, dataset) + ungrouped_note(manifest) + limitation_lines(subgroups, split),
         "subgroups": {"split": split, "metrics": subgroups},
         "version": __version__,
         "date": dt.date.today().isoformat(),

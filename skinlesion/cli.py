@@ -54,6 +54,7 @@ def _prepare(args: argparse.Namespace) -> int:
             columns=tuple(_column(c) for c in args.column),
             malignant=tuple(m for arg in args.malignant for m in arg.split(",") if m),
             add_ham10000=args.add_ham10000,
+            allow_ungrouped=args.allow_ungrouped,
         )
     )
     return 0
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--malignant", action="append", default=[], metavar="A,B", help="custom without --spec: the malignant labels"
+    )
+    p.add_argument(
+        "--allow-ungrouped",
+        action="store_true",
+        help="the CSV has no lesion/patient column: split image by image (recorded in the manifest)",
     )
     p.add_argument("--images", type=Path, action="append", required=True, help="image folder (repeatable)")
     p.add_argument("--out", type=Path, default=Path("shards"), help="output folder (default shards/)")

@@ -128,6 +128,7 @@ class EvalResult:
                 f"partial AUC above 80% sensitivity {num(b['partial_auc_above_sensitivity_0.8'])}"
             )
         lines += subgroup_lines(m.get("subgroups") or {})
+        lines += [f"  note: {note}" for note in m.get("split_notes") or []]
         if self.files:
             folder = next(iter(self.files.values())).parent
             lines.append(f"  wrote {folder}/: " + ", ".join(p.name for p in self.files.values()))
@@ -267,12 +268,14 @@ def evaluate(
     preds = collect_predictions(
         model, accelerator, shards, split, image_size, batch_size, num_workers, tta, manifest, ood, loader
     )
-    from skinlesion.data.manifest import read_manifest
+    from skinlesion.data.manifest import read_manifest, ungrouped_note
 
-    dataset = of_manifest(manifest or read_manifest(shards), f"{shards}/manifest.json")
+    manifest = manifest or read_manifest(shards)
+    dataset = of_manifest(manifest, f"{shards}/manifest.json")
     groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
     metrics = compute_metrics(preds.labels, preds.probs, groups, n_bootstrap, classes=dataset.codes)
     metrics["group_key"] = dataset.group_column  # what the bootstrap resamples: lesions, or patients (ISIC 2020)
+    metrics["split_notes"] = ungrouped_note(manifest)  # prepare --allow-ungrouped: patients may cross splits
     if n_bootstrap and preds.metas is not None:  # the final evaluations, not every epoch's validation
         metrics["subgroups"] = subgroup_metrics(
             preds.labels, preds.probs, preds.metas, dataset.codes, groups, n_bootstrap

@@ -120,11 +120,11 @@ def setup(cfg: Config) -> Run:
     """Check the inputs before any process group exists, then form it and build what training needs."""
     workers = resolve_workers(cfg.data.num_workers, gpu=torch.cuda.is_available())  # before any folder is made
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers.count))
-    out = output_folder(cfg.train.output_dir, "train.output_dir")  # every rank: a bad folder fails all alike
-    manifest = read_manifest(cfg.data.shards)
+    manifest = read_manifest(cfg.data.shards)  # first: a dataset that does not fit leaves no output folder behind
     for split in ("train", "val"):
         if manifest["splits"].get(split, {}).get("samples"):
             verify_split(cfg.data.shards, manifest, split)
+    out = output_folder(cfg.train.output_dir, "train.output_dir")  # every rank: a bad folder fails all alike
     accelerator = make_accelerator(
         cfg.train.mixed_precision, cfg.train.dist_timeout_s, tracking.log_with(cfg), project_dir=str(out)
     )

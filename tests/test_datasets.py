@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from skinlesion.data import datasets
+from skinlesion.data.manifest import verify_split
 from skinlesion.data.prepare import PrepareOptions, prepare
 from skinlesion.data.synthetic_isic import (
     DUPLICATES_2020,
@@ -95,7 +96,12 @@ def test_isic2019_prepares_eight_classes_with_old_archive_rows_as_their_own_grou
     assert manifest["classes"] == ["ak", "bcc", "bkl", "df", "mel", "nv", "scc", "vasc"]
     assert manifest["dataset"]["name"] == "isic2019" and manifest["dataset"]["untrainable"] == ["unk"]
     meta = pd.read_csv(isic2019_dir / META_2019, dtype=str, keep_default_na=False)
-    assert manifest["groups"] == {"key": "lesion_id", "own_groups": int((meta["lesion_id"] == "").sum())}
+    own = int((meta["lesion_id"] == "").sum())
+    assert manifest["groups"] == {"key": "lesion_id", "own_groups": own, "ungrouped": False}
+    assert (
+        f"{own} kept rows have an empty lesion_id: each is its own group"
+        in (tmp_path / "out" / "summary.txt").read_text()
+    )
     assert manifest["rows"] == {"input": 240, "kept": 240, "rejected": 0}  # blank ages and sites are kept
     samples = _samples(tmp_path / "out")
     truth = pd.read_csv(isic2019_dir / GT_2019).set_index("image")
@@ -106,6 +112,8 @@ def test_isic2019_prepares_eight_classes_with_old_archive_rows_as_their_own_grou
         splits_of.setdefault(sample["lesion_id"], set()).add(split)
     assert all(len(s) == 1 for s in splits_of.values())  # no lesion on both sides of the split
     assert any(s["image_id"].endswith("_downsampled") for _, _, s in samples)
+    for split in manifest["splits"]:  # every sample's json dx is classes[cls]: what train checks before it starts
+        verify_split(tmp_path / "out", manifest, split)
 
 
 def test_isic2019_ground_truth_written_as_ints_with_crlf_reads_the_same(isic2019_dir: Path, tmp_path: Path) -> None:
@@ -176,9 +184,12 @@ def test_isic2020_groups_by_patient_spreads_melanoma_and_applies_the_duplicates_
     assert all(n > 0 for n in mel.values())  # every split gets melanomas (stratified by patient)
     truth = pd.read_csv(isic2020_dir / GT_2020).set_index("image_name")
     assert all(truth.loc[s["image_id"], "target"] == label for _, label, s in samples)
+    for split in manifest["splits"]:
+        verify_split(tmp_path / "out", manifest, split)
 
 
-def test_custom_dataset_from_a_yaml_spec_and_from_columns(tmp_path: Path, synthetic_dir: Path) -> None:
+def _clinic(tmp_path: Path, synthetic_dir: Path, missing_group: str = "reject") -> tuple[Path, dict]:
+    """A clinic's labels.csv (file, diagnosis, patient), its photos, and a spec grouping by `patient`."""
     rows = pd.read_csv(synthetic_dir / "HAM10000_metadata.csv", dtype=str, keep_default_na=False).head(80)
     clinic = pd.DataFrame(
         {
@@ -198,18 +209,24 @@ def test_custom_dataset_from_a_yaml_spec_and_from_columns(tmp_path: Path, synthe
         "columns: {image_id: file, label: diagnosis, group: patient}\n"
         "classes:\n  - {code: other, name: other lesion}\n  - {code: mel, name: melanoma, malignant: true}\n"
         "label_map: {Melanoma: mel, Other: other}\n"
+        f"cleaning: {{missing_group: {missing_group}}}\n"
         "stratify: rarest\n"
     )
-    base = dict(metadata=tmp_path / "labels.csv", images=(photos,), image_size=32, min_shards=1, workers=1)
+    return spec, dict(metadata=tmp_path / "labels.csv", images=(photos,), image_size=32, min_shards=1, workers=1)
+
+
+def test_custom_dataset_from_a_yaml_spec_and_from_columns(tmp_path: Path, synthetic_dir: Path) -> None:
+    spec, base = _clinic(tmp_path, synthetic_dir)
     manifest = prepare(PrepareOptions(**base, out=tmp_path / "a", dataset="custom", spec=spec)).manifest
     assert manifest["classes"] == ["other", "mel"] and manifest["dataset"]["name"] == "my-clinic"
     assert manifest["rows"]["kept"] == 80 and manifest["groups"]["key"] == "patient"
     assert datasets.of_manifest(manifest).malignant == ("mel",)
-    columns = (("image_id", "file"), ("label", "diagnosis"))  # no group column: each image is its own group
+    columns = (("image_id", "file"), ("label", "diagnosis"), ("group", "patient"))
     by_flags = PrepareOptions(**base, out=tmp_path / "b", dataset="custom", columns=columns, malignant=("melanoma",))
     manifest = prepare(by_flags).manifest
     assert manifest["classes"] == ["melanoma", "other"]  # the labels found, sorted
-    assert manifest["groups"] == {"key": "image_id", "own_groups": 80} and manifest["rows"]["kept"] == 80
+    assert manifest["groups"] == {"key": "patient", "own_groups": 0, "ungrouped": False}
+    assert manifest["rows"]["kept"] == 80
     assert datasets.of_manifest(manifest).malignant == ("melanoma",)
     spec.write_text("columns: {image_id: file}\nclasses: [a, b]\n")
     with pytest.raises(UserError, match=r"^--spec .*my-clinic.yaml: columns must name exactly one of label"):
@@ -379,3 +396,65 @@ def test_an_isic_csv_prepared_as_ham10000_points_at_its_dataset(isic2020_dir: Pa
     opts = PrepareOptions(metadata=isic2020_dir / GT_2020, images=(isic2020_dir / IMAGES_2020,), out=tmp_path / "o")
     with pytest.raises(UserError, match=r"this is ISIC 2020's layout: pass --dataset isic2020\)$"):
         prepare(opts)
+
+
+@pytest.mark.parametrize("missing_group", ["reject", "own"])
+def test_a_named_group_column_absent_from_the_csv_is_an_error(
+    tmp_path: Path, synthetic_dir: Path, missing_group: str
+) -> None:
+    spec, base = _clinic(tmp_path, synthetic_dir, missing_group)
+    labels = pd.read_csv(tmp_path / "labels.csv", dtype=str)
+    labels.drop(columns="patient").to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(UserError) as caught:
+        prepare(PrepareOptions(**base, out=tmp_path / "a", dataset="custom", spec=spec))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"metadata CSV {tmp_path / 'labels.csv'} has no group column")
+    assert "'patient'" in message and "(it has: file, diagnosis)" in message and "--allow-ungrouped" in message
+    assert not (tmp_path / "a").exists()
+
+    # Said explicitly, each image is its own group, and the manifest and summary say the split is ungrouped.
+    result = prepare(PrepareOptions(**base, out=tmp_path / "b", dataset="custom", spec=spec, allow_ungrouped=True))
+    manifest = result.manifest
+    assert manifest["groups"] == {"key": "image_id", "own_groups": 80, "ungrouped": True}
+    assert manifest["dataset"]["columns"]["group"] is None  # the description says what the split really used
+    assert datasets.of_manifest(manifest).group_column == "image_id"
+    summary = (tmp_path / "b" / "summary.txt").read_text()
+    assert "split without grouping" in summary and "may appear in train and test" in summary
+
+
+def test_allow_ungrouped_is_refused_where_there_is_a_group_column(tmp_path: Path, synthetic_dir: Path) -> None:
+    spec, base = _clinic(tmp_path, synthetic_dir)
+    with pytest.raises(UserError, match=r"--allow-ungrouped: .*labels\.csv has the group column 'patient'"):
+        prepare(PrepareOptions(**base, out=tmp_path / "a", dataset="custom", spec=spec, allow_ungrouped=True))
+
+
+def test_a_custom_dataset_without_a_group_column_needs_allow_ungrouped(tmp_path: Path, synthetic_dir: Path) -> None:
+    _, base = _clinic(tmp_path, synthetic_dir)
+    columns = (("image_id", "file"), ("label", "diagnosis"))
+    opts = PrepareOptions(**base, out=tmp_path / "a", dataset="custom", columns=columns, malignant=("melanoma",))
+    with pytest.raises(UserError, match=r"names no group column.*--column group=NAME.*--allow-ungrouped"):
+        prepare(opts)
+    manifest = prepare(replace(opts, allow_ungrouped=True)).manifest
+    assert manifest["groups"] == {"key": "image_id", "own_groups": 80, "ungrouped": True}
+
+
+def test_isic2019_metadata_without_a_lesion_id_column_is_an_error(
+    isic2019_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from skinlesion.cli import main
+
+    meta = tmp_path / "meta.csv"
+    pd.read_csv(isic2019_dir / META_2019, dtype=str, keep_default_na=False).drop(columns="lesion_id").to_csv(
+        meta, index=False
+    )
+    args = ["prepare", "--dataset", "isic2019", "--metadata", str(meta), "--labels", str(isic2019_dir / GT_2019),
+            "--images", str(isic2019_dir / IMAGES_2019), "--image-size", "32", "--min-shards", "1",
+            "--workers", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"metadata CSV {meta} has no group column 'lesion_id'" in err
+    assert "(it has: image, age_approx, anatom_site_general, sex)" in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--allow-ungrouped"]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["groups"] == {"key": "image_id", "own_groups": 240, "ungrouped": True}
+    assert manifest["args"]["allow_ungrouped"] is True

@@ -150,3 +150,22 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ham10000_csv_without_lesion_id_needs_allow_ungrouped(tmp_path: Path) -> None:
+    _jpeg(tmp_path / "imgs" / "a.jpg")
+    _jpeg(tmp_path / "imgs" / "b.jpg")
+    csv = tmp_path / "m.csv"
+    csv.write_text(
+        "image_id,dx,dx_type,age,sex,localization,dataset\na,nv,histo,40,male,back,x\nb,mel,histo,40,male,back,x\n"
+    )
+    with pytest.raises(
+        UserError, match=r"m\.csv has no group column 'lesion_id' \(it has: image_id, dx, .*--allow-ungrouped"
+    ):
+        metadata.load(csv, [tmp_path / "imgs"])
+    loaded = metadata.load(csv, [tmp_path / "imgs"], allow_ungrouped=True)
+    assert loaded.ungrouped and loaded.own_groups == 2 and list(loaded.kept["lesion_id"]) == ["a", "b"]
+    with pytest.raises(UserError, match=r"--allow-ungrouped: .* has the group column 'lesion_id'.*drop the flag"):
+        metadata.load(
+            _csv(tmp_path / "n.csv", ["L1,a,nv,histo,40,male,back,x"]), [tmp_path / "imgs"], allow_ungrouped=True
+        )

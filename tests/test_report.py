@@ -146,7 +146,7 @@ def test_evaluate_writes_the_ood_score_and_flag_that_predict_gives_beside_the_su
             for member, data in (
                 (f"{key}.jpg", path.read_bytes()),
                 (f"{key}.cls", b"4"),
-                (f"{key}.json", json.dumps({"image_id": key}).encode()),
+                (f"{key}.json", json.dumps({"image_id": key, "dx": "mel"}).encode()),  # cls 4 is mel, as prepare writes
             ):
                 info = tarfile.TarInfo(member)
                 info.size = len(data)

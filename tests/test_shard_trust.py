@@ -135,3 +135,81 @@ def test_empty_splits_prepare_and_evaluate_says_so(synthetic_dir, tmp_path, rand
     assert manifest["splits"]["val"] == manifest["splits"]["val"] | {"samples": 0, "files": [], "shard_samples": []}
     code, err = _evaluate(capsys, random_run / "best.pt", out, "--split", "val")
     assert code == 2 and "the 'val' split of" in err and "is empty (0 samples)" in err
+
+
+def _swap_mel_and_nv(manifest: dict) -> None:
+    """A hand edit: mel and nv swapped in `classes` and, consistently, in the dataset description."""
+    i, j = manifest["classes"].index("mel"), manifest["classes"].index("nv")
+    for codes in (manifest["classes"], manifest["dataset"]["classes"]):  # the description lists them in index order
+        codes[i], codes[j] = codes[j], codes[i]
+
+
+def test_classes_reordered_by_hand_disagree_with_the_shards_and_are_refused(copy) -> None:
+    from skinlesion.data.manifest import read_manifest, verify_split
+    from skinlesion.errors import UserError
+
+    verify_split(copy, read_manifest(copy), "val")  # as prepared: fine
+    _edit_manifest(copy, _swap_mel_and_nv)
+    manifest = read_manifest(copy)  # consistent with itself ...
+    with pytest.raises(UserError) as caught:
+        verify_split(copy, manifest, "val")  # ... but not with the class codes its shards carry
+    message = str(caught.value)
+    assert message.startswith(f"{copy / 'manifest.json'}: classes[") and "re-run `skinlesion prepare`" in message
+    assert "'mel'" in message and "'nv'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("classes", "accepted"),
+    [(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], True),
+     (["akiec", "bcc", "bkl", "df", "nv", "mel", "vasc"], False), (["other", "mel"], False)],
+    ids=["ham10000", "reordered", "isic2020"],
+)  # fmt: skip
+def test_a_manifest_without_a_dataset_is_hams_only_with_hams_classes(classes, accepted) -> None:
+    from skinlesion.data.datasets import HAM10000, of_manifest
+    from skinlesion.errors import UserError
+
+    legacy = {"classes": classes, "splits": {}}
+    if accepted:
+        assert of_manifest(legacy) == HAM10000
+        return
+    with pytest.raises(UserError, match=r"^manifest\.json has no 'dataset' description, and its classes .* re-run"):
+        of_manifest(legacy)
+
+
+def test_train_refuses_a_manifest_without_a_dataset_before_making_its_folder(copy, tmp_path, capsys) -> None:
+    from helpers import REPO
+
+    def isic2020_without_dataset(manifest: dict) -> None:
+        manifest.pop("dataset")
+        manifest["classes"] = ["other", "mel"]
+
+    _edit_manifest(copy, isic2020_without_dataset)
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(REPO / "configs/smoke.yaml"), f"data.shards={copy}",
+                 f"train.output_dir={out}", "wandb.mode=disabled"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "manifest.json has no 'dataset' description" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_evaluate_and_the_card_say_when_images_were_split_without_grouping(random_run, copy, tmp_path) -> None:
+    from accelerate import Accelerator
+
+    from skinlesion.card import calibrate
+    from skinlesion.data.manifest import UNGROUPED
+    from skinlesion.evaluate import evaluate
+    from skinlesion.model import load_for_inference
+
+    def ungrouped_and_small(manifest: dict) -> None:
+        manifest["groups"] = {"key": "image_id", "own_groups": manifest["rows"]["kept"], "ungrouped": True}
+        for info in manifest["splits"].values():  # one shard a split: a cheap calibration
+            info.update(files=info["files"][:1], shard_samples=info["shard_samples"][:1])
+            info["samples"] = info["shard_samples"][0]
+
+    _edit_manifest(copy, ungrouped_and_small)
+    shutil.copy(random_run / "best.pt", tmp_path / "best.pt")
+    loaded = load_for_inference(tmp_path / "best.pt")
+    result = evaluate(loaded.model, Accelerator(cpu=True), copy, "test", 32, n_bootstrap=0, plots=False)
+    assert result.metrics["split_notes"] == [UNGROUPED] and f"note: {UNGROUPED}" in result.summary()
+    card = calibrate(loaded.model, tmp_path / "best.pt", copy, loaded.image_size, loaded.arch)
+    assert UNGROUPED in card["limitations"]

@@ -66,10 +66,11 @@ def harness_loop(batches: list[dict], shards: Path, arch: str, image_size: int, 
                      f"train.lr={lr}", "wandb.mode=disabled", "train.log_every_steps=10"]  # fmt: skip
         cfg = load_config(Path(__file__).resolve().parents[2] / "configs/smoke.yaml", overrides)
         samples = len(batches) * cfg.data.batch_size  # make the epoch exactly len(batches) steps
+        described = harness.read_manifest(shards)  # its classes and description; only the sample count is stubbed
         # The trainer as is, fed the in-memory batches: only its loader, manifest and validation are stubbed.
         with mock.patch.multiple(
             harness, train_loader=lambda *args, **kwargs: iter(batches), train_epoch=timed_epoch,
-            read_manifest=lambda path: {"splits": {"train": {"samples": samples}}},
+            read_manifest=lambda path: {**described, "splits": {"train": {"samples": samples}}},
             verify_split=lambda *args, **kwargs: None,
             validate=lambda *args, **kwargs: EvalResult(metrics=untimed, predictions=None, files={}),
         ):  # fmt: skip

@@ -61,7 +61,9 @@ class Cleaning:
 
     drop_null_age: bool = False
     drop_unknown: tuple[str, ...] = ()  # canonical columns where the value 'unknown' drops the row
-    missing_group: str = "reject"  # reject | own: a row without a group id becomes its own group
+    # reject | own: a row with an empty group id becomes its own group (counted in the manifest). The column
+    # itself must exist: a missing one is an error unless prepare --allow-ungrouped (layouts.check_group).
+    missing_group: str = "reject"
 
 
 @dataclass(frozen=True)
@@ -355,10 +357,22 @@ def custom(spec: Path | None, columns: dict[str, str], labels: list[str] | None,
 
 
 def of_manifest(manifest: dict[str, Any], where: str = "manifest.json") -> Dataset:
-    """The description a prepared dataset carries; a manifest from before descriptions is HAM10000's."""
+    """The description a prepared dataset carries, checked against the manifest's `classes`.
+
+    A manifest from before descriptions has no `dataset`: it is HAM10000's only when its classes are
+    HAM10000's, in HAM10000's order; anything else (ISIC 2020's two classes, a hand-reordered list) would
+    size the head, name the classes and pick the malignant ones from a guess, so it is refused. Whether the
+    classes also fit the shards' labels is `manifest.verify_split`'s check.
+    """
     raw = manifest.get("dataset")
     if raw is None:
-        return HAM10000
+        if list(manifest.get("classes") or []) == list(HAM10000.codes):
+            return HAM10000
+        raise UserError(
+            f"{where} has no 'dataset' description, and its classes {manifest.get('classes')} are not HAM10000's "
+            f"{list(HAM10000.codes)}: it is from an older skinlesion or was edited by hand; re-run `skinlesion "
+            "prepare` to write a complete manifest"
+        )
     dataset = from_dict(raw, f"{where}: dataset")
     if list(dataset.codes) != list(manifest.get("classes") or []):
         raise UserError(f"{where}: dataset.classes {list(dataset.codes)} differ from classes {manifest.get('classes')}")

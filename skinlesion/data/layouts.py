@@ -16,6 +16,7 @@ so rows in == rows kept + rows rejected still holds after the join.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def untrainable(label: str) -> str:
 class Parsed:
     rows: pd.DataFrame  # CANONICAL columns as text, plus FAULT
     duplicates_listed: int = 0  # pairs in the duplicates file
+    grouped: bool = True  # False: no group column, split image by image (--allow-ungrouped)
 
 
 def read_text_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
@@ -73,7 +75,46 @@ def _require(df: pd.DataFrame, names: list[str], what: str, path: Path, layout: 
         )
 
 
-def read(dataset: Dataset, metadata: Path, labels: Path | None = None, duplicates: Path | None = None) -> Parsed:
+def check_group(have: Iterable[str], dataset: Dataset, path: Path, allow_ungrouped: bool) -> bool:
+    """Whether the split can group by the dataset's group column: True when the CSV has it.
+
+    Images of one lesion or patient on both sides of the split inflate every test number, so a group column
+    that is named but absent, or not named at all, is an error; only `--allow-ungrouped` splits image by
+    image (False), and the manifest records that. `cleaning.missing_group` is about empty *values* in a
+    column that exists, never about a missing column. The flag is refused where the column is there, so
+    that it never silently means nothing.
+    """
+    group, have = dataset.columns.group, list(have)
+    if group is not None and group in have:
+        if allow_ungrouped:
+            raise UserError(
+                f"--allow-ungrouped: metadata CSV {path} has the group column {group!r}, so the split keeps each "
+                "group on one side; drop the flag"
+            )
+        return True
+    if allow_ungrouped:
+        return False
+    ungrouped = "or pass --allow-ungrouped to split image by image (a patient or lesion may then be in train and test)"
+    if group is None:
+        raise UserError(
+            f"metadata CSV {path}: the {dataset.name} description names no group column (a lesion or patient id, "
+            f"so that no lesion or patient is on both sides of the split); add --column group=NAME (or "
+            f"columns.group in the spec), {ungrouped}"
+        )
+    another = " (or name another with --column group=NAME)" if dataset.layout == "custom" else ""
+    raise UserError(
+        f"metadata CSV {path} has no group column {group!r} (it has: {', '.join(have)}), which the {dataset.name} "
+        f"description groups the split by; add it{another}, {ungrouped}"
+    )
+
+
+def read(
+    dataset: Dataset,
+    metadata: Path,
+    labels: Path | None = None,
+    duplicates: Path | None = None,
+    allow_ungrouped: bool = False,
+) -> Parsed:
     """Parse the user's files into the canonical frame; file-level problems are one-line UserErrors."""
     cols = dataset.columns
     hint = f"pass the {dataset.name} metadata CSV with --metadata"
@@ -81,11 +122,10 @@ def read(dataset: Dataset, metadata: Path, labels: Path | None = None, duplicate
     needed = [cols.image_id]
     if cols.label:
         needed.append(cols.label)
-    if cols.group and dataset.cleaning.missing_group == "reject":
-        needed.append(cols.group)
     if cols.one_hot and labels is None:
         needed += list(cols.one_hot)
     _require(meta, needed, "metadata CSV", metadata, dataset.name)
+    grouped = check_group(meta.columns, dataset, metadata, allow_ungrouped)
     if labels is not None:
         if not cols.one_hot:
             raise UserError(f"--labels {labels}: the {dataset.name} layout keeps its labels in --metadata; drop it")
@@ -131,7 +171,7 @@ def read(dataset: Dataset, metadata: Path, labels: Path | None = None, duplicate
         listed = out["image_id"].isin(set(copy_of)) & (out[FAULT] == "")
         out.loc[listed, FAULT] = LISTED_DUPLICATE
     known = [c for c in CANONICAL if c in out.columns]
-    return Parsed(rows=out[[*known, FAULT]].reset_index(drop=True), duplicates_listed=n_pairs)
+    return Parsed(rows=out[[*known, FAULT]].reset_index(drop=True), duplicates_listed=n_pairs, grouped=grouped)
 
 
 def _number_text(value: str) -> str:

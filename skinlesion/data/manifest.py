@@ -3,7 +3,8 @@
 A manifest is data, not instructions. Its file names must be bare names of ``.tar`` files inside the
 folder (no separator, no ``..``, no URL scheme or ``pipe:``), and readers only ever open them as local
 files. `verify_split` scans a split's tar headers before an epoch is spent on it, so a truncated shard,
-a class index out of range or a manifest that overstates its shards is one error naming the shard and key.
+a class index out of range, classes that disagree with the shards' class codes or a manifest that
+overstates its shards is one error naming the shard and key.
 """
 
 from __future__ import annotations
@@ -86,6 +87,19 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+UNGROUPED = (
+    "Images were split without grouping (prepare --allow-ungrouped: the metadata had no lesion or patient "
+    "column): a patient or lesion may appear in train and test, so these numbers may be optimistic."
+)
+
+
+def ungrouped_note(manifest: dict[str, Any]) -> list[str]:
+    """[UNGROUPED] when prepare split image by image (`groups.ungrouped`), else []: evaluate's summary and
+    the model card's limitations say so, since a lesion seen in training inflates every test number."""
+    groups = manifest.get("groups")
+    return [UNGROUPED] if isinstance(groups, dict) and groups.get("ungrouped") is True else []
+
+
 def split_shards(shards: Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
     """(shard path, samples in it) for each file of `split`, in manifest order."""
     info = manifest["splits"].get(split)
@@ -101,11 +115,23 @@ def split_shards(shards: Path, manifest: dict[str, Any], split: str) -> list[tup
 def verify_split(shards: Path, manifest: dict[str, Any], split: str) -> None:
     """Check every shard of `split` against the manifest before an epoch is spent on it.
 
-    A header scan (about 0.06 ms a sample): each file must be a readable tar whose samples each have a
-    ``jpg`` and a ``cls`` in range, as many as the manifest says. Errors name the shard and the key.
+    A header scan: each file must be a readable tar whose samples each have a ``jpg``, a ``cls`` in range
+    and a ``json`` whose ``dx`` (the class code prepare wrote beside the index) is ``classes[cls]``, as many
+    samples as the manifest says. Errors name the shard and the key.
+
+    The ``dx`` check binds the manifest's class order to the shards. The index alone cannot: swap mel and nv
+    in `classes` (and in the description) and every index is still in range, so a model would train with
+    the two swapped and its best.pt would name them wrongly. Every prepare since the first has written each
+    sample's class code into its json, so no digest or format change is needed: the shards already say
+    which class each index means, and a manifest edited by hand disagrees with them on the first sample of
+    a moved class.
     """
+    where = Path(shards) / "manifest.json"
+    classes = manifest["classes"]
     for path, expected in split_shards(shards, manifest, split):
         keys: dict[str, set[str]] = {}
+        labels: dict[str, int] = {}
+        codes: dict[str, Any] = {}
         try:
             with tarfile.open(path, mode="r:") as tar:
                 for member in tar:
@@ -114,17 +140,40 @@ def verify_split(shards: Path, manifest: dict[str, Any], split: str) -> None:
                         continue
                     keys.setdefault(key, set()).add(ext)
                     if ext == "cls":
-                        label_of(tar.extractfile(member).read(), key, path, len(manifest["classes"]))
+                        labels[key] = label_of(tar.extractfile(member).read(), key, path, len(classes))
+                    elif ext == "json":
+                        codes[key] = _class_code(tar.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise UserError(f"shard {path} is not a readable tar file ({exc}); rerun `skinlesion prepare`") from exc
         for key, exts in keys.items():
             if not {"jpg", "cls"} <= exts:
                 raise UserError(f"shard {path}: sample {key!r} lacks {sorted({'jpg', 'cls'} - exts)}")
+            code = codes.get(key)
+            if not isinstance(code, str):
+                raise UserError(
+                    f"shard {path}: sample {key!r} has no class code (a json with 'dx'), so the classes of {where} "
+                    "cannot be checked against it; the shards are not from `skinlesion prepare`: re-run it"
+                )
+            if code != classes[labels[key]]:
+                raise UserError(
+                    f"{where}: classes[{labels[key]}] is {classes[labels[key]]!r}, but sample {key!r} of {path.name} "
+                    f"with that class index is a {code!r}: the manifest's classes do not match its shards (edited "
+                    "by hand?); re-run `skinlesion prepare`"
+                )
         if len(keys) != expected:
             raise UserError(
                 f"shard {path} holds {len(keys)} samples but {shards}/manifest.json says {expected}; "
                 f"the shards changed after prepare: rerun `skinlesion prepare --overwrite`"
             )
+
+
+def _class_code(data: bytes) -> Any:
+    """The ``dx`` of a sample's ``json`` member (data, parsed, never executed); None when it has none."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return meta.get("dx") if isinstance(meta, dict) else None
 
 
 def label_of(data: bytes, key: str, shard: Any, n_classes: int | None = None) -> int:

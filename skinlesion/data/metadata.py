@@ -62,15 +62,20 @@ class Metadata:
     rejected: list[Rejection]
     n_input: int
     own_groups: int = 0  # kept rows without a group id, each made its own group (ISIC 2019's old archive)
+    ungrouped: bool = False  # no group column at all (--allow-ungrouped): every image is its own group
     duplicates_listed: int = 0  # pairs in the duplicates file, when one was given
     added: dict[str, int] | None = None  # --add-ham10000: its rows, and those dropped as already in ISIC 2019
 
 
-def read_csv(path: Path) -> pd.DataFrame:
-    """The HAM10000 CSV as text columns (empty string for blanks), or a UserError saying what is wrong with it."""
+def read_csv(path: Path, allow_ungrouped: bool = False) -> pd.DataFrame:
+    """The HAM10000 CSV as text columns (empty string for blanks), or a UserError saying what is wrong with it.
+
+    Without lesion_id it is read only with `allow_ungrouped` (see `layouts.check_group`)."""
     path = Path(path)
     df = layouts.read_text_csv(path, "metadata CSV", "pass HAM10000_metadata.csv with --metadata")
-    missing = [c for c in REQUIRED if c not in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns and not (c == "lesion_id" and allow_ungrouped)]
+    if missing == ["lesion_id"] or allow_ungrouped:  # only the group column is absent: the flag is the way out
+        layouts.check_group(df.columns, HAM10000, path, allow_ungrouped)
     if missing:
         raise UserError(
             f"metadata CSV {path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}); "
@@ -146,18 +151,24 @@ def load(
     labels: Path | None = None,
     duplicates: Path | None = None,
     add_ham10000: Path | None = None,
+    allow_ungrouped: bool = False,
 ) -> Metadata:
     """Read csv (and the ground-truth and duplicates files of layouts that have them), match its rows to
-    files in folders and apply the dataset's cleaning rules."""
+    files in folders and apply the dataset's cleaning rules.
+
+    A row with an empty group id in an existing group column is rejected, or with ``missing_group: own``
+    kept as its own group and counted (`Metadata.own_groups`); a CSV without the group column is an error
+    unless `allow_ungrouped` (then `Metadata.ungrouped`: every image is its own group)."""
     index = index_images(folders)  # first, so a wrong --images fails before any work
     n_pairs = 0
     if dataset.layout == "ham10000" and labels is None and duplicates is None:
-        df = read_csv(csv)
+        df = read_csv(csv, allow_ungrouped)
         df["dx"] = df["dx"].str.lower()
         df[layouts.FAULT] = ""
+        grouped = "lesion_id" in df.columns
     else:
-        parsed = layouts.read(dataset, csv, labels, duplicates)
-        df, n_pairs = parsed.rows, parsed.duplicates_listed
+        parsed = layouts.read(dataset, csv, labels, duplicates, allow_ungrouped)
+        df, n_pairs, grouped = parsed.rows, parsed.duplicates_listed, parsed.grouped
     added = None
     if add_ham10000 is not None:
         df, added = _add_ham10000(df, add_ham10000)
@@ -165,7 +176,7 @@ def load(
     bad_dx = invalid_dx(len(codes))
     group = dataset.columns.group or "lesion_id"
     missing_group = MISSING_LESION_ID if group == "lesion_id" else f"missing {group}"
-    own = dataset.cleaning.missing_group == "own" or dataset.columns.group is None  # no group column: one per image
+    own = dataset.cleaning.missing_group == "own" or not grouped  # no group column: one group per image
     drop_unknown = dataset.cleaning.drop_unknown
     if "lesion_id" not in df.columns:
         df["lesion_id"] = ""
@@ -208,7 +219,9 @@ def load(
     kept = df[keep].drop(columns=[layouts.FAULT]).reset_index(drop=True)
     kept["lesion_id"] = groups
     kept["path"] = paths
-    return Metadata(kept, rejected, len(df), own_groups=n_own, duplicates_listed=n_pairs, added=added)
+    return Metadata(
+        kept, rejected, len(df), own_groups=n_own, ungrouped=not grouped, duplicates_listed=n_pairs, added=added
+    )
 
 
 def _add_ham10000(df: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, dict[str, int]]:

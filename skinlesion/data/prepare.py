@@ -64,6 +64,7 @@ class PrepareOptions:
     columns: tuple[tuple[str, str], ...] = ()  # custom: --column KEY=NAME
     malignant: tuple[str, ...] = ()  # custom without a spec: the malignant labels
     add_ham10000: Path | None = None  # isic2019: HAM10000_metadata.csv to combine, de-duplicated by image id
+    allow_ungrouped: bool = False  # no group column: split image by image (recorded in the manifest)
 
 
 def describe(opts: PrepareOptions) -> datasets.Dataset:
@@ -246,8 +247,17 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
     shards.check_destination(out, opts.overwrite)
     dataset = describe(opts)
     meta = metadata.load(
-        opts.metadata, opts.images, opts.keep_incomplete, dataset, opts.labels, opts.duplicates, opts.add_ham10000
+        opts.metadata,
+        opts.images,
+        opts.keep_incomplete,
+        dataset,
+        opts.labels,
+        opts.duplicates,
+        opts.add_ham10000,
+        opts.allow_ungrouped,
     )
+    if meta.ungrouped:  # the description written says what the split used: no group column
+        dataset = dataclasses.replace(dataset, columns=dataclasses.replace(dataset.columns, group=None))
     if meta.kept.empty:
         reasons = dict(Counter(r.reason for r in meta.rejected).most_common())
         raise UserError(f"no usable rows in {opts.metadata} (rejected: {reasons}); check --images and the CSV")
@@ -288,7 +298,7 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
         manifest = {
             "classes": list(dataset.codes),
             "dataset": dataset.to_dict(),
-            "groups": {"key": dataset.group_column, "own_groups": meta.own_groups},
+            "groups": {"key": dataset.group_column, "own_groups": meta.own_groups, "ungrouped": meta.ungrouped},
             "rows": {"input": meta.n_input, "kept": len(good), "rejected": len(rejected)},
             "rejected_by_reason": dict(Counter(reason for _, reason in rejected).most_common()),
             "source": source.describe(opts.metadata, good),  # synthetic or real: the model card copies it
@@ -337,9 +347,16 @@ def format_summary(manifest: dict) -> str:
             f"  HAM10000: {added['rows']} rows added, {added['already_in_isic2019']} dropped as already in "
             "ISIC 2019 (same image_id)"
         )
-    own = manifest.get("groups", {}).get("own_groups")
-    if own:
-        lines.append(f"  {own} kept rows have no {manifest['groups']['key']}: each is its own group in the split")
+    groups = manifest.get("groups", {})
+    if groups.get("ungrouped"):
+        lines.append(
+            "  images were split without grouping (--allow-ungrouped, no group column): a patient or lesion "
+            "may appear in train and test"
+        )
+    elif groups.get("own_groups"):
+        lines.append(
+            f"  {groups['own_groups']} kept rows have an empty {groups['key']}: each is its own group in the split"
+        )
     classes = manifest["classes"]
     header = ["split", *classes, "total", "images", "lesions", "shards"]
     lines.append("".join(f"{h:>8}" if i else f"{h:<6}" for i, h in enumerate(header)))
