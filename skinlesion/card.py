@@ -181,7 +181,7 @@ def calibrate(
     The trainer passes the `manifest` it read at start. Both files record the digest of `model`'s weights,
     the ones measured here, whatever `checkpoint` holds by then."""
     from skinlesion.data.manifest import read_manifest
-    from skinlesion.metrics import compute_metrics
+    from skinlesion.metrics import compute_metrics, selection
     from skinlesion.subgroups import limitation_lines, subgroup_metrics
 
     manifest = manifest or read_manifest(shards)
@@ -200,11 +200,14 @@ def calibrate(
 
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
     groups = np.asarray(val["lesions"], dtype=object) if all(val["lesions"]) else None
-    metrics = compute_metrics(labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes)
+    metrics = compute_metrics(
+        labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes, malignant=dataset.malignant
+    )
     # Subgroup numbers for LIMITATIONS: the test split's when the trainer evaluated it, else validation's.
     split, subgroups = "test", (test_metrics or {}).get("subgroups")
     if subgroups is None:
-        split, subgroups = "validation", subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups)
+        split = "validation"
+        subgroups = subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups, malignant=dataset.malignant)
     malignant_index = [dataset.codes.index(dx) for dx in dataset.malignant]
     thresholds = risk_thresholds(probs[:, malignant_index].sum(1), np.isin(labels, malignant_index))
     card = {
@@ -222,6 +225,7 @@ def calibrate(
             "source": source,
         },
         "validation": _summary(metrics),
+        "best_pt_selection": selection(metrics),  # the validation metric training keeps best.pt by
         "test": _summary(test_metrics) if test_metrics else None,
         "risk": {
             "malignant_classes": list(dataset.malignant),
@@ -258,6 +262,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "n_samples": metrics["n_samples"],
         "balanced_accuracy": metrics["balanced_accuracy"],
         "balanced_accuracy_ci95": metrics["balanced_accuracy_ci95"],
+        **({"balanced_accuracy_ci95_note": note} if (note := metrics.get("balanced_accuracy_ci95_note")) else {}),
         "melanoma_sensitivity_at_specificity_0.9": metrics["melanoma"][sensitivity_key(0.9)],
         "ece": metrics["ece"],
     }
