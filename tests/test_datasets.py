@@ -176,6 +176,8 @@ def test_isic2020_groups_by_patient_spreads_melanoma_and_applies_the_duplicates_
     assert all(n > 0 for n in mel.values())  # every split gets melanomas (stratified by patient)
     truth = pd.read_csv(isic2020_dir / GT_2020).set_index("image_name")
     assert all(truth.loc[s["image_id"], "target"] == label for _, label, s in samples)
+    # `diagnosis` is the label, not how it was confirmed: no dx_type, so no "confirmed by melanoma" subgroup.
+    assert not any("dx_type" in s for _, _, s in samples) and datasets.preset("isic2020").columns.dx_type is None
 
 
 def test_custom_dataset_from_a_yaml_spec_and_from_columns(tmp_path: Path, synthetic_dir: Path) -> None:
