@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 CARD = "model_card.json"
 SENSITIVITIES = (0.95, 0.80)  # validation operating points that bound the risk bands
+MIN_RISK_POSITIVES = 10  # fewer malignant validation images set no cut-offs (as subgroups.MIN_POSITIVES)
+TOP = 1.0 - 1e-6  # a cut-off at the top of the scale: only a saturated probability (1.0 in float32) reaches it
 
 
 TITLES = {"ham10000": "HAM10000", "isic2019": "ISIC 2019", "isic2020": "ISIC 2020"}  # presets' names as written
@@ -141,6 +143,27 @@ def risk_thresholds(malignant: np.ndarray, is_malignant: np.ndarray) -> dict[str
     return out
 
 
+def cutoff_problem(malignant: np.ndarray, is_malignant: np.ndarray, thresholds: dict[str, float | None]) -> str | None:
+    """Why the validation cut-offs cannot separate anything, or None when they can.
+
+    A 2-epoch ISIC 2020 run put both cut-offs at 1.0 (its melanoma probabilities saturated), and the page then
+    said "malignant probability below >99%, the cut-off": a threshold worded as one that no real image is above.
+    A cut-off separates nothing when it is at the top of the scale, or when every validation image, malignant or
+    not, reaches it; and cut-offs from fewer than MIN_RISK_POSITIVES malignant images are not cut-offs at all.
+    """
+    n = int(np.asarray(is_malignant, dtype=bool).sum())
+    if n < MIN_RISK_POSITIVES:
+        return f"validation has {n} malignant images, fewer than {MIN_RISK_POSITIVES} to set them on"
+    cuts = {key: value for key, value in thresholds.items() if value is not None}
+    for key, value in cuts.items():
+        point = key.removeprefix("sensitivity_")
+        if value >= TOP:
+            return f"the sensitivity {point} cut-off is {value:.6g}, the top of the scale (saturated probabilities)"
+        if float(np.min(malignant)) >= value:
+            return f"every validation image, malignant or not, scores at or above the sensitivity {point} cut-off"
+    return None
+
+
 def risk_band(malignant_probability: float, thresholds: dict[str, float | None]) -> str | None:
     """high (>= the 0.80-sensitivity point), elevated (>= the 0.95 point), below_cutoffs; None without thresholds.
 
@@ -209,7 +232,10 @@ def calibrate(
         split = "validation"
         subgroups = subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups, malignant=dataset.malignant)
     malignant_index = [dataset.codes.index(dx) for dx in dataset.malignant]
-    thresholds = risk_thresholds(probs[:, malignant_index].sum(1), np.isin(labels, malignant_index))
+    malignant, is_malignant = probs[:, malignant_index].sum(1), np.isin(labels, malignant_index)
+    measured = risk_thresholds(malignant, is_malignant)
+    problem = cutoff_problem(malignant, is_malignant, measured) if malignant_index else None
+    thresholds = dict.fromkeys(measured) if problem else measured  # no band from cut-offs that separate nothing
     card = {
         "checkpoint": checkpoint.name,
         "arch": arch,
@@ -223,6 +249,7 @@ def calibrate(
             "rejected_by_reason": manifest.get("rejected_by_reason"),
             "class_counts": {s: info.get("class_counts") for s, info in manifest["splits"].items()},
             "source": source,
+            "splits": split_counts(manifest, dataset),
         },
         "validation": _summary(metrics),
         "best_pt_selection": selection(metrics),  # the validation metric training keeps best.pt by
@@ -230,6 +257,8 @@ def calibrate(
         "risk": {
             "malignant_classes": list(dataset.malignant),
             "thresholds": thresholds,
+            "measured_thresholds": measured,  # as validation gave them, also when they cannot be used
+            "problem": problem,
             "bands": {
                 "high": "malignant probability at or above the validation operating point of sensitivity 0.80",
                 "elevated": "between the operating points of sensitivity 0.95 and 0.80",
@@ -253,6 +282,23 @@ def calibrate(
     }
     atomic_write(checkpoint.parent / CARD, json.dumps(card, indent=2) + "\n")
     return card
+
+
+def split_counts(manifest: dict[str, Any], dataset: Dataset) -> dict[str, dict[str, Any]]:
+    """What each split held, in the dataset's unit: {split: {images, groups, unit, samples}}.
+
+    ``images`` and ``groups`` are the distinct images and groups (lesions; patients for ISIC 2020) of the split,
+    before the train split's balancing repeats some; ``samples`` counts its shard samples, repeats included. The
+    card says "trained on" the train split's, not the dataset's total (which counted validation and test too).
+    """
+    from skinlesion.data.source import group_unit
+
+    unit = group_unit(dataset.group_column)
+    out = {}
+    for split, info in manifest["splits"].items():
+        out[split] = {"images": info.get("images"), "groups": info.get("lesions"), "unit": unit,
+                      "samples": info.get("samples")}  # fmt: skip
+    return out
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
