@@ -95,6 +95,9 @@ def _check_summary(summary: Any, key: str) -> None:
     _count(summary.get("n_samples"), f"{key}.n_samples", optional=False)
     for name in _METRICS:
         _number(summary.get(name), f"{key}.{name}", *_UNIT)
+    note = summary.get("balanced_accuracy_ci95_note")
+    if note is not None and not isinstance(note, str):
+        raise ValueError(f"{key}.balanced_accuracy_ci95_note is {note!r}, not a sentence")
     ci = summary.get("balanced_accuracy_ci95")
     if ci is not None:
         if not isinstance(ci, list) or len(ci) != 2:
