@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 CARD = "model_card.json"
 SENSITIVITIES = (0.95, 0.80)  # validation operating points that bound the risk bands
+MIN_RISK_POSITIVES = 10  # fewer malignant validation images set no cut-offs (as subgroups.MIN_POSITIVES)
+TOP = 1.0 - 1e-6  # a cut-off at the top of the scale: only a saturated probability (1.0 in float32) reaches it
 
 
 TITLES = {"ham10000": "HAM10000", "isic2019": "ISIC 2019", "isic2020": "ISIC 2020"}  # presets' names as written
@@ -141,6 +143,27 @@ def risk_thresholds(malignant: np.ndarray, is_malignant: np.ndarray) -> dict[str
     return out
 
 
+def cutoff_problem(malignant: np.ndarray, is_malignant: np.ndarray, thresholds: dict[str, float | None]) -> str | None:
+    """Why the validation cut-offs cannot separate anything, or None when they can.
+
+    A 2-epoch ISIC 2020 run put both cut-offs at 1.0 (its melanoma probabilities saturated), and the page then
+    said "malignant probability below >99%, the cut-off": a threshold worded as one that no real image is above.
+    A cut-off separates nothing when it is at the top of the scale, or when every validation image, malignant or
+    not, reaches it; and cut-offs from fewer than MIN_RISK_POSITIVES malignant images are not cut-offs at all.
+    """
+    n = int(np.asarray(is_malignant, dtype=bool).sum())
+    if n < MIN_RISK_POSITIVES:
+        return f"validation has {n} malignant images, fewer than {MIN_RISK_POSITIVES} to set them on"
+    cuts = {key: value for key, value in thresholds.items() if value is not None}
+    for key, value in cuts.items():
+        point = key.removeprefix("sensitivity_")
+        if value >= TOP:
+            return f"the sensitivity {point} cut-off is {value:.6g}, the top of the scale (saturated probabilities)"
+        if float(np.min(malignant)) >= value:
+            return f"every validation image, malignant or not, scores at or above the sensitivity {point} cut-off"
+    return None
+
+
 def risk_band(malignant_probability: float, thresholds: dict[str, float | None]) -> str | None:
     """high (>= the 0.80-sensitivity point), elevated (>= the 0.95 point), below_cutoffs; None without thresholds.
 
@@ -181,7 +204,7 @@ def calibrate(
     The trainer passes the `manifest` it read at start. Both files record the digest of `model`'s weights,
     the ones measured here, whatever `checkpoint` holds by then."""
     from skinlesion.data.manifest import read_manifest, ungrouped_note
-    from skinlesion.metrics import compute_metrics
+    from skinlesion.metrics import compute_metrics, selection
     from skinlesion.subgroups import limitation_lines, subgroup_metrics
 
     manifest = manifest or read_manifest(shards)
@@ -200,13 +223,19 @@ def calibrate(
 
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
     groups = np.asarray(val["lesions"], dtype=object) if all(val["lesions"]) else None
-    metrics = compute_metrics(labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes)
+    metrics = compute_metrics(
+        labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes, malignant=dataset.malignant
+    )
     # Subgroup numbers for LIMITATIONS: the test split's when the trainer evaluated it, else validation's.
     split, subgroups = "test", (test_metrics or {}).get("subgroups")
     if subgroups is None:
-        split, subgroups = "validation", subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups)
+        split = "validation"
+        subgroups = subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups, malignant=dataset.malignant)
     malignant_index = [dataset.codes.index(dx) for dx in dataset.malignant]
-    thresholds = risk_thresholds(probs[:, malignant_index].sum(1), np.isin(labels, malignant_index))
+    malignant, is_malignant = probs[:, malignant_index].sum(1), np.isin(labels, malignant_index)
+    measured = risk_thresholds(malignant, is_malignant)
+    problem = cutoff_problem(malignant, is_malignant, measured) if malignant_index else None
+    thresholds = dict.fromkeys(measured) if problem else measured  # no band from cut-offs that separate nothing
     card = {
         "checkpoint": checkpoint.name,
         "arch": arch,
@@ -220,12 +249,16 @@ def calibrate(
             "rejected_by_reason": manifest.get("rejected_by_reason"),
             "class_counts": {s: info.get("class_counts") for s, info in manifest["splits"].items()},
             "source": source,
+            "splits": split_counts(manifest, dataset),
         },
         "validation": _summary(metrics),
+        "best_pt_selection": selection(metrics),  # the validation metric training keeps best.pt by
         "test": _summary(test_metrics) if test_metrics else None,
         "risk": {
             "malignant_classes": list(dataset.malignant),
             "thresholds": thresholds,
+            "measured_thresholds": measured,  # as validation gave them, also when they cannot be used
+            "problem": problem,
             "bands": {
                 "high": "malignant probability at or above the validation operating point of sensitivity 0.80",
                 "elevated": "between the operating points of sensitivity 0.95 and 0.80",
@@ -251,6 +284,23 @@ def calibrate(
     return card
 
 
+def split_counts(manifest: dict[str, Any], dataset: Dataset) -> dict[str, dict[str, Any]]:
+    """What each split held, in the dataset's unit: {split: {images, groups, unit, samples}}.
+
+    ``images`` and ``groups`` are the distinct images and groups (lesions; patients for ISIC 2020) of the split,
+    before the train split's balancing repeats some; ``samples`` counts its shard samples, repeats included. The
+    card says "trained on" the train split's, not the dataset's total (which counted validation and test too).
+    """
+    from skinlesion.data.source import group_unit
+
+    unit = group_unit(dataset.group_column)
+    out = {}
+    for split, info in manifest["splits"].items():
+        out[split] = {"images": info.get("images"), "groups": info.get("lesions"), "unit": unit,
+                      "samples": info.get("samples")}  # fmt: skip
+    return out
+
+
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     from skinlesion.metrics import sensitivity_key  # scikit-learn: 1 s of start-up that serve and predict skip
 
@@ -258,6 +308,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "n_samples": metrics["n_samples"],
         "balanced_accuracy": metrics["balanced_accuracy"],
         "balanced_accuracy_ci95": metrics["balanced_accuracy_ci95"],
+        **({"balanced_accuracy_ci95_note": note} if (note := metrics.get("balanced_accuracy_ci95_note")) else {}),
         "melanoma_sensitivity_at_specificity_0.9": metrics["melanoma"][sensitivity_key(0.9)],
         "ece": metrics["ece"],
     }

@@ -95,6 +95,9 @@ def _check_summary(summary: Any, key: str) -> None:
     _count(summary.get("n_samples"), f"{key}.n_samples", optional=False)
     for name in _METRICS:
         _number(summary.get(name), f"{key}.{name}", *_UNIT)
+    note = summary.get("balanced_accuracy_ci95_note")
+    if note is not None and not isinstance(note, str):
+        raise ValueError(f"{key}.balanced_accuracy_ci95_note is {note!r}, not a sentence")
     ci = summary.get("balanced_accuracy_ci95")
     if ci is not None:
         if not isinstance(ci, list) or len(ci) != 2:
@@ -122,6 +125,20 @@ def _check_risk(risk: Any, malignant: list[str]) -> None:
         raise ValueError("risk.thresholds has one cut-off and not the other")
     if elevated is not None and elevated > high:
         raise ValueError(f"risk.thresholds: the 0.95-sensitivity cut-off {elevated} is above the 0.80 one {high}")
+    _check_cutoff_problem(risk)
+
+
+def _check_cutoff_problem(risk: dict) -> None:
+    """`problem` (why validation's cut-offs cannot separate anything: `card.cutoff_problem`) is text or null, and a
+    card that states one bands nothing; `measured_thresholds`, the unusable values it keeps for the record, are
+    probabilities."""
+    problem = risk.get("problem")
+    if problem is not None and not (isinstance(problem, str) and problem):
+        raise ValueError(f"risk.problem is {problem!r}, not a sentence")
+    if problem is not None and any(v is not None for v in risk["thresholds"].values()):
+        raise ValueError("risk.problem says the cut-offs cannot separate anything, but risk.thresholds holds them")
+    for key, value in _mapping(risk.get("measured_thresholds") or {}, "risk.measured_thresholds").items():
+        _number(value, f"risk.measured_thresholds.{key}", *_UNIT)
 
 
 def _check_ood(ood: Any) -> None:
@@ -150,6 +167,12 @@ def _check_training_data(data: Any) -> None:
     data = _mapping(data, "training_data")
     for key in ("rows", "rejected_by_reason", "class_counts"):
         _counts(data.get(key), f"training_data.{key}")
+    for split, counts in _mapping(data.get("splits") or {}, "training_data.splits").items():
+        counts = _mapping(counts, f"training_data.splits.{split}")
+        for key in ("images", "groups", "samples"):
+            _count(counts.get(key), f"training_data.splits.{split}.{key}")
+        if not isinstance(counts.get("unit", ""), str):
+            raise ValueError(f"training_data.splits.{split}.unit is {counts['unit']!r}, not a word")
 
 
 def check_card(card: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from skinlesion.data.datasets import HAM10000, Dataset, of_manifest
 from skinlesion.errors import UserError
 from skinlesion.files import FolderLock, atomic_write
 from skinlesion.inference import class_probabilities
-from skinlesion.metrics import SPECIFICITIES, compute_metrics, sensitivity_key
+from skinlesion.metrics import NOT_ESTIMABLE, SPECIFICITIES, compute_metrics, selection, sensitivity_key
 from skinlesion.model import LoadedModel
 from skinlesion.ood import OODStats
 from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
@@ -73,10 +73,10 @@ class EvalResult:
 
     @property
     def score(self) -> tuple[str, float | None]:
-        """What best.pt is chosen by: balanced accuracy, or for a binary task (ISIC 2020) the AUC."""
-        if "binary" in self.metrics:
-            return "val_auc", self.metrics["binary"]["auc"]
-        return "val_balanced_accuracy", self.metrics["balanced_accuracy"]
+        """What best.pt is chosen by (`selection`): balanced accuracy, or for a binary task (ISIC 2020) the AUC,
+        or the loss where that AUC is undefined."""
+        chosen = selection(self.metrics)
+        return chosen["metric"], chosen["value"]
 
     def record(self, prefix: str = "val") -> dict[str, Any]:
         """The columns of metrics.jsonl, e.g. ``val_balanced_accuracy``."""
@@ -108,6 +108,7 @@ class EvalResult:
             return "n/a" if value is None else format(value, fmt)
 
         low, high = m["balanced_accuracy_ci95"]
+        ci_note = "  (95% CI not estimable: every bootstrap resample gave the same value)"
         group = {"lesion_id": "lesions", "patient_id": "patients"}.get(m.get("group_key", "lesion_id"), "groups")
         unit = group if m.get("bootstrap", {}).get("unit") == "group" else "images"
         at_spec = ", ".join(f"{num(mel[sensitivity_key(spec)])} at specificity {spec:g}" for spec in SPECIFICITIES)
@@ -115,18 +116,28 @@ class EvalResult:
             f"{m.get('split')} split: {m['n_samples']} images, checkpoint {m.get('checkpoint')}"
             + (", TTA x8" if m.get("tta") else ""),
             f"  balanced accuracy {num(m['balanced_accuracy'])}"
-            + (f"  (95% CI {num(low)}-{num(high)}, bootstrap over {unit})" if low is not None else ""),
+            + (f"  (95% CI {num(low)}-{num(high)}, bootstrap over {unit})" if low is not None else "")
+            + (ci_note if m.get("balanced_accuracy_ci95_note") == NOT_ESTIMABLE else ""),
             f"  accuracy {num(m['accuracy'])}   AUC macro {num(m['auc_macro'])}   ECE {num(m['ece'])}",
             "  recall    " + "  ".join(f"{dx} {num(v['recall'], '.2f')}" for dx, v in m["per_class"].items()),
             "  support   " + "  ".join(f"{dx} {v['support']}" for dx, v in m["per_class"].items()),
             f"  melanoma  sensitivity {num(mel['sensitivity_at_argmax'])} (argmax), {at_spec}; AUC {num(mel['auc'])}",
         ]
-        if "binary" in m:  # ISIC 2020: melanoma against the rest
-            b, (lo, hi) = m["binary"], m["binary"]["auc_ci95"]
+        b = m.get("binary")
+        if b and b.get("positive") is None:  # two classes, but no single malignant one to score
+            lines.append(f"  binary    {b['note']}")
+        elif b:  # ISIC 2020: melanoma against the rest
+            lo, hi = b["auc_ci95"]
+            ci = f"95% CI {num(lo)}-{num(hi)}, over {unit}" if lo is not None else "95% CI not estimable"
             lines.append(
-                f"  binary    {b['positive']} AUC {num(b['auc'])} (95% CI {num(lo)}-{num(hi)}, over {unit}), "
+                f"  binary    {b['positive']} AUC {num(b['auc'])} ({ci}), "
                 f"partial AUC above 80% sensitivity {num(b['partial_auc_above_sensitivity_0.8'])}"
             )
+        chosen = m.get("selection")
+        if chosen:
+            lines.append(f"  best.pt   kept by the {chosen['keeps']} {chosen['metric']}")
+            if chosen["note"]:
+                lines.append(f"  warning: {chosen['note']}")
         lines += subgroup_lines(m.get("subgroups") or {})
         lines += [f"  note: {note}" for note in m.get("split_notes") or []]
         if self.files:
@@ -273,12 +284,16 @@ def evaluate(
     manifest = manifest or read_manifest(shards)
     dataset = of_manifest(manifest, f"{shards}/manifest.json")
     groups = np.asarray(preds.lesion_ids, dtype=object) if all(preds.lesion_ids) else None
-    metrics = compute_metrics(preds.labels, preds.probs, groups, n_bootstrap, classes=dataset.codes)
+    metrics = compute_metrics(
+        preds.labels, preds.probs, groups, n_bootstrap, classes=dataset.codes, malignant=dataset.malignant
+    )
     metrics["group_key"] = dataset.group_column  # what the bootstrap resamples: lesions, or patients (ISIC 2020)
     metrics["split_notes"] = ungrouped_note(manifest)  # prepare --allow-ungrouped: patients may cross splits
+    if split == "val":  # what training keeps best.pt by, on these numbers
+        metrics["selection"] = selection(metrics)
     if n_bootstrap and preds.metas is not None:  # the final evaluations, not every epoch's validation
         metrics["subgroups"] = subgroup_metrics(
-            preds.labels, preds.probs, preds.metas, dataset.codes, groups, n_bootstrap
+            preds.labels, preds.probs, preds.metas, dataset.codes, groups, n_bootstrap, malignant=dataset.malignant
         )
     metrics.update(
         checkpoint=None if checkpoint is None else str(checkpoint),

@@ -16,6 +16,7 @@ test split of ~1,500 images has only ~17 dermatofibromas.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,62 @@ ECE_BINS = 15
 SPECIFICITIES: tuple[float, ...] = (0.8, 0.9)
 MELANOMA = CLASSES.index("mel")  # HAM10000's index; other datasets find "mel" in their own classes
 PARTIAL_AUC_SENSITIVITY = 0.8
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+NOT_ESTIMABLE = "not estimable: every bootstrap resample gave the same value (too few samples to vary)"
+
+
+def positive_class(classes: Sequence[str], malignant: Sequence[str] | None = None) -> tuple[int | None, str | None]:
+    """The index of the class binary metrics score as positive, or None and why.
+
+    The positive class is the dataset's malignant one, whatever the order of the classes: a custom
+    melanoma/nevus spec sorts melanoma first, and scoring ``classes[1]`` reported nevus recall as melanoma
+    sensitivity. `malignant` is the description's malignant codes; None (no description at hand) means
+    melanoma's code when the classes have it. No class, or more than one, is never resolved by a guess.
+    """
+    classes = list(classes)
+    if malignant is None:
+        malignant = ("mel",) if "mel" in classes else ()
+    marked = [c for c in classes if c in set(malignant)]
+    if len(marked) == 1:
+        return classes.index(marked[0]), None
+    if not marked:
+        return None, f"no class of {classes} is marked malignant, so there is no positive class to score"
+    return None, f"{len(marked)} classes ({', '.join(marked)}) are marked malignant; binary metrics need exactly one"
+
+
+def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float | None, float | None]:
+    """Wilson score interval of a proportion: (None, None) for n = 0.
+
+    Unlike a percentile bootstrap it does not collapse to 1.00-1.00 when all of 12 melanomas were found
+    (it gives 0.76-1.00), and unlike the normal approximation it stays inside [0, 1]. `successes` may be
+    fractional: a clustered proportion is passed as (share x number of groups, number of groups).
+    """
+    if n <= 0:
+        return None, None
+    p = min(max(successes / n, 0.0), 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low = 0.0 if p == 0.0 else max(0.0, centre - half)  # exactly 0 and 1 at the ends, not 1e-17 off
+    high = 1.0 if p == 1.0 else min(1.0, centre + half)
+    return low, high
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """The percentile interval of bootstrap `values`; (None, None) when it has zero width.
+
+    A bootstrap of a small, perfectly separated sample gives the same value on every resample, and
+    "95% CI 1.00-1.00" would claim a certainty that 12 images cannot give: such an interval is not
+    estimable this way, and is reported as such (`NOT_ESTIMABLE`).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return None, None
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = (float(v) for v in np.percentile(values, [tail, 100 - tail]))
+    if values.size > 1 and high - low <= 1e-12:  # (one resample is a test's way to see the statistic itself)
+        return None, None
+    return low, high
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -65,7 +122,8 @@ def bootstrap_balanced_accuracy(
     Images of one lesion are near-duplicates, so resampling lesions rather than images keeps the
     interval honest. Each group's contribution to the confusion matrix is counted once; a resample is
     then a matrix product of how often each group was drawn with those contributions, so 1,000
-    resamples of a test split take milliseconds.
+    resamples of a test split take milliseconds. NaN, NaN when the interval has zero width
+    (`percentile_interval`).
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     if y_true.size == 0 or n_resamples <= 0:
@@ -85,10 +143,8 @@ def bootstrap_balanced_accuracy(
     draws += np.arange(n_resamples)[:, None] * n_groups
     times_drawn = np.bincount(draws.ravel(), minlength=n_resamples * n_groups).reshape(n_resamples, n_groups)
     cms = (times_drawn.astype(np.float64) @ per_group).reshape(n_resamples, k, k)
-    scores = balanced_accuracy(cms)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(scores, [tail, 100 - tail])
-    return float(low), float(high)
+    low, high = percentile_interval(balanced_accuracy(cms), confidence)
+    return (float("nan"), float("nan")) if low is None else (low, high)
 
 
 def one_vs_rest_auc(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
@@ -159,11 +215,13 @@ def compute_metrics(
     n_bootstrap: int = 1000,
     seed: int = 0,
     classes: Sequence[str] = CLASSES,
+    malignant: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Everything metrics.json holds (JSON-ready: plain floats, None for undefined values).
 
     `groups` (e.g. lesion_id per sample) makes the bootstrap resample lesions instead of images. `classes`
-    are the dataset's, in column order; with two of them the binary metrics are added.
+    are the dataset's, in column order; with two of them the binary metrics are added, for the class that
+    `malignant` (the description's malignant codes) marks (`positive_class`).
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -198,6 +256,7 @@ def compute_metrics(
         "log_loss": log_loss(y_true, probs) if y_true.size else None,
         "balanced_accuracy": _or_none(balanced_accuracy(cm)) if y_true.size else None,
         "balanced_accuracy_ci95": [_or_none(low), _or_none(high)],
+        **({"balanced_accuracy_ci95_note": NOT_ESTIMABLE} if n_bootstrap > 0 and y_true.size and np.isnan(low) else {}),
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "unit": "group" if groups is not None else "image"},
         "auc_macro": float(np.mean(defined_aucs)) if defined_aucs else None,
         "ece": expected_calibration_error(y_true, probs) if y_true.size else None,
@@ -216,7 +275,12 @@ def compute_metrics(
         "confusion_matrix": cm.tolist(),
     }
     if k == 2:
-        out["binary"] = binary_metrics(y_true, probs[:, 1], groups, n_bootstrap, seed, positive=classes[1])
+        index, why = positive_class(classes, malignant)
+        if index is None:
+            out["binary"] = {"positive": None, "note": f"no binary metrics: {why}"}
+        else:
+            positive = y_true == index
+            out["binary"] = binary_metrics(positive, probs[:, index], groups, n_bootstrap, seed, classes[index])
     return out
 
 
@@ -249,7 +313,8 @@ def bootstrap_auc(
     A resample is a weight per sample (how often its group was drawn), and AUC is the weighted share of
     (positive, negative) pairs ranked right, ties counting half: one sort, then sums over tie blocks for
     100 resamples at a time, so 1,000 resamples of a test split take milliseconds rather than 1,000
-    ``roc_auc_score`` calls. A resample without positives or without negatives has no AUC and is skipped.
+    ``roc_auc_score`` calls. A resample without positives or without negatives has no AUC and is skipped;
+    None, None when no resample has one or all give the same value (`percentile_interval`).
     """
     positive = np.asarray(positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
@@ -273,12 +338,7 @@ def bootstrap_auc(
         pairs = p.sum(1) * n.sum(1)
         ok = pairs > 0
         values.append((p * (below + 0.5 * n)).sum(1)[ok] / pairs[ok])
-    values = np.concatenate(values)
-    if not values.size:
-        return None, None
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    return percentile_interval(np.concatenate(values), confidence)
 
 
 def binary_metrics(
@@ -289,9 +349,10 @@ def binary_metrics(
     seed: int = 0,
     positive: str = "mel",
 ) -> dict[str, Any]:
-    """The ISIC 2020 numbers for class 1 against class 0: AUC with its bootstrap CI (over groups), sensitivity
-    at fixed specificities, and the partial AUC above 80% sensitivity."""
-    is_pos = np.asarray(y_true) == 1
+    """The ISIC 2020 numbers for the positive class (`y_true` 1 or True) against the rest: AUC with its bootstrap
+    CI (over groups), sensitivity at fixed specificities, and the partial AUC above 80% sensitivity.
+    `scores` are the positive class's probabilities, `positive` its code."""
+    is_pos = np.asarray(y_true).astype(np.int64) == 1
     defined = is_pos.any() and not is_pos.all()
     low, high = bootstrap_auc(is_pos, scores, groups, n_bootstrap, seed)
     out: dict[str, Any] = {
@@ -300,6 +361,7 @@ def binary_metrics(
         "negatives": int((~is_pos).sum()),
         "auc": float(roc_auc_score(is_pos, scores)) if defined else None,
         "auc_ci95": [low, high],
+        **({"auc_ci95_note": NOT_ESTIMABLE} if defined and n_bootstrap > 0 and low is None else {}),
         f"partial_auc_above_sensitivity_{PARTIAL_AUC_SENSITIVITY:g}": partial_auc_above_sensitivity(
             is_pos, scores, PARTIAL_AUC_SENSITIVITY
         ),
@@ -308,6 +370,34 @@ def binary_metrics(
         point = sensitivity_at_specificity(is_pos, scores, spec)
         out[sensitivity_key(spec)] = None if point is None else point[0]
     return out
+
+
+LOWER_IS_BETTER = frozenset({"val_loss"})  # best.pt's metrics that improve downwards
+
+
+def selection(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What training keeps best.pt by, on these validation `metrics`: {metric, value, keeps, note}. The trainer,
+    `evaluate` (metrics.json) and the model card all ask here, so they name the same metric.
+
+    Balanced accuracy; for a binary task with a positive class (ISIC 2020: melanoma) the ROC AUC, the challenge's
+    metric. Whether AUC is defined depends only on the validation labels, so it is the same every epoch: a
+    validation split without a positive (or without a negative) image has none in any epoch, and best.pt is then
+    kept by the lowest validation loss, with a `note` that says so (it used to become the last epoch, silently).
+    """
+    binary = metrics.get("binary") or {}
+    if binary.get("positive") is None:  # not binary, or no single malignant class to score
+        metric, value, note = "val_balanced_accuracy", metrics["balanced_accuracy"], None
+    elif binary.get("auc") is not None:
+        metric, value, note = "val_auc", binary["auc"], None
+    else:
+        metric, value = "val_loss", metrics["log_loss"]
+        note = (
+            f"val_auc is undefined: the validation split has {binary['positives']} {binary['positive']} and "
+            f"{binary['negatives']} other images, so best.pt is kept by the lowest val_loss instead; prepare "
+            f"the dataset so that validation holds both classes"
+        )
+    keeps = "lowest" if metric in LOWER_IS_BETTER else "highest"
+    return {"metric": metric, "value": value, "keeps": keeps, "note": note}
 
 
 def _or_none(value: float) -> float | None:

@@ -77,6 +77,15 @@ def band_note(band: str, thresholds: dict[str, float | None]) -> str:
     )
 
 
+def no_band_note(card: dict[str, Any] | None) -> str:
+    """Why an image that is not flagged gets no risk band: the card's cut-offs cannot separate anything (it says
+    why: `card.cutoff_problem`), or there are no cut-offs. Never a threshold worded as one ("below >99%")."""
+    problem = ((card or {}).get("risk") or {}).get("problem")
+    if problem:
+        return f"No risk band: the cut-offs from validation cannot separate malignant from other lesions ({problem})."
+    return "No risk band: this model has no calibrated cut-offs."
+
+
 def banner(card: dict[str, Any] | None) -> str | None:
     """The warning shown above every result unless the card says the model was trained on real images."""
     if card is None:  # no card (or one of other weights): nothing says where its training images came from
@@ -135,6 +144,6 @@ class Calibration:
         if band:
             entry["risk_note"] = band_note(band, self.thresholds)
         else:
-            entry["risk_note"] = NO_BAND_OOD if flagged else "No risk band: this model has no calibrated cut-offs."
+            entry["risk_note"] = NO_BAND_OOD if flagged else no_band_note(self.card)
         entry["notice"] = OOD_NOTICE if flagged else None
         return entry

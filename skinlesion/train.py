@@ -58,6 +58,7 @@ from skinlesion.errors import UserError
 from skinlesion.evaluate import EvalResult, evaluate_checkpoint
 from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
 from skinlesion.losses import make_criterion
+from skinlesion.metrics import LOWER_IS_BETTER, selection
 from skinlesion.mixing import Mixer, make_mixer
 from skinlesion.model import ModelFacts, build_model, init_from, load_for_inference
 from skinlesion.optim import make_optimizer, scaled_schedule
@@ -250,6 +251,7 @@ def fit(run: Run, state: TrainerState) -> bool:
         rank, world = accelerator.process_index, accelerator.num_processes
         size, batch, workers = cfg.data.image_size, cfg.data.eval_batch_size, cfg.data.num_workers
         val = eval_loader(cfg.data.shards, "val", size, batch, workers, rank, world, run.manifest, persistent=True)
+    told = False  # which metric keeps best.pt (and why, when the task's own is undefined): said once a run
     for epoch in range(state.epoch, cfg.train.epochs):
         state.epoch, started = epoch, time.perf_counter()
         epoch_stats = train_epoch(run, state, batches)
@@ -263,7 +265,14 @@ def fit(run: Run, state: TrainerState) -> bool:
             last = epoch == cfg.train.epochs - 1  # plots: the last epoch's; metrics and predictions: every epoch's
             result = validate(accelerator, run.shipped, cfg, "val", run.out / "eval-val", run.manifest, val, plots=last)
             record |= result.record("val")
-            name, score = result.score  # balanced accuracy; AUC for a binary task
+            chosen = selection(result.metrics)  # balanced accuracy; AUC for a binary task; else the loss
+            name, score = chosen["metric"], chosen["value"]
+            record["best_pt_metric"] = name
+            if not told and accelerator.is_main_process:
+                accelerator.print(f"best.pt is kept by the {chosen['keeps']} {name} on the validation split")
+                if chosen["note"]:
+                    accelerator.print(f"warning: {chosen['note']}")
+            told = True
             if run.ema is not None:  # the raw weights too, to compare
                 raw = validate(accelerator, run.model, cfg, manifest=run.manifest, loader=val)
                 record["val_balanced_accuracy_raw"] = raw.balanced_accuracy
@@ -347,12 +356,18 @@ def _update_best(
     score: float | None,
     name: str = "val_balanced_accuracy",
 ) -> None:
-    """Export best.pt when validation improved strictly (a tie keeps the earlier epoch), when there is no
+    """Export best.pt when validation improved strictly (a tie keeps the earlier epoch; "improved" is lower for
+    `name` in LOWER_IS_BETTER, the loss that keeps a binary run without validation AUC), when there is no
     validation (the last epoch), or when best.pt is missing from this folder (a run branched from a copied
     checkpoint, or the file was deleted): then the best weights available are this epoch's, and it says so.
     """
     missing = not (out / "best.pt").is_file()
-    improved = score is None or state.best_metric is None or score > state.best_metric
+    better = (
+        score is not None
+        and state.best_metric is not None
+        and (score < state.best_metric if name in LOWER_IS_BETTER else score > state.best_metric)
+    )
+    improved = score is None or state.best_metric is None or better
     if not (improved or missing):
         return
     if missing and not improved and accelerator.is_main_process:

@@ -319,9 +319,12 @@ def test_the_file_limit_is_stated_and_its_error_is_prominent(served, browser, im
 def test_no_banner_for_a_card_that_says_real_data(served, browser) -> None:
     from selenium.webdriver.common.by import By
 
-    url, _ = served["real"]
+    url, folder = served["real"]
     _open(browser, url)
     assert not browser.find_element(By.ID, "banner").is_displayed()
     browser.find_element(By.CSS_SELECTOR, "#card-panel summary").click()
     card = browser.find_element(By.ID, "card").text
-    assert "HAM10000, real: 10015 images" in card and "synthetic" not in card.lower()
+    # Trained on: the train split's distinct images and lesions, not the dataset's 10015 over every split.
+    train = json.loads((folder / "model_card.json").read_text())["training_data"]["splits"]["train"]
+    trained = f"HAM10000, real: {train['images']} images of {train['groups']} lesions (the train split)"
+    assert trained in card and "10015" not in card and "synthetic" not in card.lower()

@@ -186,6 +186,8 @@ def test_isic2020_groups_by_patient_spreads_melanoma_and_applies_the_duplicates_
     assert all(truth.loc[s["image_id"], "target"] == label for _, label, s in samples)
     for split in manifest["splits"]:
         verify_split(tmp_path / "out", manifest, split)
+    # `diagnosis` is the label, not how it was confirmed: no dx_type, so no "confirmed by melanoma" subgroup.
+    assert not any("dx_type" in s for _, _, s in samples) and datasets.preset("isic2020").columns.dx_type is None
 
 
 def _clinic(tmp_path: Path, synthetic_dir: Path, missing_group: str = "reject") -> tuple[Path, dict]:

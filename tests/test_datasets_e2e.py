@@ -105,6 +105,18 @@ def test_isic2020_is_scored_as_a_binary_task_and_other_classes_are_refused(
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert best["model"]["fc.weight"].shape[0] == 2
     assert best["metric"]["name"] == "val_auc"  # a binary task keeps the epoch with the best validation AUC
+    # ... and says so: in the log, eval-val/metrics.json, metrics.jsonl and the card.
+    assert "best.pt is kept by the highest val_auc on the validation split" in done.stdout
+    val = json.loads((tmp_path / "run" / "eval-val" / "metrics.json").read_text())
+    assert val["selection"]["metric"] == "val_auc" and val["selection"]["note"] is None
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["best_pt_metric"] for r in records} == {"val_auc"}
+    card = json.loads((tmp_path / "run" / "model_card.json").read_text())
+    assert card["best_pt_selection"]["metric"] == "val_auc"
+    assert "dx_type" not in metrics["subgroups"]  # ISIC 2020's diagnosis is the label, not how it was confirmed
+    source, train = card["training_data"]["source"], card["training_data"]["splits"]["train"]
+    assert source["dataset"] == "skinlesion synth (synthetic ISIC 2020-style pictures)"
+    assert train["unit"] == "patients" and train["groups"] < source["groups"] and train["images"] < source["images"]
 
     _, run_2019 = isic2019_run
     done = _cli("evaluate", "--checkpoint", str(run_2019 / "best.pt"), "--shards", str(tmp_path / "shards"))

@@ -133,10 +133,10 @@ def test_bootstrap_matches_explicit_resampling_and_resamples_whole_lesions():
     explicit = [balanced_accuracy_score(y_true[d], y_pred[d]) for d in draws]
     expected = np.percentile(explicit, [2.5, 97.5])
     assert bootstrap_balanced_accuracy(y_true, y_pred, n_resamples=300, seed=11) == pytest.approx(tuple(expected))
-    # One lesion holding every image: every resample is the full set, so the interval collapses.
-    point = balanced_accuracy_score(y_true, y_pred)
+    # One lesion holding every image: every resample is the full set, so the interval would have zero width:
+    # it is not estimable (NaN; metrics.json writes null and says why), never "point-point".
     low, high = bootstrap_balanced_accuracy(y_true, y_pred, groups=np.array(["L1"] * 60), n_resamples=50)
-    assert low == pytest.approx(point) and high == pytest.approx(point)
+    assert np.isnan(low) and np.isnan(high)
 
 
 def test_confusion_matrix_helper_counts_pairs():
@@ -186,3 +186,86 @@ def test_agrees_with_the_official_isic_scorer(monkeypatch, tmp_path):
     plain = Predictions(keys=ids, image_ids=ids, lesion_ids=[None] * n, labels=y_true, probs=probs)
     assert "ood" not in write_outputs(tmp_path / "eval", plain, ours, plots=False)
     assert not (tmp_path / "eval" / "ood.csv").exists()  # no stale scores left beside other predictions
+
+
+def _melanoma_nevus(n_mel: int = 12, n_nev: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """A custom spec's two classes in its own order, melanoma first: each melanoma found (p = 0.7), and 10 of the
+    nevi called melanoma (p = 0.6), so the melanoma and nevus numbers differ."""
+    y = np.array([0] * n_mel + [1] * n_nev)
+    p_mel = np.where(y == 0, 0.7, 0.2)
+    p_mel[n_mel : n_mel + 10] = 0.6
+    return y, np.stack([p_mel, 1 - p_mel], axis=1)
+
+
+def test_binary_metrics_score_the_malignant_class_whatever_the_order_of_the_classes() -> None:
+    y, probs = _melanoma_nevus()
+    m = compute_metrics(y, probs, n_bootstrap=0, classes=("melanoma", "nevus"), malignant=("melanoma",))
+    b = m["binary"]
+    assert (b["positive"], b["positives"], b["negatives"]) == ("melanoma", 12, 30)  # was nevus, 30 and 12
+    assert b["sensitivity_at_specificity_0.9"] is None or b["sensitivity_at_specificity_0.9"] <= 1.0
+    assert b["auc"] == pytest.approx(m["per_class"]["melanoma"]["auc"])
+    # The ISIC 2020 order (melanoma second) gives the same numbers.
+    flipped = compute_metrics(1 - y, probs[:, ::-1], n_bootstrap=0, classes=("other", "mel"), malignant=("mel",))
+    assert flipped["binary"]["auc"] == pytest.approx(b["auc"]) and flipped["binary"]["positives"] == 12
+
+
+@pytest.mark.parametrize("malignant", [(), ("melanoma", "nevus")])
+def test_a_binary_dataset_without_exactly_one_malignant_class_gets_no_binary_metrics_and_says_why(malignant) -> None:
+    from skinlesion.metrics import selection
+
+    y, probs = _melanoma_nevus()
+    m = compute_metrics(y, probs, n_bootstrap=0, classes=("melanoma", "nevus"), malignant=malignant)
+    assert m["binary"]["positive"] is None and m["binary"]["note"].startswith("no binary metrics: ")
+    assert ("no class" if not malignant else "2 classes (melanoma, nevus)") in m["binary"]["note"]
+    assert selection(m)["metric"] == "val_balanced_accuracy"  # nothing to rank an AUC of: the multi-class rule
+
+
+def test_subgroups_of_a_binary_dataset_report_the_malignant_class() -> None:
+    from skinlesion.subgroups import limitation_lines, subgroup_metrics
+
+    y, probs = _melanoma_nevus()
+    metas = [{"sex": "female"}] * y.size
+    sub = subgroup_metrics(y, probs, metas, ("melanoma", "nevus"), malignant=("melanoma",), n_bootstrap=50)
+    entry = sub["sex"]["female"]["positive"]
+    assert (entry["class"], entry["n"], entry["sensitivity"]) == ("melanoma", 12, 1.0)  # not nevus: 30, 0.67
+    assert limitation_lines(sub)[0].startswith("melanoma sensitivity in female patients (validation): 1.00 (n=12")
+    none = subgroup_metrics(y, probs, metas, ("melanoma", "nevus"), malignant=(), n_bootstrap=50)
+    assert "positive" not in none["sex"]["female"] and limitation_lines(none) == []
+
+
+def test_a_proportion_gets_a_wilson_interval_never_a_zero_width_one() -> None:
+    """12 of 12 melanomas found: the percentile bootstrap said 1.00-1.00; Wilson says 0.76-1.00."""
+    from skinlesion.metrics import Z95, wilson_interval
+    from skinlesion.subgroups import limitation_lines, subgroup_metrics
+
+    low, high = wilson_interval(12, 12)
+    assert low == pytest.approx(12 / (12 + Z95**2)) and high == 1.0
+    low0, high0 = wilson_interval(0, 12)
+    assert low0 == 0.0 and high0 == pytest.approx(1 - low)  # symmetric
+    assert wilson_interval(0, 0) == (None, None)
+    y, probs = _melanoma_nevus()
+    metas = [{"localization": "back"}] * y.size
+    sub = subgroup_metrics(y, probs, metas, ("melanoma", "nevus"), malignant=("melanoma",), n_bootstrap=200)
+    assert sub["site"]["back"]["positive"]["sensitivity_ci95"] == pytest.approx([low, 1.0])
+    assert "(n=12, 95% CI 0.76-1.00)" in limitation_lines(sub)[0]
+    # Two images per lesion: the interval counts the 6 lesions, not the 12 images (they are not independent).
+    lesions = np.concatenate([np.arange(12) // 2, 100 + np.arange(30)])
+    sub = subgroup_metrics(y, probs, metas, ("melanoma", "nevus"), lesions, 200, malignant=("melanoma",))
+    assert sub["site"]["back"]["positive"]["sensitivity_ci95"][0] == pytest.approx(wilson_interval(6, 6)[0])
+
+
+def test_a_bootstrap_interval_that_collapses_is_reported_as_not_estimable() -> None:
+    """Balanced accuracy and AUC are not proportions: their bootstrap stays, but a zero-width one is not printed."""
+    from skinlesion.evaluate import EvalResult, Predictions
+    from skinlesion.metrics import NOT_ESTIMABLE
+
+    y = np.array([0] * 12 + [1] * 20)
+    probs = np.stack([np.where(y == 0, 0.9, 0.1), np.where(y == 0, 0.1, 0.9)], axis=1)  # perfectly separated
+    m = compute_metrics(y, probs, n_bootstrap=200, classes=("other", "mel"), malignant=("mel",))
+    assert m["balanced_accuracy"] == 1.0 and m["balanced_accuracy_ci95"] == [None, None]
+    assert m["balanced_accuracy_ci95_note"] == NOT_ESTIMABLE
+    assert m["binary"]["auc"] == 1.0 and m["binary"]["auc_ci95"] == [None, None]
+    assert m["binary"]["auc_ci95_note"] == NOT_ESTIMABLE
+    preds = Predictions(keys=[], image_ids=[], lesion_ids=[], labels=y, probs=probs, classes=("other", "mel"))
+    text = EvalResult(metrics={**m, "split": "val"}, predictions=preds, files={}).summary()
+    assert "1.000-1.000" not in text and "1.00-1.00" not in text and text.count("95% CI not estimable") == 2

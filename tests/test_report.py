@@ -88,6 +88,13 @@ def test_the_card_records_the_manifest_source_and_limitations_fit_it(calibrated:
     real = {"kind": "real", "synthetic": False, "dataset": "HAM10000"}
     assert banner(card | {"training_data": {"source": real}}) is None
     assert "fair-skinned" in limitations(real)[0] and "synthetic" not in " ".join(limitations(real))
+    # "Trained on" is the train split's distinct images and lesions (before balancing repeats them), not the
+    # dataset's total over train, val and test.
+    train = manifest["splits"]["train"]
+    assert card["training_data"]["splits"]["train"] == {
+        "images": train["images"], "groups": train["lesions"], "unit": "lesions", "samples": train["samples"]
+    }  # fmt: skip
+    assert train["images"] < manifest["source"]["images"] and train["images"] < train["samples"]
 
 
 def _plain_skin(path: Path) -> Path:
@@ -178,3 +185,55 @@ def test_a_model_without_a_card_for_its_weights_gets_the_unverified_banner() -> 
     """Without a card (or with one of other weights) nothing says where the training images came from: the page
     and predict warn, as for a card that does not say real data."""
     assert banner(None) == UNKNOWN_SOURCE_BANNER
+
+
+def test_synth_isic2020_pictures_are_named_for_their_layout_and_its_groups_are_patients() -> None:
+    from skinlesion.card import split_counts
+    from skinlesion.data import datasets
+
+    synthetic = pd.DataFrame({"image_id": ["ISIC_9000000", "ISIC_9000001"], "lesion_id": ["IP_9000000"] * 2})
+    got = describe(Path("ISIC_2020_Training_GroundTruth.csv"), synthetic, "isic2020", "patient_id")
+    assert got["dataset"] == "skinlesion synth (synthetic ISIC 2020-style pictures)"  # was "HAM10000-style"
+    assert (got["groups"], got["group_unit"]) == (1, "patients")
+    real = pd.DataFrame({"image_id": ["ISIC_0000000", "ISIC_0000001"], "lesion_id": ["IP_0000001", "IP_0000002"]})
+    got = describe(Path("ISIC_2020_Training_GroundTruth.csv"), real, "isic2020", "patient_id")
+    assert (got["kind"], got["dataset"], got["groups"]) == ("real", "ISIC_2020_Training_GroundTruth", 2)
+    assert "synthetic" not in got["dataset"]
+    manifest = {"splits": {"train": {"samples": 900, "images": 604, "lesions": 343}, "val": {"images": 10}}}
+    counts = split_counts(manifest, datasets.preset("isic2020"))
+    assert counts["train"] == {"images": 604, "groups": 343, "unit": "patients", "samples": 900}
+    assert counts["val"]["unit"] == "patients" and counts["val"]["groups"] is None
+
+
+def _scores(positives: list[float], others: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(positives + others), np.array([True] * len(positives) + [False] * len(others))
+
+
+@pytest.mark.parametrize(
+    ("positives", "others", "why"),
+    [
+        ([1.0] * 12, [0.25] * 30, "the sensitivity 0.95 cut-off is 1, the top of the scale"),  # saturated, 2 epochs
+        ([0.5] * 6 + [0.75] * 6, [0.875] * 30, "every validation image, malignant or not, scores at or above"),
+        ([0.75] * 5, [0.25] * 30, "validation has 5 malignant images, fewer than 10"),
+        ([0.5] * 6 + [0.75] * 6, [0.25] * 30, None),  # cut-offs 0.5 and 0.75: they separate
+    ],
+)
+def test_cutoffs_that_cannot_separate_anything_give_no_band_and_say_why(positives, others, why) -> None:
+    import torch
+
+    from skinlesion.card import cutoff_problem, risk_band, risk_thresholds
+    from skinlesion.report import Calibration
+
+    malignant, is_malignant = _scores(positives, others)
+    measured = risk_thresholds(malignant, is_malignant)
+    problem = cutoff_problem(malignant, is_malignant, measured)
+    assert problem is None if why is None else why in problem
+    if why is None:
+        assert risk_band(0.8, measured) == "high"
+        return
+    card = {"risk": {"thresholds": dict.fromkeys(measured), "measured_thresholds": measured, "problem": problem}}
+    probs = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.1, 0.0])  # HAM10000's order: 90% melanoma
+    entry = Calibration(card=card, ood=None, problem=None).judge(probs, None)
+    assert entry["risk"] is None and entry["risk_label"] is None
+    assert entry["risk_note"].startswith("No risk band: the cut-offs from validation cannot separate malignant")
+    assert why in entry["risk_note"] and ">99%" not in entry["risk_note"]

@@ -202,3 +202,26 @@ def test_a_valid_trainer_state_round_trips(tmp_path: Path) -> None:
     state = TrainerState(epoch=2, step=14, best_metric=0.5, best_epoch=1, wandb_run_id="abc", arch="resnet18")
     (tmp_path / "s.json").write_text(json.dumps(asdict(state)))
     assert read_state(tmp_path / "s.json") == state
+
+
+def test_a_binary_run_without_validation_auc_keeps_best_pt_by_the_lowest_loss(accelerator, tmp_path) -> None:
+    """No melanoma in validation: AUC is undefined every epoch, and best.pt used to become the last epoch, silently."""
+    import numpy as np
+
+    from skinlesion.metrics import compute_metrics, selection
+
+    probs = np.tile([0.8, 0.2], (20, 1))
+    m = compute_metrics(np.zeros(20, int), probs, n_bootstrap=0, classes=("other", "mel"), malignant=("mel",))
+    chosen = selection(m)
+    assert (chosen["metric"], chosen["keeps"], chosen["value"]) == ("val_loss", "lowest", m["log_loss"])
+    assert "val_auc is undefined: the validation split has 0 mel and 20 other images" in chosen["note"]
+    model, state = resnet18(num_classes=2), TrainerState()
+    for epoch, loss in enumerate([0.9, 0.5, 0.7]):
+        with torch.no_grad():
+            model.fc.bias.fill_(epoch)
+        _update_best(accelerator, model, state, FACTS, tmp_path, epoch, loss, "val_loss")
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 == int(best["model"]["fc.bias"][0]) and best["metric"] == {
+        "name": "val_loss",
+        "value": 0.5,
+    }

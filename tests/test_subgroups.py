@@ -60,6 +60,7 @@ def test_subgroups_report_sensitivity_auc_counts_and_cis_and_call_small_ones_too
         "too_small": True,
         "n": 4,
         "note": f"fewer than {MIN_POSITIVES} mel images (n=4): too small to report",
+        "class": "mel",
     }
     assert sub["site"]["acral"]["per_class_recall"]["nv"] == {"recall": 1.0, "n": 30}
     assert sub["site"]["acral"]["per_class_recall"]["df"]["too_small"]

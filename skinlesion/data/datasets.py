@@ -196,7 +196,8 @@ def _isic2020() -> Dataset:
             age="age_approx",
             sex="sex",
             site="anatom_site_general_challenge",
-            dx_type="diagnosis",
+            # No dx_type: `diagnosis` is the label itself (melanoma, nevus, unknown ...), not how it was
+            # confirmed; as dx_type it made "confirmed by melanoma" the positive class's subgroup.
         ),
         label_map={"0": "other", "1": "mel"},
         cleaning=Cleaning(missing_group="reject"),

@@ -301,7 +301,8 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
             "groups": {"key": dataset.group_column, "own_groups": meta.own_groups, "ungrouped": meta.ungrouped},
             "rows": {"input": meta.n_input, "kept": len(good), "rejected": len(rejected)},
             "rejected_by_reason": dict(Counter(reason for _, reason in rejected).most_common()),
-            "source": source.describe(opts.metadata, good),  # synthetic or real: the model card copies it
+            # synthetic or real: the model card copies it
+            "source": source.describe(opts.metadata, good, dataset.layout, dataset.group_column),
             "splits": splits,
             "image_size": opts.image_size,
             "args": {k: _plain(v) for k, v in dataclasses.asdict(opts).items()},
