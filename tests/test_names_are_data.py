@@ -123,19 +123,25 @@ def test_custom_csv_labels_with_control_characters_are_refused_at_prepare(tmp_pa
         describe(opts)
 
 
-def test_a_card_with_control_characters_in_a_class_name_is_damaged(random_run, shards_dir, tmp_path) -> None:
-    from skinlesion.card import CARD, calibrate
-    from skinlesion.model import load_for_inference
-    from skinlesion.report import Calibration
+def test_a_card_with_control_characters_in_a_class_name_is_damaged(tmp_path) -> None:
+    from skinlesion.card import CARD, load_card
+    from skinlesion.labels import CLASSES, MALIGNANT
 
-    shutil.copy(random_run / "best.pt", tmp_path / "best.pt")
-    loaded = load_for_inference(tmp_path / "best.pt")
-    calibrate(loaded.model, tmp_path / "best.pt", shards_dir, loaded.image_size, loaded.arch)
-    card = json.loads((tmp_path / CARD).read_text())
-    card["classes"][0]["name"] = FORGED
+    cut_offs = dict.fromkeys(("sensitivity_0.95", "sensitivity_0.80"))
+    card = {
+        "checkpoint": "best.pt",
+        "arch": "resnet18",
+        "image_size": 32,
+        "classes": [{"dx": c, "name": c, "malignant": c in MALIGNANT} for c in CLASSES],
+        "risk": {"malignant_classes": list(MALIGNANT), "thresholds": cut_offs},
+        "ood": {"threshold": 1.0, "distance_threshold": 9.0, "contrast_threshold": 0.1, "validation_pass_rate": 0.95},
+    }
     (tmp_path / CARD).write_text(json.dumps(card))
-    with pytest.raises(UserError, match=r"classes\[0\]\.name is .* control character"):
-        Calibration.load(tmp_path / "best.pt", loaded)
+    assert load_card(tmp_path / "best.pt")["classes"][5]["name"] == "nv"  # otherwise a valid card
+    card["classes"][5]["name"] = FORGED
+    (tmp_path / CARD).write_text(json.dumps(card))
+    with pytest.raises(UserError, match=r"is damaged \(classes\[5\]\.name is .* control character"):
+        load_card(tmp_path / "best.pt")
 
 
 # --- escaped where printed ----------------------------------------------------------------------------------------
