@@ -39,7 +39,6 @@ SYNTHETIC_BANNER = (
     "Demonstration model: trained on synthetic pictures, not on dermoscopy of patients. Its numbers have no "
     "clinical meaning, and its validation and test scores describe synthetic images only."
 )
-NO_MALIGNANT = "This model has no malignant class: no malignant probability, no risk band."
 UNKNOWN_SOURCE_BANNER = (
     "Unverified model: no model card for these weights says that it was trained on real dermoscopy. Treat its "
     "numbers as having no clinical meaning."
@@ -76,6 +75,9 @@ def band_note(band: str, thresholds: dict[str, float | None]) -> str:
         f"Malignant probability below {at95}, the cut-off that caught 95% of the malignant validation lesions. "
         "Not a benign finding: up to 5% of the malignant validation lesions scored this low."
     )
+
+
+NO_MALIGNANT = "This model has no malignant class: no malignant probability, no risk band."
 
 
 def malignant_note(labels: inference.Labels) -> str | None:
