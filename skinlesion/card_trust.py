@@ -158,7 +158,7 @@ def check_card(card: Any) -> dict[str, Any]:
     the first key at fault. Non-finite numbers never get this far: the JSON reader refuses them (see above)."""
     card = _mapping(card, "the card")
     for key in ("checkpoint", "arch"):
-        if not isinstance(card.get(key), str):
+        if not isinstance(card.get(key), str) or control_character(card[key]) is not None:  # printed by serve
             raise ValueError(f"{key} is {card.get(key)!r}, not a name")
     _number(card.get("image_size"), "image_size", 1, optional=False)
     if not isinstance(card["image_size"], int):

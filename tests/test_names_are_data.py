@@ -142,6 +142,10 @@ def test_a_card_with_control_characters_in_a_class_name_is_damaged(tmp_path) -> 
     (tmp_path / CARD).write_text(json.dumps(card))
     with pytest.raises(UserError, match=r"is damaged \(classes\[5\]\.name is .* control character"):
         load_card(tmp_path / "best.pt")
+    card["classes"][5]["name"], card["arch"] = "nv", "resnet18\r"  # serve prints it when the card does not fit
+    (tmp_path / CARD).write_text(json.dumps(card))
+    with pytest.raises(UserError, match=r"is damaged \(arch is 'resnet18\\r', not a name"):
+        load_card(tmp_path / "best.pt")
 
 
 # --- escaped where printed ----------------------------------------------------------------------------------------
