@@ -38,6 +38,7 @@ from skinlesion import __version__, inference
 from skinlesion.card_trust import (
     DIGEST_KEY,
     card_classes,
+    card_malignant,
     check_card,
     finite_float,
     reject_constant,
@@ -61,14 +62,32 @@ TITLES = {"ham10000": "HAM10000", "isic2019": "ISIC 2019", "isic2020": "ISIC 202
 
 
 def intended_use(dataset: Dataset) -> str:
-    """What the card says the model is for, in the terms of the dataset it was trained on."""
+    """What the card says the model is for, in the terms of the dataset it was trained on (and, for one with no
+    malignant class, that it gives no malignant probability and no band: `report.NO_MALIGNANT`'s words)."""
+    from skinlesion.report import NO_MALIGNANT  # report reads cards through this module: imported when called
+
     title = TITLES.get(dataset.name, dataset.name)
+    band = ", and a malignancy risk band." if dataset.malignant else f". {NO_MALIGNANT}"
     return (
         "Decision support for dermatologists and trained clinicians looking at a dermoscopic image of a single "
         f"skin lesion: a ranking of the {len(dataset.codes)} diagnostic categories of {title} "
-        f"({', '.join(dataset.codes)}) with probabilities, and a malignancy risk band. It is not a diagnosis and "
+        f"({', '.join(dataset.codes)}) with probabilities{band} It is not a diagnosis and "
         "does not replace examination, the patient's history, or histopathology."
     )
+
+
+def check_malignant(malignant: tuple[str, ...], dataset: Dataset, checkpoint: Path, shards: Path) -> None:
+    """Refuse to measure risk cut-offs when the shards mark other classes malignant than the checkpoint does.
+
+    predict and serve sum the checkpoint's malignant classes (they travel with it); cut-offs measured on the
+    shards' sum would band that other number: an image with akiec 0.79 + bcc 0.13 got "High" against cut-offs
+    on p(mel). One line naming both."""
+    if set(malignant) != set(dataset.malignant):
+        raise UserError(
+            f"{checkpoint} marks {list(malignant) or 'no class'} malignant, and {shards}/manifest.json marks "
+            f"{list(dataset.malignant) or 'no class'}: the risk cut-offs must be measured on the checkpoint's own "
+            "malignant classes; calibrate it on shards prepared with the dataset description it was trained on"
+        )
 
 
 LIMITATIONS = [
@@ -199,10 +218,13 @@ def _pass(
 def calibrate(
     model: nn.Module, checkpoint: Path, shards: Path, image_size: int, arch: str, batch_size: int = 64,
     test_metrics: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None,
+    malignant: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ood.pt and model_card.json beside `checkpoint`; return the card. Needs train and val samples.
     The trainer passes the `manifest` it read at start. Both files record the digest of `model`'s weights,
-    the ones measured here, whatever `checkpoint` holds by then."""
+    the ones measured here, whatever `checkpoint` holds by then. `malignant`: the checkpoint's malignant classes
+    (`LoadedModel.malignant`), the sum the cut-offs are measured on; shards that mark others are refused
+    (`check_malignant`). None: the shards' (a caller that built the model from them)."""
     from skinlesion.data.manifest import read_manifest, ungrouped_note
     from skinlesion.metrics import compute_metrics, selection
     from skinlesion.subgroups import limitation_lines, subgroup_metrics
@@ -213,6 +235,8 @@ def calibrate(
             raise UserError(f"{shards} has no {split} samples: the model card's calibration needs train and val")
     source = training_source(manifest)
     dataset = of_manifest(manifest, f"{shards}/manifest.json")  # classes, names and malignant ones
+    malignant = dataset.malignant if malignant is None else tuple(malignant)
+    check_malignant(malignant, dataset, checkpoint, shards)
     model.eval()
     digest = weights_digest(model)
     train = _pass(model, shards, "train", image_size, batch_size, manifest)
@@ -224,17 +248,17 @@ def calibrate(
     probs, labels = val["probs"].double().numpy(), val["labels"].numpy()
     groups = np.asarray(val["lesions"], dtype=object) if all(val["lesions"]) else None
     metrics = compute_metrics(
-        labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes, malignant=dataset.malignant
+        labels, probs, groups=groups, n_bootstrap=1000, classes=dataset.codes, malignant=malignant
     )
     # Subgroup numbers for LIMITATIONS: the test split's when the trainer evaluated it, else validation's.
     split, subgroups = "test", (test_metrics or {}).get("subgroups")
     if subgroups is None:
         split = "validation"
-        subgroups = subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups, malignant=dataset.malignant)
-    malignant_index = [dataset.codes.index(dx) for dx in dataset.malignant]
-    malignant, is_malignant = probs[:, malignant_index].sum(1), np.isin(labels, malignant_index)
-    measured = risk_thresholds(malignant, is_malignant)
-    problem = cutoff_problem(malignant, is_malignant, measured) if malignant_index else None
+        subgroups = subgroup_metrics(labels, probs, val["metas"], dataset.codes, groups, malignant=malignant)
+    malignant_index = [dataset.codes.index(dx) for dx in malignant]
+    p_malignant, is_malignant = probs[:, malignant_index].sum(1), np.isin(labels, malignant_index)
+    measured = risk_thresholds(p_malignant, is_malignant)
+    problem = cutoff_problem(p_malignant, is_malignant, measured) if malignant_index else None
     thresholds = dict.fromkeys(measured) if problem else measured  # no band from cut-offs that separate nothing
     card = {
         "checkpoint": checkpoint.name,
@@ -242,7 +266,7 @@ def calibrate(
         "image_size": image_size,
         DIGEST_KEY: digest,
         "dataset": dataset.name,
-        "classes": [{"dx": c.code, "name": c.name, "malignant": c.malignant} for c in dataset.classes],
+        "classes": [{"dx": c.code, "name": c.name, "malignant": c.code in malignant} for c in dataset.classes],
         "training_data": {
             "shards": str(shards),
             "rows": manifest.get("rows"),
@@ -255,7 +279,7 @@ def calibrate(
         "best_pt_selection": selection(metrics),  # the validation metric training keeps best.pt by
         "test": _summary(test_metrics) if test_metrics else None,
         "risk": {
-            "malignant_classes": list(dataset.malignant),
+            "malignant_classes": [c for c in dataset.codes if c in malignant],  # head order, as check_card reads
             "thresholds": thresholds,
             "measured_thresholds": measured,  # as validation gave them, also when they cannot be used
             "problem": problem,
@@ -358,6 +382,12 @@ def load_calibration(loaded: LoadedModel, digest: str | None = None) -> Calibrat
         return Calibration(None, None, f"{why}; {rewrite}", digest)
     if card_classes(card) != list(loaded.classes):
         why = f"{CARD} describes the classes {card_classes(card)}, not this checkpoint's {list(loaded.classes)}"
+        return Calibration(None, None, f"{why}; {rewrite}", digest)
+    if set(card_malignant(card)) != set(loaded.malignant):
+        why = (
+            f"{CARD} measured its risk cut-offs on the malignant classes {card_malignant(card)}, and this "
+            f"checkpoint's are {list(loaded.malignant)}: they do not apply to its malignant probability"
+        )
         return Calibration(None, None, f"{why}; {rewrite}", digest)
     recorded = card.get(DIGEST_KEY)
     if recorded is None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from skinlesion.control_chars import control_character
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES, MALIGNANT  # the defaults of a card that predates dataset descriptions
 
@@ -180,7 +181,7 @@ def check_card(card: Any) -> dict[str, Any]:
     the first key at fault. Non-finite numbers never get this far: the JSON reader refuses them (see above)."""
     card = _mapping(card, "the card")
     for key in ("checkpoint", "arch"):
-        if not isinstance(card.get(key), str):
+        if not isinstance(card.get(key), str) or control_character(card[key]) is not None:  # printed by serve
             raise ValueError(f"{key} is {card.get(key)!r}, not a name")
     _number(card.get("image_size"), "image_size", 1, optional=False)
     if not isinstance(card["image_size"], int):
@@ -191,13 +192,26 @@ def check_card(card: Any) -> dict[str, Any]:
     if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
         raise ValueError(f"classes are {classes!r}, not two or more distinct class codes")
     entries = card.get("classes")
-    marked = [c["dx"] for c in entries if isinstance(c, dict) and c.get("malignant")] if entries else list(MALIGNANT)
-    _check_risk(card.get("risk"), marked)
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        for key in ("dx", "name"):
+            text = entry.get(key) if isinstance(entry, dict) else entry if key == "dx" else None
+            if isinstance(text, str) and (char := control_character(text)) is not None:  # see control_chars
+                raise ValueError(f"classes[{i}].{key} is {text!r}, with a control character ({char!r})")
+    _check_risk(card.get("risk"), card_malignant(card))
     _check_ood(card.get("ood"))
     _check_summary(card.get("validation"), "validation")
     _check_summary(card.get("test"), "test")
     _check_training_data(card.get("training_data"))
     return card
+
+
+def card_malignant(card: dict[str, Any]) -> list[str]:
+    """The classes a card marks malignant, in head order (HAM10000's for a card that predates descriptions): the
+    sum its risk cut-offs were measured on, which `card.load_calibration` holds against the checkpoint's."""
+    entries = card.get("classes")
+    if not entries:
+        return list(MALIGNANT)
+    return [c["dx"] for c in entries if isinstance(c, dict) and c.get("malignant")]
 
 
 def card_classes(card: dict[str, Any]) -> list[str]:

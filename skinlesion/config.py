@@ -15,13 +15,13 @@ import math
 import re
 import types
 import typing
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from skinlesion.control_chars import control_character
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write
 
@@ -272,12 +272,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is Path:
         return Path(value)
     return hint(value)
-
-
-def control_character(text: str) -> str | None:
-    """The first control character in `text` (newline, tab, NUL, a Unicode line separator...), or None. Paths and
-    names travel through log lines, shell variables and one-argument-a-line lists, where one splits them."""
-    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
 
 
 def _check_values(cfg: Config) -> None:

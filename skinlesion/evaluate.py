@@ -446,6 +446,10 @@ def evaluate_command(
     workers = 4 if torch.cuda.is_available() else 0  # on CPU, loader workers only steal the model's cores
     out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
     loaded = load_for_inference(checkpoint, image_size=image_size)  # a bad checkpoint stops before any folder is made
+    if split == "val":  # the card's cut-offs are measured on the checkpoint's malignant classes: the shards must agree
+        from skinlesion.card import check_malignant
+
+        check_malignant(loaded.malignant, of_manifest(manifest, f"{shards}/manifest.json"), checkpoint, shards)
     locks = _writer_locks(accelerator, checkpoint, split, out)
     try:
         options = {"tta": tta, "num_workers": workers, "lock": False, "loaded": loaded}
@@ -471,7 +475,7 @@ def _write_card(loaded: LoadedModel, checkpoint: Path, shards: Path) -> None:
     except UserError:
         previous = {}  # a damaged card is rewritten
     try:
-        card = calibrate(loaded.model, checkpoint, shards, loaded.image_size, loaded.arch)
+        card = calibrate(loaded.model, checkpoint, shards, loaded.image_size, loaded.arch, malignant=loaded.malignant)
         if previous.get("test") and previous.get("weights_sha256") == card["weights_sha256"]:
             card["test"] = previous["test"]
             atomic_write(checkpoint.parent / CARD, json.dumps(card, indent=2) + "\n")

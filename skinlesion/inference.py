@@ -170,7 +170,8 @@ HAM10000_LABELS = Labels(CLASSES, dict(NAMES), MALIGNANT)
 
 def describe(probs: torch.Tensor, top_k: int, labels: Labels = HAM10000_LABELS) -> dict:
     """Top-k diagnoses with full names, and the malignant probability (the sum over the malignant classes:
-    mel + bcc + akiec for HAM10000)."""
+    mel + bcc + akiec for HAM10000). None for a model with no malignant class: an empty sum would read as a
+    reassuring "<1%" beside, say, "melanoma 96%" of a custom dataset whose spec marked nothing malignant."""
     values, indices = probs.topk(top_k)
     malignant = [labels.classes.index(dx) for dx in labels.malignant]
     return {
@@ -178,6 +179,6 @@ def describe(probs: torch.Tensor, top_k: int, labels: Labels = HAM10000_LABELS) 
             {"dx": labels.classes[i], "name": labels.names[labels.classes[i]], "probability": float(p)}
             for p, i in zip(values.tolist(), indices.tolist(), strict=True)
         ],
-        "malignant_probability": float(probs[malignant].sum()),
+        "malignant_probability": float(probs[malignant].sum()) if malignant else None,
         "malignant_classes": list(labels.malignant),  # the classes summed: the model's, not a constant
     }

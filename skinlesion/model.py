@@ -23,6 +23,7 @@ from torch import nn
 from torchvision import models
 
 from skinlesion.config import IMAGE_SIZE_RANGE
+from skinlesion.control_chars import control_character
 from skinlesion.data.datasets import known_malignant
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES, NUM_CLASSES
@@ -92,13 +93,26 @@ class ModelFacts:
             or len(set(classes)) != len(classes)
         ):
             raise UserError(f"{path}: classes={classes!r} is not a list of two or more distinct class codes")
+        for index, code in enumerate(classes):
+            if (char := control_character(code)) is not None:  # it would reach terminals: see control_chars
+                raise UserError(
+                    f"{path}: class {index} ({code!r}) holds a control character ({char!r}); a class code is plain "
+                    "text, so the file is damaged or forged: use a checkpoint written by skinlesion train"
+                )
         low, high = IMAGE_SIZE_RANGE
         if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
             raise UserError(f"{path}: image_size={size!r} is not an integer from {low} to {high}")
         malignant = raw.get("malignant")
-        if malignant is not None and (not isinstance(malignant, list | tuple) or not set(malignant) <= set(classes)):
+        if malignant is not None and (
+            not isinstance(malignant, list | tuple)
+            or not all(isinstance(m, str) for m in malignant)
+            or not set(malignant) <= set(classes)
+        ):
             raise UserError(f"{path}: malignant={malignant!r} is not a list of its classes {list(classes)}")
-        return cls(arch=arch, classes=tuple(classes), image_size=size, malignant=tuple(malignant or ()) or None)
+        # An empty list is a model with no malignant class (a custom dataset without one), not a missing field:
+        # only a file that predates the field gets the preset's (`known_malignant`).
+        malignant = None if malignant is None else tuple(malignant)
+        return cls(arch=arch, classes=tuple(classes), image_size=size, malignant=malignant)
 
 
 def build_model(

@@ -4,6 +4,11 @@ Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no 
 state), so plotting works on headless nodes and inside the trainer without touching the user's
 matplotlib settings. Each PNG is written to a temporary name and renamed, so a reader (W&B, a
 browser) never sees half a file.
+
+Class codes are data (a custom dataset's spec names them), drawn literally: each figure is built and saved
+under `LITERAL_TEXT`, so a code such as ``$\\frac$`` is neither parsed as mathtext (which raised at the last
+validation, before best.pt was written) nor handed to LaTeX by a user's ``text.usetex``. The settings are
+restored when the function returns.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
@@ -20,7 +26,11 @@ from skinlesion.files import atomic_write
 from skinlesion.labels import CLASSES
 from skinlesion.metrics import ECE_BINS, expected_calibration_error, one_vs_rest_auc, reliability_bins
 
+# Text as given: no mathtext ($...$), no LaTeX, and tick labels without mathtext (their numbers need none).
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False, "axes.formatter.use_mathtext": False}
 
+
+@rc_context(LITERAL_TEXT)
 def plot_confusion_matrix(cm: np.ndarray, out: Path, title: str = "", classes: Sequence[str] = CLASSES) -> Path:
     """Counts and row-normalised (recall per true class) side by side, class codes on both axes."""
     cm = np.asarray(cm)
@@ -48,6 +58,7 @@ def plot_confusion_matrix(cm: np.ndarray, out: Path, title: str = "", classes: S
     return _save(fig, out)
 
 
+@rc_context(LITERAL_TEXT)
 def plot_roc(
     y_true: np.ndarray, probs: np.ndarray, out: Path, title: str = "", classes: Sequence[str] = CLASSES
 ) -> Path:
@@ -69,6 +80,7 @@ def plot_roc(
     return _save(fig, out)
 
 
+@rc_context(LITERAL_TEXT)
 def plot_reliability(y_true: np.ndarray, probs: np.ndarray, out: Path, title: str = "") -> Path:
     """Accuracy against top-1 confidence per bin (bars) beside the diagonal; a histogram underneath."""
     bins = reliability_bins(y_true, probs, ECE_BINS)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from skinlesion import inference
+from skinlesion.control_chars import printable
 from skinlesion.errors import UserError
 from skinlesion.model import LoadedModel, load_for_inference
 from skinlesion.report import Calibration
@@ -113,20 +114,26 @@ def document(checkpoint: Path, calibration: Calibration, entries: list[dict[str,
         "problem": calibration.problem,
         "training_data_source": (card.get("training_data") or {}).get("source") if card else None,
         "banner": calibration.banner,
+        "malignant_classes": list(calibration.labels.malignant),
+        "malignant_note": calibration.malignant_note,  # `report.NO_MALIGNANT` for a model with no malignant class
     }
     return {"model": model, "disclaimer": DISCLAIMER, "results": entries}
 
 
 def format_text(entries: Sequence[dict[str, Any]], calibration: Calibration = NO_CALIBRATION) -> str:
     """Human-readable report: the banner (or why nothing is calibrated) first, one block per image, the
-    disclaimer last. Percents, band words and the notice are those of the page."""
+    disclaimer last. Percents, band words and the notice are those of the page.
+
+    Every name from a file (image paths, class codes and names, error details) is shown with its control
+    characters escaped (`control_chars.printable`): a CR or escape sequence in one would rewrite the lines
+    around it, a forged "risk band" line included."""
     lines: list[str] = []
     if calibration.banner:
         lines += [f"WARNING: {calibration.banner}", ""]
     if calibration.card is None:
         lines += [f"note: no risk bands and no out-of-distribution check ({calibration.problem})", ""]
     labels = [f"{p['dx']}: {p['name']}" for e in entries for p in e.get("predictions", [])]
-    width = max(map(len, labels), default=0)
+    width = max((len(printable(label)) for label in labels), default=0)
     for entry in entries:
         lines.append(entry["image"])
         if "error" in entry:
@@ -135,15 +142,22 @@ def format_text(entries: Sequence[dict[str, Any]], calibration: Calibration = NO
             if entry.get("notice"):
                 lines.append(f"  NOT RELIABLE: {entry['notice']}")
             for rank, pred in enumerate(entry["predictions"], start=1):
-                label = f"{pred['dx']}: {pred['name']}"
+                label = printable(f"{pred['dx']}: {pred['name']}")
                 lines.append(f"  {rank}. {label:<{width}}  {pred['percent']:>4}")
-            malignant = " + ".join(calibration.labels.malignant)
-            lines.append(f"  malignant ({malignant}): {entry['malignant_percent']}")
-            band = f"{entry['risk_label']}. " if entry.get("risk_label") else ""
-            lines.append(f"  risk band: {band}{entry['risk_note']}")
+            lines += _malignant_lines(entry, calibration)
         lines.append("")
     lines.append(DISCLAIMER)
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # each line is one line: a newline inside one is a name's, escaped
+
+
+def _malignant_lines(entry: dict[str, Any], calibration: Calibration) -> list[str]:
+    """The malignant probability (over the classes summed) and the risk band; for a model with no malignant
+    class, the one line that says so (`report.NO_MALIGNANT`) instead of a "malignant ()" sum over nothing."""
+    if entry["malignant_probability"] is None:
+        return [f"  {entry['risk_note']}"]
+    band = f"{entry['risk_label']}. " if entry.get("risk_label") else ""
+    malignant = " + ".join(calibration.labels.malignant)
+    return [f"  malignant ({malignant}): {entry['malignant_percent']}", f"  risk band: {band}{entry['risk_note']}"]
 
 
 def predict_command(

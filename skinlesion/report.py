@@ -86,6 +86,16 @@ def no_band_note(card: dict[str, Any] | None) -> str:
     return "No risk band: this model has no calibrated cut-offs."
 
 
+NO_MALIGNANT = "This model has no malignant class: no malignant probability, no risk band."
+
+
+def malignant_note(labels: inference.Labels) -> str | None:
+    """`NO_MALIGNANT` for a model whose classes include no malignant one (a custom dataset whose spec marks none,
+    say a benign-only classifier), else None. The page, predict's text and JSON and the model card say it in
+    these words, and show no malignant line and no band: a sum over no class is no probability."""
+    return None if labels.malignant else NO_MALIGNANT
+
+
 def banner(card: dict[str, Any] | None) -> str | None:
     """The warning shown above every result unless the card says the model was trained on real images."""
     if card is None:  # no card (or one of other weights): nothing says where its training images came from
@@ -123,6 +133,10 @@ class Calibration:
     def banner(self) -> str | None:
         return banner(self.card)
 
+    @property
+    def malignant_note(self) -> str | None:
+        return malignant_note(self.labels)
+
     def scores(self, outputs: inference.Outputs) -> list[float | None]:
         """The OOD score of each image of a batch (None each without ood.pt)."""
         return self.ood.scores(outputs).tolist() if self.ood else [None] * len(outputs.probs)
@@ -135,14 +149,17 @@ class Calibration:
         entry = inference.describe(probs, top_k, self.labels)
         for prediction in entry["predictions"]:
             prediction["percent"] = percent(prediction["probability"])
-        entry["malignant_percent"] = percent(entry["malignant_probability"])
+        malignant = entry["malignant_probability"]  # None: the model has no malignant class
+        entry["malignant_percent"] = None if malignant is None else percent(malignant)
         flagged = self.ood is not None and score is not None and score > self.ood.threshold
         entry["ood"] = {"flag": flagged, "score": score, "threshold": self.ood.threshold} if self.ood else None
-        band = None if flagged else risk_band(entry["malignant_probability"], self.thresholds)
+        band = None if flagged or malignant is None else risk_band(malignant, self.thresholds)
         entry["risk"] = band
         entry["risk_label"] = BAND_LABELS[band] if band else None
         if band:
             entry["risk_note"] = band_note(band, self.thresholds)
+        elif malignant is None:
+            entry["risk_note"] = NO_MALIGNANT
         else:
             entry["risk_note"] = NO_BAND_OOD if flagged else no_band_note(self.card)
         entry["notice"] = OOD_NOTICE if flagged else None

@@ -173,7 +173,9 @@ class Model:
 
     def model_card(self) -> dict[str, Any]:
         base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
-                "disclaimer": DISCLAIMER, "banner": self.calibration.banner}  # fmt: skip
+                "disclaimer": DISCLAIMER, "banner": self.calibration.banner,
+                "malignant_classes": list(self.calibration.labels.malignant),
+                "malignant_note": self.calibration.malignant_note}  # fmt: skip
         if self.card is None:
             return base | {"available": False, "reason": self.card_problem, "weights_sha256": self.weights}
         return {**self.card, **base, "available": True}  # "checkpoint": the file served, which may be model.pt

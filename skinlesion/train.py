@@ -340,6 +340,7 @@ def finish(run: Run, state: TrainerState) -> None:
             cfg.data.eval_batch_size,
             test_metrics=test.metrics if test else None,
             manifest=run.manifest,
+            malignant=best.malignant,
         )
         accelerator.print(f"wrote {out}/model_card.json and ood.pt (risk bands and out-of-distribution threshold)")
     accelerator.wait_for_everyone()

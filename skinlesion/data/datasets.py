@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skinlesion.control_chars import control_character
 from skinlesion.errors import UserError
 
 PRESETS = ("ham10000", "isic2019", "isic2020")
@@ -312,7 +313,11 @@ def _classes(raw: Any, bad: Any) -> tuple[ClassInfo, ...]:
         malignant = entry.get("malignant", False)
         if not isinstance(malignant, bool):
             raise bad(f"classes[{i}].malignant", f"is {malignant!r}, not true or false")
-        out.append(ClassInfo(code, str(entry.get("name") or code), malignant, str(entry.get("note") or "")))
+        name = str(entry.get("name") or code)
+        for key, text in (("code", code), ("name", name)):
+            if (char := control_character(text)) is not None:  # shown on terminals and plots: see control_chars
+                raise bad(f"classes[{i}].{key}", f"is {text!r}, with a control character ({char!r}); remove it")
+        out.append(ClassInfo(code, name, malignant, str(entry.get("note") or "")))
     codes = [c.code for c in out]
     dup = next((c for c in codes if codes.count(c) > 1), None)
     if dup is not None:

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from skinlesion.control_chars import control_character
 from skinlesion.data.datasets import of_manifest
 from skinlesion.errors import UserError
 
@@ -62,6 +63,9 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         or len(set(classes)) != len(classes)
     ):
         raise bad("'classes'", f"is {classes!r}, not a list of two or more distinct class codes")
+    for index, code in enumerate(classes):
+        if (char := control_character(code)) is not None:  # printed on terminals and plots: see control_chars
+            raise bad(f"'classes'[{index}]", f"is {code!r}, with a control character ({char!r})")
     of_manifest(manifest, str(path))  # the dataset description, when there is one, agrees with 'classes'
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not set(splits) <= {"train", "val", "test"}:

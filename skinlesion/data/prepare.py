@@ -28,6 +28,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from skinlesion import __version__
+from skinlesion.control_chars import control_character
 from skinlesion.data import datasets, images, layouts, metadata, shards, source
 from skinlesion.data.pool import worker_pool
 from skinlesion.data.split import SPLITS, balance, split_by_lesion
@@ -85,6 +86,10 @@ def describe(opts: PrepareOptions) -> datasets.Dataset:
         if label not in table.columns:
             raise UserError(f"metadata CSV {opts.metadata} has no column {label!r} (--column label={label})")
         found = sorted({v for v in table[label].str.lower() if v})
+        bad = next((v for v in found if control_character(v) is not None), None)
+        if bad is not None:  # the labels become class codes, printed on terminals: see control_chars
+            raise UserError(f"metadata CSV {opts.metadata}: column {label!r} holds the label {bad!r}, with a control "
+                            "character; fix that row (labels are class codes, shown as plain text)")  # fmt: skip
     return datasets.custom(opts.spec, columns, found, tuple(m.lower() for m in opts.malignant))
 
 
