@@ -1,8 +1,10 @@
 """Pixels -> probabilities, features, heat maps: the one inference path of evaluate, predict and serve.
 
 Preprocessing is `data.transforms.eval_uint8` (resize the shorter side, centre crop, uint8) on the CPU and
-`data.augment.to_model_input` (normalise) on the device, whoever the caller is, so the three give the same
-probabilities for the same image file (tests/test_serve.py checks it to 1e-6).
+`data.augment.to_model_input` (normalise) on the device, whoever the caller is. An image file (predict, serve)
+first takes the steps prepare took to make its shard image (`file_to_input`), so predict on a file gives
+evaluate's probabilities for its shard (tests/test_preprocess_parity.py), and predict and serve give the same
+for the same file (tests/test_serve.py checks it to 1e-6).
 
 The ResNet forward is written out here (`forward`) instead of called as ``model(x)``: one pass then
 yields the logits, the penultimate features (what the out-of-distribution distance measures) and, for
@@ -23,7 +25,8 @@ from torch import nn
 
 from skinlesion.data.augment import to_model_input
 from skinlesion.data.datasets import names_for
-from skinlesion.data.transforms import eval_uint8, pil_to_uint8
+from skinlesion.data.images import decode_rgb, process_bytes
+from skinlesion.data.transforms import decode, eval_uint8, pil_to_uint8
 from skinlesion.labels import CLASSES, MALIGNANT, NAMES
 
 CAM_MIN_SIDE = 4  # Grad-CAM uses the last stage whose map is at least this many positions a side
@@ -34,10 +37,43 @@ def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
     return eval_uint8(pil_to_uint8(image), image_size)
 
 
+def file_to_input(
+    data: bytes, image_size: int, shard_size: int | None, jpeg_quality: int | None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file's bytes -> (the model's input, uint8 [3, S, S]; the (width, height) it was cropped from).
+
+    With the checkpoint's `shard_size` and `jpeg_quality` (`model.ModelFacts`), the file takes prepare's
+    steps (`images.process_bytes`: orient, convert, resize to the shard size, re-encode as JPEG at that
+    quality) and then evaluate's (`transforms.eval_crop`: libjpeg-turbo decode, resize, centre crop): the
+    very pixels evaluate gives the model for the file's shard. Resizing straight to `image_size` instead
+    (what a checkpoint without those facts still gets) moved malignant probabilities by up to 0.0097 on the
+    real sample, and leaving out only the re-encoding 0.0033, with 2 of 150 OOD flags changed either way
+    (docs/evaluation.md#one-preprocessing).
+    Raises `images.BadImage` for a file prepare would reject.
+    """
+    if shard_size is None or jpeg_quality is None:
+        image = decode_rgb(data)
+        return preprocess(image, image_size), image.size
+    pixels = decode(process_bytes(data, shard_size, quality=jpeg_quality))
+    return eval_uint8(pixels, image_size), (pixels.shape[-1], pixels.shape[-2])
+
+
+def fallback_note(shard_size: int | None, jpeg_quality: int | None) -> str | None:
+    """The one line predict and serve show for a checkpoint that does not record how its shards were made."""
+    if shard_size is not None and jpeg_quality is not None:
+        return None
+    return (
+        "this checkpoint does not record its training shards' size and JPEG quality (trained before they were "
+        "recorded, or a foreign state_dict): images are resized straight to the model's input, so probabilities "
+        "can differ from evaluate's on shards (docs/evaluation.md#one-preprocessing)"
+    )
+
+
 def crop_box(width: int, height: int) -> dict[str, float]:
     """The square `preprocess` keeps of a width x height image, as fractions of its width and height
     ({x, y, w, h}): the centred square whose side is the shorter side (the resize keeps the aspect ratio).
-    The page outlines it on the user's own, full-resolution image and lays the heat map inside it."""
+    The page outlines it on the user's own, full-resolution image and lays the heat map inside it; the
+    fractions of the shard-sized image `file_to_input` crops are those of the original up to its rounding."""
     side = min(width, height)
     return {"x": (width - side) / 2 / width, "y": (height - side) / 2 / height, "w": side / width, "h": side / height}
 

@@ -14,7 +14,7 @@ model.pt copied anywhere still knows its input size; a foreign state_dict needs 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torchvision import models
 from skinlesion.config import IMAGE_SIZE_RANGE
 from skinlesion.control_chars import control_character
 from skinlesion.data.datasets import known_malignant
+from skinlesion.data.images import MAX_STORED_SIZE
 from skinlesion.errors import UserError
 from skinlesion.labels import CLASSES, NUM_CLASSES
 
@@ -53,20 +54,33 @@ class LoadedModel:
     image_size: int
     source: Path
     malignant: tuple[str, ...] = ()  # the classes whose probabilities add up to "malignant"
+    shard_size: int | None = None  # prepare's --image-size of its training shards (None: not recorded)
+    jpeg_quality: int | None = None  # the JPEG quality of those shard images (None: not recorded)
 
 
 FACTS_KEY = "skinlesion"  # model.pt's facts live in state_dict._metadata[FACTS_KEY], which torch.save keeps
 
 
+JPEG_QUALITY_RANGE = (1, 100)  # PIL's quality scale
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What inference must know about a model and never guesses: architecture, classes (in head order, from
-    the dataset description it was trained on), input size, and which classes are malignant."""
+    the dataset description it was trained on), input size, which classes are malignant, and how its
+    training images were stored (`shard_size`: prepare's --image-size, 0 for original bytes; `jpeg_quality`).
+
+    The last two let predict and serve turn a file into the model's input through the steps a shard image
+    took (`inference.file_to_input`): without them a file is resized once, straight to `image_size`, and its
+    probabilities differ from evaluate's on the shards (docs/evaluation.md). Files written before they were
+    recorded have None, and predict and serve say that they fall back."""
 
     arch: str
     classes: tuple[str, ...]
     image_size: int
     malignant: tuple[str, ...] | None = None  # None: the preset's with these classes (HAM10000's for old files)
+    shard_size: int | None = None
+    jpeg_quality: int | None = None
 
     def __post_init__(self) -> None:
         if self.malignant is None:
@@ -78,7 +92,7 @@ class ModelFacts:
             "classes": list(self.classes),
             "image_size": self.image_size,
             "malignant": list(self.malignant or ()),
-        }
+        } | {k: v for k, v in (("shard_size", self.shard_size), ("jpeg_quality", self.jpeg_quality)) if v is not None}
 
     @classmethod
     def check(cls, raw: dict[str, Any], path: Path) -> ModelFacts:
@@ -111,8 +125,46 @@ class ModelFacts:
             raise UserError(f"{path}: malignant={malignant!r} is not a list of its classes {list(classes)}")
         # An empty list is a model with no malignant class (a custom dataset without one), not a missing field:
         # only a file that predates the field gets the preset's (`known_malignant`).
-        malignant = None if malignant is None else tuple(malignant)
-        return cls(arch=arch, classes=tuple(classes), image_size=size, malignant=malignant)
+        shard_size, quality = raw.get("shard_size"), raw.get("jpeg_quality")
+        for key, value, ok in (("shard_size", shard_size, _shard_size_ok), ("jpeg_quality", quality, _quality_ok)):
+            if value is not None and not ok(value):
+                raise UserError(f"{path}: {key}={value!r} is not {ok.__doc__}; the file is damaged or foreign")
+        return cls(
+            arch=arch,
+            classes=tuple(classes),
+            image_size=size,
+            malignant=None if malignant is None else tuple(malignant),
+            shard_size=shard_size,
+            jpeg_quality=quality,
+        )
+
+    def stored_as(self, manifest: dict[str, Any], where: str) -> ModelFacts:
+        """These facts plus how the training shards' images were stored: the manifest's ``image_size``
+        (prepare's --image-size) as `shard_size` and its ``jpeg_quality``, both checked. A manifest written
+        before ``jpeg_quality`` was recorded leaves both None: its quality is not guessed."""
+        if "jpeg_quality" not in manifest:
+            return self
+        size, quality = manifest.get("image_size"), manifest.get("jpeg_quality")
+        for key, value, ok in (("image_size", size, _shard_size_ok), ("jpeg_quality", quality, _quality_ok)):
+            if not ok(value):
+                raise UserError(
+                    f"{where}: {key}={value!r} is not {ok.__doc__}; the manifest is damaged (rerun prepare)"
+                )
+        return replace(self, shard_size=size, jpeg_quality=quality)
+
+
+def _shard_size_ok(value: Any) -> bool:
+    """0 (original bytes) or an integer from 16 to 4096 (prepare's --image-size)"""
+    return _whole(value) and (value == 0 or 16 <= value <= MAX_STORED_SIZE)
+
+
+def _quality_ok(value: Any) -> bool:
+    """an integer from 1 to 100 (a JPEG quality)"""
+    return _whole(value) and JPEG_QUALITY_RANGE[0] <= value <= JPEG_QUALITY_RANGE[1]
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def build_model(
@@ -355,6 +407,8 @@ def load_for_inference(path: Path, image_size: int | None = None) -> LoadedModel
         image_size=facts.image_size,
         source=path,
         malignant=tuple(facts.malignant or ()),
+        shard_size=facts.shard_size,
+        jpeg_quality=facts.jpeg_quality,
     )
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from skinlesion import inference
 from skinlesion.control_chars import printable
@@ -40,19 +39,19 @@ DISCLAIMER = (
 NO_CALIBRATION = Calibration(None, None, "no model card given")
 
 
-def load_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """Decode `path` with prepare's own checks and orientation (`images.decode_rgb`), then `transform`.
+def load_image(path: Path, transform: Callable[[bytes], torch.Tensor]) -> torch.Tensor:
+    """`transform` the bytes of `path` (`inference.file_to_input`: prepare's own checks, orientation and steps).
 
     Raises ValueError with a message that names the problem (missing, not an image, truncated, bomb, ...).
     """
-    from skinlesion.data.images import BadImage, decode_rgb
+    from skinlesion.data.images import BadImage
 
     if not path.exists():
         raise ValueError("file not found")
     if not path.is_file():
         raise ValueError("not a file")
     try:
-        return transform(decode_rgb(path.read_bytes()))
+        return transform(path.read_bytes())
     except BadImage as exc:
         raise ValueError(str(exc)) from None
     except OSError as exc:
@@ -72,10 +71,9 @@ def predict_images(
     malignant probability, risk band, OOD verdict and their words)."""
     _check_top_k(top_k, loaded.classes)
     device = device or next(loaded.model.parameters()).device
-    size = loaded.image_size
 
-    def transform(image: Image.Image) -> torch.Tensor:
-        return inference.preprocess(image, size)
+    def transform(data: bytes) -> torch.Tensor:
+        return inference.file_to_input(data, loaded.image_size, loaded.shard_size, loaded.jpeg_quality)[0]
 
     entries: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
@@ -120,7 +118,20 @@ def document(checkpoint: Path, calibration: Calibration, entries: list[dict[str,
     return {"model": model, "disclaimer": DISCLAIMER, "results": entries}
 
 
-def format_text(entries: Sequence[dict[str, Any]], calibration: Calibration = NO_CALIBRATION) -> str:
+def preprocessing(loaded: LoadedModel) -> dict[str, Any]:
+    """How files become the model's input, for --json and the page: the checkpoint's facts, and the fallback's
+    note when it lacks the shard ones (null otherwise)."""
+    return {
+        "image_size": loaded.image_size,
+        "shard_size": loaded.shard_size,
+        "jpeg_quality": loaded.jpeg_quality,
+        "note": inference.fallback_note(loaded.shard_size, loaded.jpeg_quality),
+    }
+
+
+def format_text(
+    entries: Sequence[dict[str, Any]], calibration: Calibration = NO_CALIBRATION, preprocessing_note: str | None = None
+) -> str:
     """Human-readable report: the banner (or why nothing is calibrated) first, one block per image, the
     disclaimer last. Percents, band words and the notice are those of the page.
 
@@ -132,6 +143,8 @@ def format_text(entries: Sequence[dict[str, Any]], calibration: Calibration = NO
         lines += [f"WARNING: {calibration.banner}", ""]
     if calibration.card is None:
         lines += [f"note: no risk bands and no out-of-distribution check ({calibration.problem})", ""]
+    if preprocessing_note:
+        lines += [f"note: {preprocessing_note}", ""]
     labels = [f"{p['dx']}: {p['name']}" for e in entries for p in e.get("predictions", [])]
     width = max((len(printable(label)) for label in labels), default=0)
     for entry in entries:
@@ -180,10 +193,13 @@ def predict_command(
     entries = predict_images(
         loaded, [Path(p) for p in images], top_k=top_k, tta=tta, device=device, calibration=calibration
     )
+    note = inference.fallback_note(loaded.shard_size, loaded.jpeg_quality)  # said once, not per image
     if as_json:
-        print(json.dumps(document(checkpoint, calibration, entries), indent=2))
+        doc = document(checkpoint, calibration, entries)
+        doc["model"]["preprocessing"] = preprocessing(loaded)
+        print(json.dumps(doc, indent=2))
     else:
-        print(format_text(entries, calibration))
+        print(format_text(entries, calibration, note))
     failed = sum("error" in e for e in entries)
     if failed:
         print(f"error: {failed} of {len(entries)} images could not be read (see their entries)", file=sys.stderr)

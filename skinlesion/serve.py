@@ -49,7 +49,7 @@ from skinlesion import inference
 from skinlesion.errors import UserError
 from skinlesion.hosts import HostCheck, allowed_name, canonical
 from skinlesion.model import LoadedModel, load_for_inference
-from skinlesion.predict import DISCLAIMER
+from skinlesion.predict import DISCLAIMER, preprocessing
 from skinlesion.report import Calibration
 
 log = logging.getLogger("skinlesion.serve")
@@ -118,6 +118,8 @@ class Model:
         self.weights = self.calibration.weights
         if self.card_problem:
             print(f"note: no risk bands or out-of-distribution check: {self.card_problem}", flush=True)
+        if note := inference.fallback_note(self.loaded.shard_size, self.loaded.jpeg_quality):
+            print(f"note: {note}", flush=True)
         self.loaded.model.to(self.device)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.batch = settings.batch
@@ -175,7 +177,8 @@ class Model:
         base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
                 "disclaimer": DISCLAIMER, "banner": self.calibration.banner,
                 "malignant_classes": list(self.calibration.labels.malignant),
-                "malignant_note": self.calibration.malignant_note}  # fmt: skip
+                "malignant_note": self.calibration.malignant_note,
+                "preprocessing": preprocessing(self.loaded)}  # fmt: skip
         if self.card is None:
             return base | {"available": False, "reason": self.card_problem, "weights_sha256": self.weights}
         return {**self.card, **base, "available": True}  # "checkpoint": the file served, which may be model.pt
@@ -194,11 +197,13 @@ def _png(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_upload(data: bytes, max_bytes: int, size: int | None = None) -> tuple[Image.Image | None, str | None, str]:
-    """(upright RGB image, None, format) or (None, reason, format) for one uploaded file's bytes.
-
-    `size` is the whole upload's size when only its first max_bytes + 1 bytes were read."""
-    from skinlesion.data.images import BadImage, decode_rgb
+def decode_upload(
+    data: bytes, max_bytes: int, size: int | None = None, *, loaded: LoadedModel
+) -> tuple[tuple[torch.Tensor, tuple[int, int]] | None, str | None, str]:
+    """((model input, (width, height) it was cropped from), None, format) or (None, reason, format) for one
+    uploaded file's bytes, through `inference.file_to_input` with `loaded`'s facts: predict's and evaluate's
+    pixels. `size` is the whole upload's size when only its first max_bytes + 1 bytes were read."""
+    from skinlesion.data.images import BadImage
 
     if len(data) > max_bytes:
         total = max(size or 0, len(data))
@@ -206,10 +211,11 @@ def decode_upload(data: bytes, max_bytes: int, size: int | None = None) -> tuple
     try:
         with Image.open(io.BytesIO(data)) as probe:
             kind = probe.format or "?"
-    except Exception:  # anything PIL cannot even identify; decode_rgb says why below
+    except Exception:  # anything PIL cannot even identify; file_to_input says why below
         kind = "?"
     try:
-        return decode_rgb(data), None, kind
+        facts = (loaded.image_size, loaded.shard_size, loaded.jpeg_quality)
+        return inference.file_to_input(data, *facts), None, kind
     except BadImage as exc:
         return None, str(exc), kind
 
@@ -339,15 +345,15 @@ def create_app(settings: Settings) -> FastAPI:
         for upload, size in uploads:
             data = await upload.read(max_bytes + 1)
             await upload.close()
-            image, reason, kind = await asyncio.to_thread(decode_upload, data, max_bytes, size)
+            # Decoding and resizing a photo take milliseconds: off the event loop.
+            decoded, reason, kind = await asyncio.to_thread(decode_upload, data, max_bytes, size, loaded=model.loaded)
             entry: dict[str, Any] = {"image": upload.filename or ""}
             log.info("upload: %d bytes, format %s, %s", size, kind, "ok" if reason is None else "rejected")
             if reason is not None:
                 entry["error"] = reason
             else:
-                entry["crop"] = inference.crop_box(*image.size)  # the square the model saw, for the page's outline
-                # Resizing a photo takes milliseconds: off the event loop, like the decoding.
-                tensor = await asyncio.to_thread(inference.preprocess, image, model.loaded.image_size)
+                tensor, (width, height) = decoded
+                entry["crop"] = inference.crop_box(width, height)  # the square the model saw, for the page's outline
                 item = _Item(tensor, bool(tta))
                 if not (cam and not tta):  # a heat map without TTA brings its own probabilities (one pass)
                     await model.queue.put(item)

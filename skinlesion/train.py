@@ -88,7 +88,7 @@ class Run:
     ema: EMA | None  # the weights' moving average (train.ema_decay > 0): validated and exported
     total_steps: int
     warmup_steps: int
-    facts: ModelFacts  # what best.pt and model.pt carry: arch, classes, image size
+    facts: ModelFacts  # what best.pt and model.pt carry: arch, classes, image size, shard size and JPEG quality
     compiled: nn.Module | None = None  # torch.compile(model), made at the first unfrozen epoch (train.compile)
     compile_seconds: float | None = None  # wall time of the first compiled step: the compile itself
 
@@ -152,6 +152,15 @@ def setup(cfg: Config) -> Run:
             new = [c for c in dataset.codes if c not in shared]
             rows = f"backbone and head rows of {', '.join(shared) or 'no class'} from {cfg.train.init_from}"
             accelerator.print(f"train.init_from: {rows}; new head rows: {', '.join(new) or 'none'}")
+        where = f"{cfg.data.shards}/manifest.json"
+        facts = ModelFacts(cfg.model.name, dataset.codes, cfg.data.image_size, dataset.malignant)
+        facts = facts.stored_as(manifest, where)  # how the shards' images were made: predict repeats it
+        if facts.jpeg_quality is None:
+            accelerator.print(
+                f"note: {where} does not record its JPEG quality (prepared before it was): the checkpoints will not "
+                "carry their shard size and quality, and predict and serve will resize files straight to the model's "
+                "input, not as evaluate sees shards (docs/evaluation.md); rerun `skinlesion prepare` to record them"
+            )
         if accelerator.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, schedule)
@@ -177,7 +186,7 @@ def setup(cfg: Config) -> Run:
             ema=make_ema(accelerator.unwrap_model(model), schedule.ema_decay),
             total_steps=steps_per_epoch * cfg.train.epochs,
             warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
-            facts=ModelFacts(cfg.model.name, dataset.codes, cfg.data.image_size, dataset.malignant),
+            facts=facts,
         )
     except BaseException:
         lock.release()

@@ -5,6 +5,7 @@ Runs go through `python -m skinlesion train` in a subprocess, as a user would ru
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -20,7 +21,11 @@ from skinlesion.model import load_for_inference
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_shards(tmp_path_factory.mktemp("tiny") / "shards")
+    """Tiny shards whose manifest, as prepare's does, records the JPEG quality of its images (PIL's default, 75)."""
+    out = tiny_shards(tmp_path_factory.mktemp("tiny") / "shards")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(manifest | {"jpeg_quality": 75}))
+    return out
 
 
 @pytest.mark.slow
@@ -60,6 +65,10 @@ def test_training_writes_the_contract_outputs_and_the_loss_falls(shards: Path, t
     assert best["metric"]["value"] == max(m["val_balanced_accuracy"] for m in lines)
     assert f"best.pt (epoch {best['epoch'] + 1}/3)" in done.stdout  # counted from 1 on the console, 0 in files
     assert load_for_inference(out / "best.pt").arch == "resnet18"
+    # How the shards were made travels with both files, for predict to repeat (tests/test_preprocess_parity.py).
+    assert (best["shard_size"], best["jpeg_quality"]) == (36, 75)
+    loaded = load_for_inference(out / "model.pt")
+    assert (loaded.image_size, loaded.shard_size, loaded.jpeg_quality) == (32, 36, 75)
 
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["data"]["image_size"] == 32 and config["runtime"]["world_size"] == 1

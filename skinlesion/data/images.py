@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
-JPEG_QUALITY = 90
+MAX_STORED_SIZE = 4096  # shorter side in shards; a typo like 100000 would upscale every image to gigabytes
+JPEG_QUALITY = 90  # what prepare re-encodes shard images at; the manifest and the checkpoint's facts record it
 # PIL's own default: above this many pixels a file is treated as a decompression bomb.
 MAX_PIXELS = 89_478_485
 
@@ -47,8 +48,8 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def process(path: Path | str, size: int, max_pixels: int = MAX_PIXELS) -> bytes:
-    """The image at path as RGB JPEG bytes with shorter side `size` (0: keep the original size).
+def process(path: Path | str, size: int, max_pixels: int = MAX_PIXELS, quality: int = JPEG_QUALITY) -> bytes:
+    """The image at path as RGB JPEG bytes (at JPEG `quality`) with shorter side `size` (0: keep the original size).
 
     With size 0 a file that already is an upright RGB JPEG is returned byte for byte; anything
     else is converted at its original size, so shards only ever hold RGB JPEGs.
@@ -59,13 +60,15 @@ def process(path: Path | str, size: int, max_pixels: int = MAX_PIXELS) -> bytes:
         raise BadImage(UNREADABLE, exc.strerror or str(exc)) from exc
     if not data:
         raise BadImage(EMPTY)
-    return process_bytes(data, size, max_pixels)
+    return process_bytes(data, size, max_pixels, quality)
 
 
-def process_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> bytes:
-    """`process` for bytes already in memory."""
+def process_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS, quality: int = JPEG_QUALITY) -> bytes:
+    """`process` for bytes already in memory. Predict and serve call it too, with the shard size and quality
+    a checkpoint records, so that a file reaches the model through the very steps its shard image took
+    (`inference.file_to_input`)."""
     with _guard(data, max_pixels):
-        return _convert(data, size)
+        return _convert(data, size, quality)
 
 
 def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -102,7 +105,7 @@ def _guard(data: bytes, max_pixels: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def _convert(data: bytes, size: int) -> bytes:
+def _convert(data: bytes, size: int, quality: int) -> bytes:
     with Image.open(io.BytesIO(data)) as im:
         orientation = im.getexif().get(0x0112, 1)
         if size > 0 and im.format == "JPEG":
@@ -118,7 +121,7 @@ def _convert(data: bytes, size: int) -> bytes:
     if size > 0:
         out = resize_shorter(out, size)
     buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    out.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

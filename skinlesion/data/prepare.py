@@ -35,7 +35,7 @@ from skinlesion.data.split import SPLITS, balance, split_by_lesion
 from skinlesion.errors import UserError
 from skinlesion.files import no_room_is_user_error
 
-MAX_STORED_SIZE = 4096  # shorter side in shards; a typo like 100000 would upscale every image to gigabytes
+MAX_STORED_SIZE = images.MAX_STORED_SIZE
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -310,6 +310,7 @@ def _prepare(opts: PrepareOptions) -> PrepareResult:
             "source": source.describe(opts.metadata, good, dataset.layout, dataset.group_column),
             "splits": splits,
             "image_size": opts.image_size,
+            "jpeg_quality": images.JPEG_QUALITY,  # with image_size: how predict turns a file into a shard image
             "args": {k: _plain(v) for k, v in dataclasses.asdict(opts).items()},
             "seed": opts.seed,
             "version": __version__,
