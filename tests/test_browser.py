@@ -53,12 +53,16 @@ def _serve(folder: Path) -> tuple[str, subprocess.Popen]:
             time.sleep(0.2)
 
 
+def _need_chromium() -> None:
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
+
+
 @pytest.fixture(scope="module")
 def served(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Two servers of the same model: its card as calibrated on the synthetic shards, and a copy whose card
     says it was trained on real HAM10000 images."""
-    if not (CHROMIUM and DRIVER):
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
+    _need_chromium()
     from skinlesion.card import CARD, OOD, calibrate, limitations
     from skinlesion.model import load_for_inference
 
@@ -486,3 +490,72 @@ def test_no_banner_for_a_card_that_says_real_data(served, browser, images) -> No
     card = browser.find_element(By.ID, "card").text
     assert "HAM10000, real: 10015 images" in card and "synthetic" not in card.lower()
     assert not browser.find_elements(By.CSS_SELECTOR, ".card-banner")
+
+
+@pytest.fixture(scope="module")
+def binary_served(binary_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A two-class (other, mel) model on synth's ISIC 2020 layout, its card calibrated on that data's shards (the
+    random weights of `binary_run`: the page's question is how it shows a binary model, not how good one is)."""
+    from skinlesion.card import calibrate
+    from skinlesion.data.prepare import PrepareOptions, prepare
+    from skinlesion.data.synthetic_isic import DUPLICATES_2020, GT_2020, IMAGES_2020, generate_isic
+    from skinlesion.model import load_for_inference
+
+    _need_chromium()
+    root = tmp_path_factory.mktemp("isic2020")
+    generate_isic(root / "raw", "isic2020", n_images=240, seed=1, workers=1)
+    opts = PrepareOptions(
+        metadata=root / "raw" / GT_2020,
+        duplicates=root / "raw" / DUPLICATES_2020,
+        images=(root / "raw" / IMAGES_2020,),
+        out=root / "shards",
+        dataset="isic2020",
+        image_size=32,
+        min_shards=1,
+        workers=1,
+    )
+    prepare(opts)
+    folder = root / "served"
+    folder.mkdir()
+    shutil.copy(binary_run / "best.pt", folder / "best.pt")
+    loaded = load_for_inference(folder / "best.pt")
+    calibrate(loaded.model, folder / "best.pt", root / "shards", loaded.image_size, loaded.arch)
+    url, proc = _serve(folder)
+    yield url, folder, sorted((root / "raw" / IMAGES_2020).glob("*.jpg"))[:12]
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_a_binary_model_gets_its_two_classes_and_an_honest_band(binary_served, browser) -> None:
+    """ISIC 2020's head has 2 classes: the page asked for the top 3 and every upload answered 500."""
+    from selenium.webdriver.common.by import By
+
+    from skinlesion.model import load_for_inference
+    from skinlesion.predict import predict_images
+    from skinlesion.report import Calibration, percent
+
+    url, folder, candidates = binary_served
+    loaded = load_for_inference(folder / "best.pt")
+    calibration = Calibration.load(folder / "best.pt", loaded)
+    assert calibration.problem is None
+    expected = {Path(e["image"]).name: e for e in predict_images(loaded, candidates, calibration=calibration)}
+    familiar = [p for p in candidates if not expected[p.name]["ood"]["flag"]]
+    assert familiar, "every ISIC 2020 image was flagged: the test needs one the page judges"
+    entry = expected[familiar[0].name]
+    _open(browser, url)
+    _upload(browser, familiar[:1], batches=1)
+    result = browser.find_element(By.CSS_SELECTOR, ".result")
+    assert [e.text for e in result.find_elements(By.CSS_SELECTOR, ".pct")] == [
+        p["percent"] for p in entry["predictions"]
+    ]
+    assert len(entry["predictions"]) == 2 and f"(mel): {entry['malignant_percent']}" in result.text
+    assert entry["risk_note"] in result.text
+    thresholds = calibration.thresholds
+    _click(browser, browser.find_element(By.CSS_SELECTOR, "#card-panel summary"))
+    card = browser.find_element(By.ID, "card").text
+    if entry["risk"]:  # the band and its note quote the card's own cut-offs
+        assert result.find_element(By.CSS_SELECTOR, ".risk").text == entry["risk_label"]
+        for key in ("sensitivity_0.80", "sensitivity_0.95"):
+            assert percent(thresholds[key]) in entry["risk_note"] and percent(thresholds[key]) in card
+    else:  # unusable cut-offs: no pill, and the note says there is no band
+        assert not result.find_elements(By.CSS_SELECTOR, ".risk") and entry["risk_note"].startswith("No risk band")

@@ -173,3 +173,15 @@ def test_a_model_without_a_card_for_its_weights_gets_the_unverified_banner() -> 
     """Without a card (or with one of other weights) nothing says where the training images came from: the page
     and predict warn, as for a card that does not say real data."""
     assert banner(None) == UNKNOWN_SOURCE_BANNER
+
+
+@pytest.mark.parametrize("band", ["high", "elevated", "below_cutoffs"])
+def test_band_notes_say_which_percent_is_a_cut_off_and_which_a_share_caught(band: str) -> None:
+    """ "(below the 80% cut-off, 90%)" put a sensitivity beside a probability: each cut-off is now named as a
+    malignant probability, with the share of malignant validation lesions it caught said in words."""
+    from skinlesion.report import band_note
+
+    note = band_note(band, {"sensitivity_0.95": 0.45, "sensitivity_0.80": 0.9})
+    assert "Cut-offs on the malignant probability: 90% for High (it caught 80% of the malignant validation " in note
+    assert "45% for Elevated (it caught 95% of them)" in note
+    assert "% cut-off" not in note and "cut-off, " not in note
