@@ -220,7 +220,7 @@ def _check_layout(browser, batch) -> None:
     from selenium.webdriver.common.by import By
 
     _click(browser, browser.find_element(By.CSS_SELECTOR, "#card-panel summary"))
-    labels = browser.find_elements(By.CSS_SELECTOR, "#card table.card th")
+    labels = browser.find_elements(By.CSS_SELECTOR, "#card table.card tr > :first-child")
     assert [label.text for label in labels][:3] == ["Intended use", "Trained on", "Validation"]
     for label in labels:
         assert _mid_word(browser, label) == [], f"card label {label.text!r} broken mid-word"
