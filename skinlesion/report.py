@@ -72,7 +72,7 @@ def band_note(band: str, thresholds: dict[str, float | None]) -> str:
     if band == "high":
         return f"At or above the High cut-off. {cutoffs}"
     if band == "elevated":
-        return f"At or above the Elevated cut-off, under the High one. {cutoffs}"
+        return f"At or above the Elevated cut-off and under the High one. {cutoffs}"
     return (
         f"Under both cut-offs. {cutoffs} Not a benign finding: up to 5% of the malignant validation lesions "
         "scored this low."
