@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="diagnostic suggestions for images (decision support)")
     p.add_argument("--checkpoint", type=Path, required=True, help="model.pt or best.pt")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=None, help="how many diagnoses to list (default: 3, or all if fewer)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
     p.add_argument("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)

@@ -61,14 +61,15 @@ def load_image(path: Path, transform: Callable[[bytes], torch.Tensor]) -> torch.
 def predict_images(
     loaded: LoadedModel,
     paths: Sequence[Path],
-    top_k: int = 3,
+    top_k: int | None = None,
     tta: bool = False,
     batch_size: int = BATCH_SIZE,
     device: torch.device | None = None,
     calibration: Calibration = NO_CALIBRATION,
 ) -> list[dict[str, Any]]:
     """One entry per path, in order: {image, error} or {image} + `Calibration.judge`'s fields (predictions,
-    malignant probability, risk band, OOD verdict and their words)."""
+    malignant probability, risk band, OOD verdict and their words). `top_k`: default_top_k's when None."""
+    top_k = default_top_k(loaded.classes) if top_k is None else top_k
     _check_top_k(top_k, loaded.classes)
     device = device or next(loaded.model.parameters()).device
 
@@ -94,6 +95,11 @@ def predict_images(
                     entry.update(calibration.judge(*next(ok), top_k))
         entries.extend(chunk_entries)
     return entries
+
+
+def default_top_k(classes: Sequence[str]) -> int:
+    """The top 3, or every class of a model with fewer (ISIC 2020's is binary): serve and predict alike."""
+    return min(3, len(classes))
 
 
 def _check_top_k(top_k: int, classes: Sequence[str]) -> None:
@@ -176,17 +182,19 @@ def _malignant_lines(entry: dict[str, Any], calibration: Calibration) -> list[st
 def predict_command(
     checkpoint: Path,
     images: Sequence[Path],
-    top_k: int = 3,
+    top_k: int | None = None,
     as_json: bool = False,
     tta: bool = False,
     image_size: int | None = None,
 ) -> int:
-    """CLI entry: print suggestions for `images`; 0 when all were predicted, 1 when any failed."""
-    if top_k < 1:
+    """CLI entry: print suggestions for `images`; 0 when all were predicted, 1 when any failed. `top_k` None:
+    the top 3, or all classes of a model with fewer; an explicit one larger than the classes is an error."""
+    if top_k is not None and top_k < 1:
         raise UserError(f"--top-k {top_k}: choose a number from 1 to the model's number of classes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = Path(checkpoint)
     loaded = load_for_inference(checkpoint, image_size=image_size)
+    top_k = default_top_k(loaded.classes) if top_k is None else top_k
     _check_top_k(top_k, loaded.classes)
     loaded.model.to(device)
     calibration = Calibration.load(checkpoint, loaded)

@@ -59,21 +59,23 @@ def percent(p: float) -> str:
 
 
 def band_note(band: str, thresholds: dict[str, float | None]) -> str:
-    """One line that says what `band` means, with this model's cut-offs."""
+    """One line that says where a malignant probability lies against this model's two cut-offs.
+
+    Every percent in it is labelled as what it is: the cut-offs are malignant probabilities, and the share of
+    malignant validation lesions each one caught is a sensitivity, said in words beside it. ("below the 80%
+    cut-off, 90%" put a sensitivity and a probability side by side, and read as either.)"""
     at95, at80 = percent(thresholds["sensitivity_0.95"] or 0.0), percent(thresholds["sensitivity_0.80"] or 0.0)
+    cutoffs = (
+        f"Cut-offs on the malignant probability: {at80} for High (it caught 80% of the malignant validation "
+        f"lesions), {at95} for Elevated (it caught 95% of them)."
+    )
     if band == "high":
-        return (
-            f"Malignant probability at or above {at80}, the cut-off that caught 80% of the malignant "
-            "validation lesions."
-        )
+        return f"At or above the High cut-off. {cutoffs}"
     if band == "elevated":
-        return (
-            f"Malignant probability at or above {at95}, the cut-off that caught 95% of the malignant validation "
-            f"lesions (below the 80% cut-off, {at80})."
-        )
+        return f"At or above the Elevated cut-off and under the High one. {cutoffs}"
     return (
-        f"Malignant probability below {at95}, the cut-off that caught 95% of the malignant validation lesions. "
-        "Not a benign finding: up to 5% of the malignant validation lesions scored this low."
+        f"Under both cut-offs. {cutoffs} Not a benign finding: up to 5% of the malignant validation lesions "
+        "scored this low."
     )
 
 

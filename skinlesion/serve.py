@@ -16,14 +16,13 @@ a CDN.
 
 Every image goes through `skinlesion.inference`, the path `evaluate` and `predict` use, and gets the
 fields of `predict --json` plus the risk band and the out-of-distribution verdict from the model card
-(`skinlesion.card`), and on request a Grad-CAM heat map. Without a model card the page says that
-thresholds and metrics are unavailable.
+(`skinlesion.card`), and on request a Grad-CAM heat map, never for an image flagged as unfamiliar. Without a
+model card the page says that thresholds and metrics are unavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import logging
 import math
@@ -45,16 +44,15 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from skinlesion import inference
+from skinlesion import heatmap, inference
 from skinlesion.errors import UserError
 from skinlesion.hosts import HostCheck, allowed_name, canonical
 from skinlesion.model import LoadedModel, load_for_inference
-from skinlesion.predict import DISCLAIMER, preprocessing
+from skinlesion.predict import DISCLAIMER, default_top_k, preprocessing
 from skinlesion.report import Calibration
 
 log = logging.getLogger("skinlesion.serve")
 BATCH, WAIT_S = 8, 0.010  # images per shared forward pass; how long the first waits for company
-CAM_FLOOR = 0.25  # heat-map values below this share of the peak are fully transparent
 PART_SLACK = 1_000_000  # bytes per file allowed beyond --max-mb in a request (headers; a file a little too large)
 MAX_FIELDS, FIELD_BYTES = 16, 64 * 1024  # non-file form fields: the API reads none, so keep them small
 LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -150,35 +148,23 @@ class Model:
         return list(zip(out.probs.cpu(), self.calibration.scores(out), strict=True))
 
     def describe(self, probs: torch.Tensor, score: float | None) -> dict[str, Any]:
-        """What predict says about the image: the same bands, notice and words (`report.Calibration.judge`)."""
-        return self.calibration.judge(probs, score, 3)
+        """What predict says about the image: the same bands, notice and words (`report.Calibration.judge`),
+        with the top 3 of the model's classes, or all of them when it has fewer (2 for ISIC 2020)."""
+        return self.calibration.judge(probs, score, default_top_k(self.loaded.classes))
 
-    def with_heat_map(self, image: torch.Tensor) -> tuple[torch.Tensor, float | None, dict[str, str]]:
-        """Probabilities, OOD score and Grad-CAM for the top class from one pass (no TTA): the heat map alone
-        (RGBA, transparent below 0.25 of its peak so the lesion's own colours show) and over the model's view.
-        The page lays it over the user's own image, inside the `crop` outline."""
+    def with_heat_map(self, image: torch.Tensor) -> tuple[torch.Tensor, float | None, np.ndarray]:
+        """Probabilities, OOD score and the Grad-CAM map [S, S] in [0, 1] for the top class, from one pass (no
+        TTA). The map becomes pictures (`heatmap.heat_map_pictures`) only once the image is known not to be flagged."""
         maps, out = inference.grad_cam(self.loaded.model, image[None].to(self.device))
         score = float(self.ood.scores(out)[0]) if self.ood else None
-        cam = maps[0].cpu().numpy()
-        from matplotlib import colormaps
-
-        # Yellow to red, no blue: colour carries diagnostic meaning in dermoscopy, and the low end is see-through.
-        colours = (colormaps["YlOrRd"](0.3 + 0.7 * cam)[..., :3] * 255).astype(np.uint8)
-        alpha = (np.clip((cam - CAM_FLOOR) / (1 - CAM_FLOOR), 0, 1) * 230).astype(np.uint8)
-        weight = alpha[..., None] / 255
-        blended = ((1 - weight) * image.permute(1, 2, 0).numpy() + weight * colours).astype(np.uint8)
-        pictures = {
-            "cam": _png(Image.fromarray(blended)),
-            "cam_overlay": _png(Image.fromarray(np.dstack([colours, alpha]), "RGBA")),
-        }
-        return out.probs[0].cpu(), score, pictures
+        return out.probs[0].cpu(), score, maps[0].cpu().numpy()
 
     def model_card(self) -> dict[str, Any]:
         base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
                 "disclaimer": DISCLAIMER, "banner": self.calibration.banner,
                 "malignant_classes": list(self.calibration.labels.malignant),
                 "malignant_note": self.calibration.malignant_note,
-                "preprocessing": preprocessing(self.loaded)}  # fmt: skip
+                "preprocessing": preprocessing(self.loaded), "heat_map": heatmap.legend()}  # fmt: skip
         if self.card is None:
             return base | {"available": False, "reason": self.card_problem, "weights_sha256": self.weights}
         return {**self.card, **base, "available": True}  # "checkpoint": the file served, which may be model.pt
@@ -189,12 +175,6 @@ def _check_finite(loaded: LoadedModel) -> None:
     for name, tensor in loaded.model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(f"{loaded.source}: its weights hold NaN or infinite values ({name}); the model is broken")
-
-
-def _png(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def decode_upload(
@@ -361,10 +341,14 @@ def create_app(settings: Settings) -> FastAPI:
             entries.append(entry)
         for entry, item in pending:
             if cam:
-                probs, score, pictures = await asyncio.to_thread(model.with_heat_map, item.image)
+                probs, score, heat = await asyncio.to_thread(model.with_heat_map, item.image)
                 if tta:
                     probs, score = await item.done
-                entry.update(model.describe(probs, score) | pictures)
+                entry.update(model.describe(probs, score))
+                # No heat map for an image flagged as unfamiliar: a map over plain skin drew a dark blob that
+                # read as a lesion. The map is never made into a picture, and the entry carries none.
+                if not (entry["ood"] or {}).get("flag"):
+                    entry.update(await asyncio.to_thread(heatmap.heat_map_pictures, item.image, heat))
             else:
                 entry.update(model.describe(*await item.done))
         ok = sum("error" not in e for e in entries)

@@ -70,6 +70,23 @@ def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def binary_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a random two-class ResNet-18 at 32 px, ISIC 2020's head (other, mel; mel malignant), no card."""
+    from skinlesion.checkpoint import export_best
+    from skinlesion.model import ModelFacts
+
+    out = tmp_path_factory.mktemp("binary")
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=2)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)
+    facts = ModelFacts(arch="resnet18", classes=("other", "mel"), image_size=32, malignant=("mel",))
+    metric = {"name": "val_auc", "value": 0.5}
+    export_best(model.state_dict(), out / "best.pt", facts=facts, epoch=1, step=10, metric=metric)
+    return out
+
+
+@pytest.fixture(scope="session")
 def shared_sample() -> Path:
     """The real HAM10000 metadata and 150 images in ../shared; tests using it skip when it is absent."""
     if not (SHARED_SAMPLE / "HAM10000_metadata.csv").is_file():

@@ -64,6 +64,18 @@ def test_top_k_limits_the_list_and_text_mode_names_diagnoses(random_run, images,
     assert "malignant (akiec + bcc + mel)" in text and DISCLAIMER in text
 
 
+def test_top_k_defaults_to_every_class_of_a_binary_model_and_an_explicit_larger_one_is_refused(
+    binary_run, images, capsys
+):
+    checkpoint = str(binary_run / "best.pt")
+    code, entries = _predict_json(capsys, "--checkpoint", checkpoint, str(images[0]))
+    assert code == 0 and sorted(p["dx"] for p in entries[0]["predictions"]) == ["mel", "other"]
+    assert main(["predict", "--checkpoint", checkpoint, str(images[0])]) == 0
+    assert "malignant (mel)" in capsys.readouterr().out
+    assert main(["predict", "--checkpoint", checkpoint, str(images[0]), "--top-k", "3"]) == 2
+    assert "--top-k 3: choose a number from 1 to 2" in capsys.readouterr().err
+
+
 def test_missing_and_corrupt_images_get_error_entries_and_exit_1(random_run, images, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")

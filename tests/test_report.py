@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -237,3 +238,15 @@ def test_cutoffs_that_cannot_separate_anything_give_no_band_and_say_why(positive
     assert entry["risk"] is None and entry["risk_label"] is None
     assert entry["risk_note"].startswith("No risk band: the cut-offs from validation cannot separate malignant")
     assert why in entry["risk_note"] and ">99%" not in entry["risk_note"]
+
+
+@pytest.mark.parametrize("band", ["high", "elevated", "below_cutoffs"])
+def test_band_notes_say_which_percent_is_a_cut_off_and_which_a_share_caught(band: str) -> None:
+    """ "(below the 80% cut-off, 90%)" put a sensitivity beside a probability: each cut-off is now named as a
+    malignant probability, with the share of malignant validation lesions it caught said in words."""
+    from skinlesion.report import band_note
+
+    note = band_note(band, {"sensitivity_0.95": 0.45, "sensitivity_0.80": 0.9})
+    assert "Cut-offs on the malignant probability: 90% for High (it caught 80% of the malignant validation " in note
+    assert "45% for Elevated (it caught 95% of them)" in note
+    assert re.search(r"\d% cut-off|cut-off, \d", note) is None  # never "the 80% cut-off, 90%"

@@ -92,14 +92,65 @@ def test_one_image_gets_predict_fields_risk_and_ood(client: TestClient) -> None:
     assert "cam_overlay" not in entry
 
 
+def _lesion_jpeg(dx: str, seed: int) -> bytes:
+    from skinlesion.data.lesions import make_lesion, render
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    render(make_lesion(rng, dx), rng).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
 def test_many_files_answer_in_order_and_cam_is_a_png(client: TestClient) -> None:
-    files = [(f"img{i}.jpg", _jpeg((20 * i, 90, 70))) for i in range(6)]
+    files = [(f"img{i}.jpg", _jpeg((20 * i, 90, 70))) for i in range(4)]
+    files += [(f"{dx}.jpg", _lesion_jpeg(dx, 10 + i)) for i, dx in enumerate(("mel", "nv", "bcc", "bkl"))]
     response = _post(client, files, "?cam=1&tta=1")
     assert response.status_code == 200
     entries = response.json()
     assert [e["image"] for e in entries] == [n for n, _ in files]
-    png = entries[0]["cam_overlay"].split(",", 1)
+    assert all(("cam_overlay" in e) == ("cam" in e) == (not e["ood"]["flag"]) for e in entries)
+    mapped = [e for e in entries if "cam_overlay" in e]
+    assert mapped, "every synthetic lesion was flagged: the test needs one with a heat map"
+    png = mapped[0]["cam_overlay"].split(",", 1)
     assert png[0] == "data:image/png;base64" and Image.open(io.BytesIO(__import__("base64").b64decode(png[1])))
+
+
+def test_a_binary_model_answers_its_two_classes_with_cam_and_tta(binary_run: Path) -> None:
+    with _client(binary_run / "best.pt") as client:
+        for query in ("", "?cam=1&tta=1"):
+            response = _post(client, [("lesion.jpg", _jpeg())], query)
+            assert response.status_code == 200, response.text
+            (entry,) = response.json()
+            assert sorted(p["dx"] for p in entry["predictions"]) == ["mel", "other"]
+            assert entry["malignant_classes"] == ["mel"]
+
+
+def test_no_heat_map_for_an_image_flagged_as_unfamiliar(client: TestClient) -> None:
+    from skinlesion.data.lesions import not_lesions
+
+    buf = io.BytesIO()
+    not_lesions(n=1)["skin without a lesion"][0].save(buf, format="JPEG", quality=92)
+    for query in ("?cam=1", "?cam=1&tta=1"):
+        (entry,) = _post(client, [("skin.jpg", buf.getvalue())], query).json()
+        assert entry["ood"]["flag"], "plain skin should be flagged: the test needs a flagged image"
+        assert "cam" not in entry and "cam_overlay" not in entry
+
+
+def test_heat_map_colours_are_not_red_and_the_legend_is_drawn_by_the_same_function(client: TestClient) -> None:
+    """Green is the strongest channel everywhere (never red over a red lesion, never blue), the low end is
+    see-through, and the legend /api/model sends holds the map's own colours."""
+    import base64
+
+    from skinlesion.heatmap import CAM_FLOOR, heat_colours
+
+    colours, alpha = heat_colours(np.linspace(0, 1, 101))
+    assert (colours[:, 1] >= colours[:, 0]).all() and (colours[:, 1] >= colours[:, 2]).all()
+    assert (alpha[np.linspace(0, 1, 101) < CAM_FLOOR] == 0).all() and alpha[-1] > 200
+    legend = client.get("/api/model").json()["heat_map"]
+    header, data = legend["legend"].split(",", 1)
+    assert header == "data:image/png;base64" and legend["floor"] == CAM_FLOOR and "not an outline" in legend["meaning"]
+    ramp = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGBA"))[0]
+    assert ramp[0, 3] == 0 and ramp[-1, 3] == alpha[-1] and (ramp[-1, :3] == colours[-1]).all()
 
 
 @pytest.mark.parametrize(
