@@ -460,3 +460,17 @@ def test_isic2019_metadata_without_a_lesion_id_column_is_an_error(
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["groups"] == {"key": "image_id", "own_groups": 240, "ungrouped": True}
     assert manifest["args"]["allow_ungrouped"] is True
+
+
+def test_the_prepare_summary_counts_groups_in_the_datasets_unit() -> None:
+    """ISIC 2020 splits patients: its summary's column said "lesions"."""
+    from skinlesion.data.prepare import format_summary
+
+    def summary(key: str) -> str:
+        split = {"class_counts": {"other": 5, "mel": 1}, "samples": 6, "images": 6, "lesions": 3, "shards": 1}
+        manifest = {"classes": ["other", "mel"], "groups": {"key": key}, "splits": {"train": split}}
+        manifest |= {"rows": {"input": 6, "kept": 6, "rejected": 0}, "rejected_by_reason": {}}
+        return format_summary(manifest)
+
+    assert "patients" in summary("patient_id") and "lesions" not in summary("patient_id")
+    assert "lesions" in summary("lesion_id") and "groups" in summary("image_id")

@@ -365,7 +365,8 @@ def format_summary(manifest: dict) -> str:
             f"  {groups['own_groups']} kept rows have an empty {groups['key']}: each is its own group in the split"
         )
     classes = manifest["classes"]
-    header = ["split", *classes, "total", "images", "lesions", "shards"]
+    unit = {"lesion_id": "lesions", "patient_id": "patients"}.get(groups.get("key"), "groups")  # ISIC 2020: patients
+    header = ["split", *classes, "total", "images", unit, "shards"]
     lines.append("".join(f"{h:>8}" if i else f"{h:<6}" for i, h in enumerate(header)))
     for split, info in manifest["splits"].items():
         cells = [*(info["class_counts"][dx] for dx in classes), info["samples"], info["images"]]
