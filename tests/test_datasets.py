@@ -472,5 +472,5 @@ def test_the_prepare_summary_counts_groups_in_the_datasets_unit() -> None:
         manifest |= {"rows": {"input": 6, "kept": 6, "rejected": 0}, "rejected_by_reason": {}}
         return format_summary(manifest)
 
-    assert "patients" in summary("patient_id") and "lesions" not in summary("patient_id")
+    assert " patients " in summary("patient_id") and "lesions" not in summary("patient_id")
     assert "lesions" in summary("lesion_id") and "groups" in summary("image_id")

@@ -367,9 +367,10 @@ def format_summary(manifest: dict) -> str:
     classes = manifest["classes"]
     unit = {"lesion_id": "lesions", "patient_id": "patients"}.get(groups.get("key"), "groups")  # ISIC 2020: patients
     header = ["split", *classes, "total", "images", unit, "shards"]
-    lines.append("".join(f"{h:>8}" if i else f"{h:<6}" for i, h in enumerate(header)))
+    width = max(8, *(len(h) + 2 for h in header[1:]))  # a long class code or "patients" keeps a space before it
+    lines.append(f"{header[0]:<6}" + "".join(f"{h:>{width}}" for h in header[1:]))
     for split, info in manifest["splits"].items():
         cells = [*(info["class_counts"][dx] for dx in classes), info["samples"], info["images"]]
         cells += [info["lesions"], info["shards"]]
-        lines.append(f"{split:<6}" + "".join(f"{c:>8}" for c in cells))
+        lines.append(f"{split:<6}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
