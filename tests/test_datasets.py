@@ -474,3 +474,25 @@ def test_the_prepare_summary_counts_groups_in_the_datasets_unit() -> None:
 
     assert " patients " in summary("patient_id") and "lesions" not in summary("patient_id")
     assert "lesions" in summary("lesion_id") and "groups" in summary("image_id")
+
+
+def test_the_shipped_melanoma_nevus_spec_prepares_melanoma_first_and_marks_it_malignant(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    """configs/datasets/melanoma-nevus.yaml, the custom spec docs/walkthrough.md runs, on synth's HAM10000 files."""
+    spec = Path(__file__).parents[1] / "configs" / "datasets" / "melanoma-nevus.yaml"
+    opts = PrepareOptions(
+        metadata=synthetic_dir / "HAM10000_metadata.csv",
+        images=tuple(sorted(synthetic_dir.glob("HAM10000_images_part_*"))),
+        out=tmp_path / "out",
+        dataset="custom",
+        spec=spec,
+        image_size=32,
+        min_shards=1,
+        workers=1,
+    )
+    manifest = prepare(opts).manifest
+    described = datasets.of_manifest(manifest)
+    assert described.codes == ("mel", "nv") and described.malignant == ("mel",)
+    assert manifest["groups"]["key"] == "lesion_id" and not manifest["groups"].get("ungrouped")
+    assert manifest["rejected_by_reason"]["dx not one of the 2 classes"] > 0  # akiec, bcc... are not this question
