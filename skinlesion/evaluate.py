@@ -449,7 +449,9 @@ def evaluate_command(
     if split == "val":  # the card's cut-offs are measured on the checkpoint's malignant classes: the shards must agree
         from skinlesion.card import check_malignant
 
-        check_malignant(loaded.malignant, of_manifest(manifest, f"{shards}/manifest.json"), checkpoint, shards)
+        described = of_manifest(manifest, f"{shards}/manifest.json")
+        if tuple(loaded.classes) == described.codes:  # other classes altogether: evaluate_checkpoint says so
+            check_malignant(loaded.malignant, described, checkpoint, shards)
     locks = _writer_locks(accelerator, checkpoint, split, out)
     try:
         options = {"tta": tta, "num_workers": workers, "lock": False, "loaded": loaded}
