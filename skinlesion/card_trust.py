@@ -130,7 +130,7 @@ def _check_risk(risk: Any, malignant: list[str]) -> None:
 
 
 def _check_cutoff_problem(risk: dict) -> None:
-    """`problem` (why validation's cut-offs cannot separate anything: `card.cutoff_problem`) is text or null, and a
+    """`problem` (why validation's cut-offs cannot separate anything: `risk.cutoff_problem`) is text or null, and a
     card that states one bands nothing; `measured_thresholds`, the unusable values it keeps for the record, are
     probabilities."""
     problem = risk.get("problem")

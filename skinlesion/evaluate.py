@@ -6,7 +6,7 @@ its own shards through `pipeline.eval_loader` (every sample exactly once across 
 and `gather_object` hands every rank the complete, unpadded list of predictions. Samples are then
 sorted by key, so 1, 2 or 8 processes produce the same confusion matrix and byte-identical files.
 Metrics are computed on every rank (cheap, and every rank then agrees on "best"); files are written
-by the main process only, each atomically.
+by the main process only, each atomically, and they and the printed summary are rendered by `eval_outputs`.
 """
 
 from __future__ import annotations
@@ -24,21 +24,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from sklearn.metrics import classification_report
 from torch import nn
 from tqdm.auto import tqdm
 
 from skinlesion import inference
-from skinlesion.data.datasets import HAM10000, Dataset, of_manifest
+from skinlesion.data.datasets import HAM10000, of_manifest
 from skinlesion.errors import UserError
+from skinlesion.eval_outputs import summary_text, write_outputs
 from skinlesion.files import FolderLock, atomic_write
 from skinlesion.inference import class_probabilities
-from skinlesion.metrics import NOT_ESTIMABLE, SPECIFICITIES, compute_metrics, selection, sensitivity_key
+from skinlesion.metrics import SPECIFICITIES, compute_metrics, selection, sensitivity_key
 from skinlesion.model import LoadedModel
 from skinlesion.ood import OODStats
-from skinlesion.plots import plot_confusion_matrix, plot_reliability, plot_roc
-from skinlesion.subgroups import subgroup_lines, subgroup_metrics
-from skinlesion.submission import isic_csv, ood_csv
+from skinlesion.subgroups import subgroup_metrics
 
 
 @dataclass(frozen=True)
@@ -101,49 +99,8 @@ class EvalResult:
         return {f"{prefix}/{name}": float(v) for name, v in values.items() if v is not None}
 
     def summary(self) -> str:
-        """The few lines a user reads after an evaluation: balanced accuracy with its CI, recalls, melanoma."""
-        m, mel = self.metrics, self.metrics["melanoma"]
-
-        def num(value: float | None, fmt: str = ".3f") -> str:
-            return "n/a" if value is None else format(value, fmt)
-
-        low, high = m["balanced_accuracy_ci95"]
-        ci_note = "  (95% CI not estimable: every bootstrap resample gave the same value)"
-        group = {"lesion_id": "lesions", "patient_id": "patients"}.get(m.get("group_key", "lesion_id"), "groups")
-        unit = group if m.get("bootstrap", {}).get("unit") == "group" else "images"
-        at_spec = ", ".join(f"{num(mel[sensitivity_key(spec)])} at specificity {spec:g}" for spec in SPECIFICITIES)
-        lines = [
-            f"{m.get('split')} split: {m['n_samples']} images, checkpoint {m.get('checkpoint')}"
-            + (", TTA x8" if m.get("tta") else ""),
-            f"  balanced accuracy {num(m['balanced_accuracy'])}"
-            + (f"  (95% CI {num(low)}-{num(high)}, bootstrap over {unit})" if low is not None else "")
-            + (ci_note if m.get("balanced_accuracy_ci95_note") == NOT_ESTIMABLE else ""),
-            f"  accuracy {num(m['accuracy'])}   AUC macro {num(m['auc_macro'])}   ECE {num(m['ece'])}",
-            "  recall    " + "  ".join(f"{dx} {num(v['recall'], '.2f')}" for dx, v in m["per_class"].items()),
-            "  support   " + "  ".join(f"{dx} {v['support']}" for dx, v in m["per_class"].items()),
-            f"  melanoma  sensitivity {num(mel['sensitivity_at_argmax'])} (argmax), {at_spec}; AUC {num(mel['auc'])}",
-        ]
-        b = m.get("binary")
-        if b and b.get("positive") is None:  # two classes, but no single malignant one to score
-            lines.append(f"  binary    {b['note']}")
-        elif b:  # ISIC 2020: melanoma against the rest
-            lo, hi = b["auc_ci95"]
-            ci = f"95% CI {num(lo)}-{num(hi)}, over {unit}" if lo is not None else "95% CI not estimable"
-            lines.append(
-                f"  binary    {b['positive']} AUC {num(b['auc'])} ({ci}), "
-                f"partial AUC above 80% sensitivity {num(b['partial_auc_above_sensitivity_0.8'])}"
-            )
-        chosen = m.get("selection")
-        if chosen:
-            lines.append(f"  best.pt   kept by the {chosen['keeps']} {chosen['metric']}")
-            if chosen["note"]:
-                lines.append(f"  warning: {chosen['note']}")
-        lines += subgroup_lines(m.get("subgroups") or {})
-        lines += [f"  note: {note}" for note in m.get("split_notes") or []]
-        if self.files:
-            folder = next(iter(self.files.values())).parent
-            lines.append(f"  wrote {folder}/: " + ", ".join(p.name for p in self.files.values()))
-        return "\n".join(lines)
+        """The few lines a user reads after an evaluation (`eval_outputs.summary_text`)."""
+        return summary_text(self.metrics, self.files)
 
 
 def collect_predictions(
@@ -307,52 +264,6 @@ def evaluate(
     if out is not None and accelerator.is_main_process:
         files = write_outputs(Path(out), preds, metrics, plots=plots, dataset=dataset)
     return EvalResult(metrics=metrics, predictions=preds, files=files)
-
-
-def write_outputs(
-    out: Path, preds: Predictions, metrics: dict[str, Any], plots: bool = True, dataset: Dataset = HAM10000
-) -> dict[str, Path]:
-    """metrics.json, predictions.csv (the dataset's ISIC format, nothing more), ood.csv (with OOD scores),
-    classification_report.txt and the three plots."""
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"{metrics.get('split')} split, n={metrics['n_samples']}"
-    files = {
-        "metrics": _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n"),
-        "predictions": _write_text(out / "predictions.csv", isic_csv(preds, dataset)),
-    }
-    ood = ood_csv(preds)
-    if ood is not None:
-        files["ood"] = _write_text(out / "ood.csv", ood)
-    else:  # an earlier evaluation's ood.csv in this folder would pair other scores with these predictions
-        (out / "ood.csv").unlink(missing_ok=True)
-    files["report"] = _write_text(out / "classification_report.txt", _report(preds, metrics))
-    if plots:
-        cm = np.asarray(metrics["confusion_matrix"])
-        files["confusion_matrix"] = plot_confusion_matrix(
-            cm, out / "confusion_matrix.png", f"Confusion matrix, {title}", metrics["classes"]
-        )
-        files["roc"] = plot_roc(
-            preds.labels, preds.probs, out / "roc.png", f"ROC one vs rest, {title}", metrics["classes"]
-        )
-        files["reliability"] = plot_reliability(preds.labels, preds.probs, out / "reliability.png")
-    return files
-
-
-def _report(preds: Predictions, metrics: dict[str, Any]) -> str:
-    """scikit-learn's classification report (as in the seed notebook) under a header naming the run."""
-    report = classification_report(
-        preds.labels,
-        preds.probs.argmax(axis=1),
-        labels=list(range(len(metrics["classes"]))),
-        target_names=list(metrics["classes"]),
-        digits=3,
-        zero_division=0,
-    )
-    return f"checkpoint: {metrics.get('checkpoint')}\nsplit: {metrics.get('split')}\n\n{report}"
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, text)
 
 
 def evaluate_checkpoint(

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from skinlesion import inference
-from skinlesion.card import load_calibration, risk_band
+from skinlesion.card import load_calibration
 from skinlesion.ood import OODStats
+from skinlesion.risk import risk_band
 
 if TYPE_CHECKING:
     from skinlesion.model import LoadedModel
@@ -81,7 +82,7 @@ def band_note(band: str, thresholds: dict[str, float | None]) -> str:
 
 def no_band_note(card: dict[str, Any] | None) -> str:
     """Why an image that is not flagged gets no risk band: the card's cut-offs cannot separate anything (it says
-    why: `card.cutoff_problem`), or there are no cut-offs. Never a threshold worded as one ("below >99%")."""
+    why: `risk.cutoff_problem`), or there are no cut-offs. Never a threshold worded as one ("below >99%")."""
     problem = ((card or {}).get("risk") or {}).get("problem")
     if problem:
         return f"No risk band: the cut-offs from validation cannot separate malignant from other lesions ({problem})."

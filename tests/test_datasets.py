@@ -253,7 +253,8 @@ def test_partial_auc_and_2019_balanced_accuracy_agree_with_the_official_scorer(m
     from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
     from isic_challenge_scoring.metrics import auc_above_sensitivity
 
-    from skinlesion.evaluate import Predictions, write_outputs
+    from skinlesion.eval_outputs import write_outputs
+    from skinlesion.evaluate import Predictions
     from skinlesion.metrics import compute_metrics, partial_auc_above_sensitivity
 
     if not hasattr(pd.DataFrame, "applymap"):
@@ -303,7 +304,8 @@ def test_isic2020_predictions_are_the_challenge_sample_submission_layout(tmp_pat
     """ISIC 2020 was scored on Kaggle, not by isic-challenge-scoring (whose reader needs an `image` column), so
     this checks the layout of the challenge's published sample submission: exactly `image_name,target`, one
     row per image, the melanoma probability as a number in [0, 1]; the OOD scores go to ood.csv."""
-    from skinlesion.evaluate import Predictions, write_outputs
+    from skinlesion.eval_outputs import write_outputs
+    from skinlesion.evaluate import Predictions
     from skinlesion.metrics import compute_metrics
 
     isic2020 = datasets.preset("isic2020")

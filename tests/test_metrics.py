@@ -153,7 +153,8 @@ def test_agrees_with_the_official_isic_scorer(monkeypatch, tmp_path):
     import pandas as pd
     from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 
-    from skinlesion.evaluate import Predictions, write_outputs
+    from skinlesion.eval_outputs import write_outputs
+    from skinlesion.evaluate import Predictions
 
     if not hasattr(pd.DataFrame, "applymap"):  # the scorer (5.6) still calls applymap, removed in pandas 3
         monkeypatch.setattr(pd.DataFrame, "applymap", pd.DataFrame.map, raising=False)

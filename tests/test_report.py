@@ -223,8 +223,8 @@ def _scores(positives: list[float], others: list[float]) -> tuple[np.ndarray, np
 def test_cutoffs_that_cannot_separate_anything_give_no_band_and_say_why(positives, others, why) -> None:
     import torch
 
-    from skinlesion.card import cutoff_problem, risk_band, risk_thresholds
     from skinlesion.report import Calibration
+    from skinlesion.risk import cutoff_problem, risk_band, risk_thresholds
 
     malignant, is_malignant = _scores(positives, others)
     measured = risk_thresholds(malignant, is_malignant)
