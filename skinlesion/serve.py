@@ -364,8 +364,6 @@ def serve_command(checkpoint: Path, host: str, port: int, token: str | None, dev
     """CLI entry: load the model and serve until interrupted."""
     import os
 
-    import uvicorn
-
     token = token or os.environ.get("SKINLESION_TOKEN") or None
     settings = Settings(Path(checkpoint), token, max_mb, max_files, device, batch, host, tuple(allow_hosts))
     settings.check()
@@ -377,8 +375,35 @@ def serve_command(checkpoint: Path, host: str, port: int, token: str | None, dev
     if token is not None and allow_hosts:
         print("note: --allow-host has no effect with --token: the token guards the API, and no Host is checked",
               flush=True)  # fmt: skip
+    sock = listen(host, port)  # before the model loads: a port in use is one line, not "serving" then a traceback
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)
-    print(f"serving {checkpoint} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    print(f"serving {checkpoint} on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C to stop)", flush=True)
+    run_server(app, sock)
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on `host`:`port`, or a one-line UserError naming them. `serve` binds before it says
+    "serving": uvicorn binds only after its start-up and then logs the failure, so a second `serve` on the same
+    port printed "serving ... on http://..." and then died."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop finds it free
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); if another server (a second "
+            "`skinlesion serve`?) holds the port, stop it or choose another --port"
+        ) from None
+    return sock
+
+
+def run_server(app: FastAPI, sock: socket.socket) -> None:
+    """Serve `app` on the bound `sock` until interrupted."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

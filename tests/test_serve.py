@@ -280,12 +280,12 @@ def test_evaluate_predict_and_serve_agree_on_the_same_file(client, calibrated, t
 
 
 def test_a_public_host_without_a_token_is_warned_about(calibrated: Path, monkeypatch, capsys) -> None:
-    import uvicorn
-
+    from skinlesion import serve
     from skinlesion.serve import serve_command
 
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    monkeypatch.setattr(serve, "listen", lambda host, port: served.append({"host": host}) or _FakeSocket())
+    monkeypatch.setattr(serve, "run_server", lambda app, sock: None)
     monkeypatch.delenv("SKINLESION_TOKEN", raising=False)
     assert serve_command(calibrated, "0.0.0.0", 8000, None, "cpu", 20, 20) == 0
     assert "warning: serving on 0.0.0.0 without --token: anyone" in capsys.readouterr().out
@@ -468,11 +468,11 @@ def test_without_a_token_only_this_servers_own_names_are_answered(calibrated: Pa
 def test_allow_host_takes_exact_names_only(calibrated: Path, value: str, says: str, monkeypatch, capsys) -> None:
     """Issue 21, point 14: `--allow-host '*'` switched the Host check off (and the note said only `*` was
     answered); `clinic*` started, then answered every request 500. Now each value is checked at start."""
-    import uvicorn
-
+    from skinlesion import serve
     from skinlesion.cli import main
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail(f"served with --allow-host {value!r}"))
+    monkeypatch.setattr(serve, "listen", lambda host, port: _FakeSocket())
+    monkeypatch.setattr(serve, "run_server", lambda app, sock: pytest.fail(f"served with --allow-host {value!r}"))
     assert main(["serve", "--checkpoint", str(calibrated), "--host", "0.0.0.0", "--allow-host", value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --allow-host {value!r}") and says in err and err.count("\n") == 1
@@ -483,11 +483,11 @@ def test_allow_host_takes_exact_names_only(calibrated: Path, value: str, says: s
 def test_start_up_names_exactly_the_hosts_answered(calibrated: Path, monkeypatch, capsys) -> None:
     """The start-up note lists the names answered without a token (once `*`, which meant every name); with a
     token, --allow-host is said to have no effect."""
-    import uvicorn
-
+    from skinlesion import serve
     from skinlesion.cli import main
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr(serve, "listen", lambda host, port: _FakeSocket())
+    monkeypatch.setattr(serve, "run_server", lambda app, sock: None)
     args = ["serve", "--checkpoint", str(calibrated), "--host", "10.1.2.3"]
     assert main([*args, "--allow-host", "WS-3.clinic.local", "--allow-host", "fe80::1"]) == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: without --token"))
@@ -551,11 +551,11 @@ def test_a_request_with_two_host_headers_or_none_is_refused(calibrated: Path) ->
 @pytest.mark.parametrize("token", ["pässwort", "two words", "tab\tbed", "naïve-☃"])
 def test_a_token_a_browser_cannot_send_is_refused_at_start(calibrated: Path, token: str, monkeypatch, capsys) -> None:
     """Issue 16, point 14: a --token outside Latin-1 broke the page (fetch cannot put it in a header)."""
-    import uvicorn
-
+    from skinlesion import serve
     from skinlesion.cli import main
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served with an unusable token"))
+    monkeypatch.setattr(serve, "listen", lambda host, port: _FakeSocket())
+    monkeypatch.setattr(serve, "run_server", lambda app, sock: pytest.fail("served with an unusable token"))
     assert main(["serve", "--checkpoint", str(calibrated), "--token", token]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --token (or SKINLESION_TOKEN) must be printable ASCII") and err.count("\n") == 1
@@ -564,10 +564,33 @@ def test_a_token_a_browser_cannot_send_is_refused_at_start(calibrated: Path, tok
 @pytest.mark.parametrize("args", [["--max-mb", "nan"], ["--max-mb", "inf"], ["--max-files", "0"], ["--batch", "0"]])
 def test_unusable_limits_are_one_line_errors(calibrated: Path, args: list[str], monkeypatch, capsys) -> None:
     """A NaN --max-mb passed the old `<= 0` check and ended in a traceback."""
-    import uvicorn
+    from skinlesion import serve
+    from skinlesion.cli import main
+
+    monkeypatch.setattr(serve, "listen", lambda host, port: _FakeSocket())
+    monkeypatch.setattr(serve, "run_server", lambda app, sock: pytest.fail("served with unusable limits"))
+    assert main(["serve", "--checkpoint", str(calibrated), *args]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-mb must be a number > 0")
+
+
+class _FakeSocket:
+    """What `serve.listen` returns, for tests that stop before serving (or bind to a name this machine lacks)."""
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 8000)
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(calibrated: Path, capsys) -> None:
+    """A second `serve` on a busy port printed "serving ... on http://..." and then died in uvicorn's log."""
+    import socket
 
     from skinlesion.cli import main
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served with unusable limits"))
-    assert main(["serve", "--checkpoint", str(calibrated), *args]) == 2
-    assert capsys.readouterr().err.startswith("error: --max-mb must be a number > 0")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(calibrated), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert "serving" not in out and err.count("\n") == 1
+    assert err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there") and "another --port" in err
