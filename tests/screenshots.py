@@ -18,23 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from helpers import CHROMIUM_FLAGS  # tests/helpers.py: Python puts this script's folder on sys.path
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from skinlesion.data.lesions import make_lesion, not_lesions, render
-
-FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 
 
 def uploads(folder: Path) -> list[Path]:
@@ -58,7 +48,7 @@ def main(checkpoint: Path, out: Path) -> None:
     )
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for flag in (*FLAGS, f"--user-data-dir={work / 'profile'}"):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={work / 'profile'}"):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import CHROMIUM_FLAGS, free_port
 
 pytestmark = pytest.mark.slow
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -98,18 +98,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path_factory.mktemp('profile')}",
-        "--window-size=1280,900",
-    ):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('profile')}", "--window-size=1280,900"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: a 404 shows up there
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)

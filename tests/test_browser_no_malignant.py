@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import free_port
+from helpers import CHROMIUM_FLAGS, free_port
 from PIL import Image
 
 from skinlesion.cli import main
@@ -68,8 +68,7 @@ def test_the_page_says_the_model_has_no_malignant_class(served, tmp_path: Path, 
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,900",
-                 "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+    for flag in (*CHROMIUM_FLAGS, "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(DRIVER), options=options)
     try:
