@@ -16,12 +16,20 @@ import unicodedata
 
 # Cc: C0 and C1 controls (NUL, TAB, LF, CR, ESC, DEL, CSI...); Zl, Zp: the Unicode line and paragraph separators.
 CATEGORIES = ("Cc", "Zl", "Zp")
+# The bidirectional embeddings, overrides and isolates (LRE..RLO, LRI..PDI): "mel\u202e" shows the rest of a line
+# reversed, so a name can make a terminal or a page display other text than it holds ("Trojan Source"). Other
+# format characters (Cf) stay: zero-width joiners belong to some scripts' spelling.
+BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _control(c: str) -> bool:
+    return c in BIDI or unicodedata.category(c) in CATEGORIES
 
 
 def control_character(text: str) -> str | None:
     """The first control character in `text` (newline, tab, NUL, ESC, a Unicode line separator...), or None. Paths and
     names travel through log lines, shell variables and one-argument-a-line lists, where one splits them."""
-    return next((c for c in text if unicodedata.category(c) in CATEGORIES), None)
+    return next((c for c in text if _control(c)), None)
 
 
 def printable(text: str) -> str:
@@ -29,6 +37,4 @@ def printable(text: str) -> str:
     a terminal shows it instead of obeying it. Everything else, accents and other scripts included, is kept."""
     if control_character(text) is None:
         return text
-    return "".join(
-        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in CATEGORIES else c for c in text
-    )
+    return "".join(c.encode("unicode_escape").decode("ascii") if _control(c) else c for c in text)

@@ -87,7 +87,9 @@ def test_model_pt_facts_are_checked_the_same_way(random_run, tmp_path) -> None:
         load_for_inference(tmp_path / "model.pt")
 
 
-@pytest.mark.parametrize(("key", "value"), [("code", "mel\x1b[31m"), ("name", "Melanoma\rHigh")])
+@pytest.mark.parametrize(
+    ("key", "value"), [("code", "mel\x1b[31m"), ("name", "Melanoma\rHigh"), ("name", "Melanoma\u202eHGIH")]
+)
 def test_a_dataset_spec_or_manifest_with_control_characters_in_a_class_is_refused(key: str, value: str) -> None:
     from skinlesion.data.datasets import HAM10000, from_dict
 
@@ -155,6 +157,9 @@ def test_printable_escapes_control_characters_and_keeps_the_rest() -> None:
     assert printable("Mélanome 黑色素瘤") == "Mélanome 黑色素瘤"
     assert printable(FORGED) == r"nv\x1b[2K\r  risk band: Below the cut-offs.\x1b]0;title\x07"
     assert printable("a\u2028b\x9bc") == r"a\u2028b\x9bc"
+    # A right-to-left override shows the rest of the line reversed: "mel\u202e..." could display another band.
+    assert printable("nv\u202eHGIH :dnab ksir") == r"nv\u202eHGIH :dnab ksir" and printable("a\u2066b") == r"a\u2066b"
+    assert printable("n\u200dv") == "n\u200dv"  # a zero-width joiner is spelling in some scripts: kept
 
 
 def test_predict_prints_file_names_with_their_control_characters_escaped(random_run, image, tmp_path, capsys):
