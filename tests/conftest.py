@@ -87,6 +87,28 @@ def binary_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def isic2020_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(raw, shards): synth's ISIC 2020 layout (240 images, patients, a duplicates list) and its 32-px shards."""
+    from skinlesion.data.prepare import PrepareOptions, prepare
+    from skinlesion.data.synthetic_isic import DUPLICATES_2020, GT_2020, IMAGES_2020, generate_isic
+
+    root = tmp_path_factory.mktemp("isic2020")
+    generate_isic(root / "raw", "isic2020", n_images=240, seed=1, workers=1)
+    opts = PrepareOptions(
+        metadata=root / "raw" / GT_2020,
+        duplicates=root / "raw" / DUPLICATES_2020,
+        images=(root / "raw" / IMAGES_2020,),
+        out=root / "shards",
+        dataset="isic2020",
+        image_size=32,
+        min_shards=1,
+        workers=1,
+    )
+    prepare(opts)
+    return root / "raw", root / "shards"
+
+
+@pytest.fixture(scope="session")
 def shared_sample() -> Path:
     """The real HAM10000 metadata and 150 images in ../shared; tests using it skip when it is absent."""
     if not (SHARED_SAMPLE / "HAM10000_metadata.csv").is_file():

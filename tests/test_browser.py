@@ -487,35 +487,23 @@ def test_no_banner_for_a_card_that_says_real_data(served, browser, images) -> No
 
 
 @pytest.fixture(scope="module")
-def binary_served(binary_run: Path, tmp_path_factory: pytest.TempPathFactory):
+def binary_served(binary_run: Path, isic2020_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
     """A two-class (other, mel) model on synth's ISIC 2020 layout, its card calibrated on that data's shards (the
     random weights of `binary_run`: the page's question is how it shows a binary model, not how good one is)."""
     from skinlesion.card import calibrate
-    from skinlesion.data.prepare import PrepareOptions, prepare
-    from skinlesion.data.synthetic_isic import DUPLICATES_2020, GT_2020, IMAGES_2020, generate_isic
+    from skinlesion.data.synthetic_isic import IMAGES_2020
     from skinlesion.model import load_for_inference
 
     _need_chromium()
-    root = tmp_path_factory.mktemp("isic2020")
-    generate_isic(root / "raw", "isic2020", n_images=240, seed=1, workers=1)
-    opts = PrepareOptions(
-        metadata=root / "raw" / GT_2020,
-        duplicates=root / "raw" / DUPLICATES_2020,
-        images=(root / "raw" / IMAGES_2020,),
-        out=root / "shards",
-        dataset="isic2020",
-        image_size=32,
-        min_shards=1,
-        workers=1,
-    )
-    prepare(opts)
+    raw, shards = isic2020_data
+    root = tmp_path_factory.mktemp("binary-served")
     folder = root / "served"
     folder.mkdir()
     shutil.copy(binary_run / "best.pt", folder / "best.pt")
     loaded = load_for_inference(folder / "best.pt")
-    calibrate(loaded.model, folder / "best.pt", root / "shards", loaded.image_size, loaded.arch)
+    calibrate(loaded.model, folder / "best.pt", shards, loaded.image_size, loaded.arch)
     url, proc = _serve(folder)
-    yield url, folder, sorted((root / "raw" / IMAGES_2020).glob("*.jpg"))[:12]
+    yield url, folder, sorted((raw / IMAGES_2020).glob("*.jpg"))[:12]
     proc.terminate()
     proc.wait(timeout=20)
 

@@ -15,11 +15,8 @@ from helpers import env, run_train
 
 from skinlesion.data.prepare import PrepareOptions, prepare
 from skinlesion.data.synthetic_isic import (
-    DUPLICATES_2020,
     GT_2019,
-    GT_2020,
     IMAGES_2019,
-    IMAGES_2020,
     META_2019,
     generate_isic,
 )
@@ -81,21 +78,10 @@ def test_isic2019_trains_an_eight_way_head_and_reports_eight_columns(isic2019_ru
 
 
 def test_isic2020_is_scored_as_a_binary_task_and_other_classes_are_refused(
-    isic2019_run: tuple[Path, Path], tmp_path: Path
+    isic2019_run: tuple[Path, Path], isic2020_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    generate_isic(tmp_path / "raw", "isic2020", n_images=240, seed=1, workers=1)
-    opts = PrepareOptions(
-        metadata=tmp_path / "raw" / GT_2020,
-        duplicates=tmp_path / "raw" / DUPLICATES_2020,
-        images=(tmp_path / "raw" / IMAGES_2020,),
-        out=tmp_path / "shards",
-        dataset="isic2020",
-        image_size=32,
-        min_shards=1,
-        workers=1,
-    )
-    prepare(opts)
-    done = run_train(tmp_path / "run", tmp_path / "shards", timeout=400)
+    _, shards = isic2020_data
+    done = run_train(tmp_path / "run", shards, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "over patients" in done.stdout and "partial AUC above 80% sensitivity" in done.stdout
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
@@ -119,7 +105,7 @@ def test_isic2020_is_scored_as_a_binary_task_and_other_classes_are_refused(
     assert train["unit"] == "patients" and train["groups"] < source["groups"] and train["images"] < source["images"]
 
     _, run_2019 = isic2019_run
-    done = _cli("evaluate", "--checkpoint", str(run_2019 / "best.pt"), "--shards", str(tmp_path / "shards"))
+    done = _cli("evaluate", "--checkpoint", str(run_2019 / "best.pt"), "--shards", str(shards))
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "['ak', 'bcc', 'bkl', 'df', 'mel', 'nv', 'scc', 'vasc']" in done.stderr
     assert "['other', 'mel']" in done.stderr
