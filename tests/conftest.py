@@ -5,6 +5,7 @@ Building them once keeps the suite fast; tests that change data make their own c
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,7 @@ def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What training leaves behind, for a random ResNet-18 at 32 px: model.pt and best.pt, written by the
     trainer's own export functions, and a plain.pt that is a foreign state_dict (the seed's format)."""
     from skinlesion.checkpoint import export_best, export_model
-    from skinlesion.model import ModelFacts
+    from skinlesion.facts import ModelFacts
 
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
@@ -70,10 +71,24 @@ def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of the random run with the model_card.json and ood.pt computed on its weights beside it
+    (calibrated on the synthetic shards). Read it only: a test that changes the card works on a copy."""
+    from skinlesion.card import calibrate
+    from skinlesion.model import load_for_inference
+
+    folder = tmp_path_factory.mktemp("calibrated")
+    shutil.copy(random_run / "best.pt", folder / "best.pt")
+    loaded = load_for_inference(folder / "best.pt")
+    calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
+    return folder / "best.pt"
+
+
+@pytest.fixture(scope="session")
 def binary_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """best.pt of a random two-class ResNet-18 at 32 px, ISIC 2020's head (other, mel; mel malignant), no card."""
     from skinlesion.checkpoint import export_best
-    from skinlesion.model import ModelFacts
+    from skinlesion.facts import ModelFacts
 
     out = tmp_path_factory.mktemp("binary")
     torch.manual_seed(0)

@@ -19,28 +19,17 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from skinlesion.card import calibrate
 from skinlesion.checkpoint import export_best
 from skinlesion.errors import UserError
-from skinlesion.model import ModelFacts, load_for_inference
+from skinlesion.facts import ModelFacts
 from skinlesion.serve import Settings, create_app
-
-
-@pytest.fixture(scope="module")
-def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with best.pt and the model_card.json and ood.pt computed on its weights."""
-    folder = tmp_path_factory.mktemp("calibrated")
-    shutil.copy(random_run / "best.pt", folder / "best.pt")
-    loaded = load_for_inference(folder / "best.pt")
-    calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
-    return folder
 
 
 @pytest.fixture
 def served(calibrated: Path, tmp_path: Path) -> Path:
     """A copy of `calibrated` that a test may change; returns its best.pt."""
     for name in ("best.pt", "model_card.json", "ood.pt"):
-        shutil.copy(calibrated / name, tmp_path / name)
+        shutil.copy(calibrated.parent / name, tmp_path / name)
     return tmp_path / "best.pt"
 
 

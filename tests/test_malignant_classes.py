@@ -45,16 +45,6 @@ def _rewrite(source: Path, target: Path, **fields: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of the random run (HAM10000's classes), calibrated on the synthetic shards."""
-    folder = tmp_path_factory.mktemp("malignant")
-    shutil.copy(random_run / "best.pt", folder / "best.pt")
-    loaded = load_for_inference(folder / "best.pt")
-    calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
-    return folder / "best.pt"
-
-
-@pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("lesion") / "lesion.png"
     rng = np.random.default_rng(0)

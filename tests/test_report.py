@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -23,19 +22,6 @@ from skinlesion.card import limitations, training_source
 from skinlesion.cli import main
 from skinlesion.data.source import describe
 from skinlesion.report import BAND_LABELS, OOD_NOTICE, SYNTHETIC_BANNER, UNKNOWN_SOURCE_BANNER, banner, percent
-
-
-@pytest.fixture(scope="module")
-def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of the random run, calibrated (model_card.json + ood.pt) on the synthetic shards."""
-    from skinlesion.card import calibrate
-    from skinlesion.model import load_for_inference
-
-    folder = tmp_path_factory.mktemp("report")
-    shutil.copy(random_run / "best.pt", folder / "best.pt")
-    loaded = load_for_inference(folder / "best.pt")
-    calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
-    return folder / "best.pt"
 
 
 @pytest.mark.parametrize(
@@ -93,8 +79,11 @@ def test_the_card_records_the_manifest_source_and_limitations_fit_it(calibrated:
     # dataset's total over train, val and test.
     train = manifest["splits"]["train"]
     assert card["training_data"]["splits"]["train"] == {
-        "images": train["images"], "groups": train["lesions"], "unit": "lesions", "samples": train["samples"]
-    }  # fmt: skip
+        "images": train["images"],
+        "groups": train["lesions"],
+        "unit": "lesions",
+        "samples": train["samples"],
+    }
     assert train["images"] < manifest["source"]["images"] and train["images"] < train["samples"]
 
 

@@ -24,22 +24,11 @@ from fastapi.testclient import TestClient
 from helpers import png_header_only
 from PIL import Image
 
-from skinlesion.card import calibrate
 from skinlesion.evaluate import collect_predictions
 from skinlesion.labels import CLASSES
 from skinlesion.model import load_for_inference
 from skinlesion.predict import predict_images
 from skinlesion.serve import Settings, create_app
-
-
-@pytest.fixture(scope="module")
-def calibrated(random_run: Path, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of the random run with model_card.json and ood.pt beside it (calibrated on the test shards)."""
-    folder = tmp_path_factory.mktemp("served")
-    shutil.copy(random_run / "best.pt", folder / "best.pt")
-    loaded = load_for_inference(folder / "best.pt")
-    calibrate(loaded.model, folder / "best.pt", shards_dir, loaded.image_size, loaded.arch)
-    return folder / "best.pt"
 
 
 def _client(checkpoint: Path, base_url: str = "http://127.0.0.1:8000", **settings: object) -> TestClient:
@@ -264,13 +253,18 @@ def test_evaluate_predict_and_serve_agree_on_the_same_file(client, calibrated, t
     shards = tmp_path / "shards"
     shards.mkdir()
     with tarfile.open(shards / "test-000000.tar", "w") as tar:
-        for member, data in (("ISIC_0000001.jpg", path.read_bytes()), ("ISIC_0000001.cls", b"4"),
-                             ("ISIC_0000001.json", json.dumps({"image_id": "ISIC_0000001"}).encode())):  # fmt: skip
+        for member, data in (
+            ("ISIC_0000001.jpg", path.read_bytes()),
+            ("ISIC_0000001.cls", b"4"),
+            ("ISIC_0000001.json", json.dumps({"image_id": "ISIC_0000001"}).encode()),
+        ):
             info = tarfile.TarInfo(member)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    manifest = {"classes": list(CLASSES), "splits": {"test": {"samples": 1, "files": ["test-000000.tar"],
-                                                               "shard_samples": [1]}}}  # fmt: skip
+    manifest = {
+        "classes": list(CLASSES),
+        "splits": {"test": {"samples": 1, "files": ["test-000000.tar"], "shard_samples": [1]}},
+    }
     (shards / "manifest.json").write_text(json.dumps(manifest))
     evaluated = collect_predictions(loaded.model, Accelerator(cpu=True), shards, "test", loaded.image_size)
     by_dx = {p["dx"]: p["probability"] for p in predicted["predictions"]}
