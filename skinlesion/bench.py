@@ -100,8 +100,18 @@ def bench_loader(
     ms = {"read": read, "decode": decode_ms, "crop": crop_total - decode_ms, "collate": collate_ms}
     ms["total"] = sum(ms.values())
 
-    loader = train_loader(shards, image_size=image_size, batch_size=batch_size, num_workers=workers, rank=0,
-                          world_size=1, seed=0, epoch=0, batches=batches + 1, augment=kind)  # fmt: skip
+    loader = train_loader(
+        shards,
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=workers,
+        rank=0,
+        world_size=1,
+        seed=0,
+        epoch=0,
+        batches=batches + 1,
+        augment=kind,
+    )
     it = iter(loader)
     first = next(it)  # worker start-up and the first batch are excluded
     start = time.perf_counter()
@@ -117,11 +127,20 @@ def bench_loader(
         diff = {"device_decode_max_abs_diff": delta.max().item(), "device_decode_mean_abs_diff": delta.mean().item()}
     augment_ms = _device_augment_ms(first, device) if kind != "cpu" else None
     return {
-        "augment": augment, "decode": "device" if kind == "jpeg" else "cpu", "image_size": image_size,
-        "workers": workers, "batch_size": batch_size, "images": got, "images_per_second_per_worker": rate,
-        "ms_per_image": ms, "bytes_per_image": shipped, "device_decode_ms_per_batch": decode_ms_batch,
-        "device_augment_ms_per_batch": augment_ms, "device": device.type, **diff,
-    }  # fmt: skip
+        "augment": augment,
+        "decode": "device" if kind == "jpeg" else "cpu",
+        "image_size": image_size,
+        "workers": workers,
+        "batch_size": batch_size,
+        "images": got,
+        "images_per_second_per_worker": rate,
+        "ms_per_image": ms,
+        "bytes_per_image": shipped,
+        "device_decode_ms_per_batch": decode_ms_batch,
+        "device_augment_ms_per_batch": augment_ms,
+        "device": device.type,
+        **diff,
+    }
 
 
 def _device_ms(fn: Callable[[], Any], device: torch.device, calls: int = 8) -> float:
@@ -183,8 +202,17 @@ def _model(name: str, channels_last: bool, compile: bool, device: torch.device) 
     return torch.compile(model) if compile else model
 
 
-def bench_step(model: str, image_size: int, batch_size: int, precision: str, channels_last: bool, compile: bool,
-               steps: int = 10, warmup: int = 3, windows: int = 5) -> dict:  # fmt: skip
+def bench_step(
+    model: str,
+    image_size: int,
+    batch_size: int,
+    precision: str,
+    channels_last: bool,
+    compile: bool,
+    steps: int = 10,
+    warmup: int = 3,
+    windows: int = 5,
+) -> dict:
     """Images/s of whole optimizer steps on one in-memory batch: median of `windows` windows of `steps`."""
     device = _device()
     if precision == "fp16" and device.type == "cpu":
@@ -206,10 +234,15 @@ def bench_step(model: str, image_size: int, batch_size: int, precision: str, cha
         times.append((time.perf_counter() - start) / steps)
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "model": model, "image_size": image_size, "batch_size": batch_size, "precision": precision,
-        "channels_last": channels_last, "compile": compile, "images_per_second": batch_size / statistics.median(times),
+        "model": model,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "precision": precision,
+        "channels_last": channels_last,
+        "compile": compile,
+        "images_per_second": batch_size / statistics.median(times),
         "window_seconds": times,
-    }  # fmt: skip
+    }
 
 
 def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5) -> dict:
@@ -234,10 +267,20 @@ def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5)
     decode = resolve_decode(cfg.data.decode, augment, device)
     channels_last = device.type == "cuda"
     step = _Step(_model(cfg.model.name, channels_last, cfg.train.compile, device), precision, device)
-    loader = train_loader(cfg.data.shards, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
-                          num_workers=cfg.data.num_workers, rank=0, world_size=1, seed=cfg.train.seed, epoch=0,
-                          batches=warmup + steps, shuffle_buffer=cfg.data.shuffle_buffer, augment=augment,
-                          decode=decode)  # fmt: skip
+    loader = train_loader(
+        cfg.data.shards,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        rank=0,
+        world_size=1,
+        seed=cfg.train.seed,
+        epoch=0,
+        batches=warmup + steps,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        augment=augment,
+        decode=decode,
+    )
     batches: Iterator[dict] = iter(loader)
     for i, batch in enumerate(itertools.islice(batches, warmup)):
         step(*model_input(batch, device, cfg.train.seed, 0, 0, i))
@@ -248,15 +291,29 @@ def bench_train(config: Path, overrides: list[str], steps: int, warmup: int = 5)
         images += len(batch["label"])
     _sync(device)
     end_to_end = images / (time.perf_counter() - start)
-    only = bench_step(cfg.model.name, cfg.data.image_size, cfg.data.batch_size, precision, channels_last,
-                      cfg.train.compile, steps=max(2, steps // 5))  # fmt: skip
+    only = bench_step(
+        cfg.model.name,
+        cfg.data.image_size,
+        cfg.data.batch_size,
+        precision,
+        channels_last,
+        cfg.train.compile,
+        steps=max(2, steps // 5),
+    )
     return {
-        "images_per_second": end_to_end, "step_images_per_second": only["images_per_second"],
-        "input_bound_fraction": max(0.0, 1 - end_to_end / only["images_per_second"]), "augment": augment,
+        "images_per_second": end_to_end,
+        "step_images_per_second": only["images_per_second"],
+        "input_bound_fraction": max(0.0, 1 - end_to_end / only["images_per_second"]),
+        "augment": augment,
         "decode": decode,
-        "device": only["device"], "model": cfg.model.name, "image_size": cfg.data.image_size,
-        "batch_size": cfg.data.batch_size, "workers": cfg.data.num_workers, "precision": precision, "steps": steps,
-    }  # fmt: skip
+        "device": only["device"],
+        "model": cfg.model.name,
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.data.batch_size,
+        "workers": cfg.data.num_workers,
+        "precision": precision,
+        "steps": steps,
+    }
 
 
 def format_result(kind: str, result: dict) -> str:
@@ -264,25 +321,31 @@ def format_result(kind: str, result: dict) -> str:
     if kind == "loader":
         ms = result["ms_per_image"]
         aug, dec = result["device_augment_ms_per_batch"], result["device_decode_ms_per_batch"]
-        return "\n".join([
-            f"loader ({result['decode']} decode, {result['augment']} augmentation, {result['image_size']} px, "
-            f"batch {result['batch_size']}, "
-            f"{result['workers']} workers)",
-            "  ms per image on one core: " + "  ".join(f"{k} {v:.3f}" for k, v in ms.items()),
-            f"  {1000 / ms['total']:.0f} images/s per core by the breakdown; real loader "
-            f"{result['images_per_second_per_worker']:.0f} images/s per worker",
-            f"  {result['bytes_per_image']:.0f} bytes per image to the device"
-            + (f"; device decode {dec:.2f} ms per batch on {result['device']}" if dec is not None else "")
-            + (f"; device augmentation {aug:.2f} ms per batch on {result['device']}" if aug is not None else ""),
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"loader ({result['decode']} decode, {result['augment']} augmentation, {result['image_size']} px, "
+                f"batch {result['batch_size']}, "
+                f"{result['workers']} workers)",
+                "  ms per image on one core: " + "  ".join(f"{k} {v:.3f}" for k, v in ms.items()),
+                f"  {1000 / ms['total']:.0f} images/s per core by the breakdown; real loader "
+                f"{result['images_per_second_per_worker']:.0f} images/s per worker",
+                f"  {result['bytes_per_image']:.0f} bytes per image to the device"
+                + (f"; device decode {dec:.2f} ms per batch on {result['device']}" if dec is not None else "")
+                + (f"; device augmentation {aug:.2f} ms per batch on {result['device']}" if aug is not None else ""),
+            ]
+        )
     if kind == "step":
-        return (f"step {result['model']} {result['image_size']} px batch {result['batch_size']} {result['precision']}"
-                f"{' channels_last' if result['channels_last'] else ''}{' compile' if result['compile'] else ''} "
-                f"on {result['device']}: {result['images_per_second']:.1f} images/s")  # fmt: skip
-    return (f"train {result['model']} {result['image_size']} px ({result['augment']} augmentation) on "
-            f"{result['device']}: {result['images_per_second']:.1f} images/s end to end, "
-            f"{result['step_images_per_second']:.1f} step-only; input-bound fraction "
-            f"{result['input_bound_fraction']:.2f}")  # fmt: skip
+        return (
+            f"step {result['model']} {result['image_size']} px batch {result['batch_size']} {result['precision']}"
+            f"{' channels_last' if result['channels_last'] else ''}{' compile' if result['compile'] else ''} "
+            f"on {result['device']}: {result['images_per_second']:.1f} images/s"
+        )
+    return (
+        f"train {result['model']} {result['image_size']} px ({result['augment']} augmentation) on "
+        f"{result['device']}: {result['images_per_second']:.1f} images/s end to end, "
+        f"{result['step_images_per_second']:.1f} step-only; input-bound fraction "
+        f"{result['input_bound_fraction']:.2f}"
+    )
 
 
 def bench_command(kind: str, args: Any) -> int:
@@ -291,8 +354,15 @@ def bench_command(kind: str, args: Any) -> int:
         sizes = (args.image_size, args.workers, args.batches, args.batch_size)
         result = bench_loader(args.shards, *sizes, args.augment, args.decode)
     elif kind == "step":
-        result = bench_step(args.model, args.image_size, args.batch_size, args.precision, args.channels_last,
-                            args.compile, steps=args.steps)  # fmt: skip
+        result = bench_step(
+            args.model,
+            args.image_size,
+            args.batch_size,
+            args.precision,
+            args.channels_last,
+            args.compile,
+            steps=args.steps,
+        )
     else:
         result = bench_train(args.config, args.overrides, args.steps)
     print(format_result(kind, result))

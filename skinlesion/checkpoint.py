@@ -30,8 +30,9 @@ from torch import nn
 
 from skinlesion.distributed import any_rank
 from skinlesion.errors import UserError
+from skinlesion.facts import FACTS_KEY, ModelFacts
 from skinlesion.files import atomic_write, free_space, no_room_is_user_error, no_room_reason
-from skinlesion.model import FACTS_KEY, ModelFacts, strip_wrapper_prefixes
+from skinlesion.model import strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,9 @@ def export_model(state_dict: dict[str, torch.Tensor], path: Path, facts: ModelFa
     _export(path, plain)
 
 
-def export_best(state_dict: dict[str, torch.Tensor], path: Path, *, facts: ModelFacts, epoch: int, step: int,
-                metric: dict) -> None:  # fmt: skip
+def export_best(
+    state_dict: dict[str, torch.Tensor], path: Path, *, facts: ModelFacts, epoch: int, step: int, metric: dict
+) -> None:
     """best.pt: the model plus what inference needs to use it (arch, classes, image size) and why it is best."""
     payload: dict[str, Any] = {
         "model": state_dict,

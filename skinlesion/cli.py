@@ -87,7 +87,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from skinlesion.evaluate import evaluate_command
+    from skinlesion.eval_checkpoint import evaluate_command
 
     return evaluate_command(
         args.checkpoint, args.shards, split=args.split, out=args.out, tta=args.tta, image_size=args.image_size

@@ -293,11 +293,15 @@ def _check_values(cfg: Config) -> None:
     if not cfg.train.mix_prob <= 1:
         raise UserError(f"config key 'train.mix_prob' is a probability: from 0 to 1, got {cfg.train.mix_prob}")
     if cfg.train.mix_prob > 0 and cfg.train.mixup_alpha == 0 and cfg.train.cutmix_alpha == 0:
-        raise UserError(f"train.mix_prob={cfg.train.mix_prob} mixes nothing: set train.mixup_alpha and/or "
-                        "train.cutmix_alpha (e.g. 0.2 and 1.0), or train.mix_prob=0")  # fmt: skip
+        raise UserError(
+            f"train.mix_prob={cfg.train.mix_prob} mixes nothing: set train.mixup_alpha and/or "
+            "train.cutmix_alpha (e.g. 0.2 and 1.0), or train.mix_prob=0"
+        )
     if cfg.train.freeze_backbone_epochs >= cfg.train.epochs:
-        raise UserError(f"train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} leaves no epoch of the "
-                        f"{cfg.train.epochs} (train.epochs) to train the backbone; lower it")  # fmt: skip
+        raise UserError(
+            f"train.freeze_backbone_epochs={cfg.train.freeze_backbone_epochs} leaves no epoch of the "
+            f"{cfg.train.epochs} (train.epochs) to train the backbone; lower it"
+        )
     if cfg.data.decode == "device" and cfg.data.augment == "cpu":  # caught before any folder is made or locked
         raise UserError("data.decode=device needs data.augment=device (or auto): set one of them, e.g. data.decode=cpu")
     low, high = IMAGE_SIZE_RANGE

@@ -6,7 +6,7 @@ command line or a folder. Printed raw, a carriage return or an escape sequence r
 code "nv\\r  risk band: Below the cut-offs." made `predict` show a forged risk band line over the real one, and
 ESC/OSC sequences recolour text, move the cursor or set the window title. Config overrides and sweep arguments
 are refused for the same characters (a newline splits them into two arguments). So a name with one is refused
-where it is read (`model.ModelFacts.check`, `data.datasets`, `data.manifest`, `card_trust.check_card`), and
+where it is read (`facts.ModelFacts.check`, `data.datasets`, `data.manifest`, `card_trust.check_card`), and
 whatever still reaches a terminal goes through `printable`.
 """
 

@@ -42,7 +42,7 @@ def file_to_input(
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image file's bytes -> (the model's input, uint8 [3, S, S]; the (width, height) it was cropped from).
 
-    With the checkpoint's `shard_size` and `jpeg_quality` (`model.ModelFacts`), the file takes prepare's
+    With the checkpoint's `shard_size` and `jpeg_quality` (`facts.ModelFacts`), the file takes prepare's
     steps (`images.process_bytes`: orient, convert, resize to the shard size, re-encode as JPEG at that
     quality) and then evaluate's (`transforms.eval_crop`: libjpeg-turbo decode, resize, centre crop): the
     very pixels evaluate gives the model for the file's shard. Resizing straight to `image_size` instead

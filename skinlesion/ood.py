@@ -115,8 +115,10 @@ class OODStats:
         """Read ood.pt with weights_only and check its format, digest, every shape and value before use.
 
         Whether the digest is that of the model in hand is `load_calibration`'s question."""
-        rewrite = (f"rewrite it with `skinlesion evaluate --checkpoint {path.parent}/best.pt --shards SHARDS --split "
-                   "val` (SHARDS: the folder the model was trained on)")  # fmt: skip
+        rewrite = (
+            f"rewrite it with `skinlesion evaluate --checkpoint {path.parent}/best.pt --shards SHARDS --split "
+            "val` (SHARDS: the folder the model was trained on)"
+        )
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
             found = int(raw.get("format", 1))

@@ -31,8 +31,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     for head in (False, True):
         params = [p for name, p in model.named_parameters() if name.startswith("fc.") == head]
         for decay in (True, False):
-            groups.append({"params": [p for p in params if (p.ndim > 1) == decay], "backbone": not head,
-                           "weight_decay": cfg.weight_decay if decay else 0.0})  # fmt: skip
+            groups.append(
+                {
+                    "params": [p for p in params if (p.ndim > 1) == decay],
+                    "backbone": not head,
+                    "weight_decay": cfg.weight_decay if decay else 0.0,
+                }
+            )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=True)
     optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam

@@ -8,7 +8,8 @@ and timings, never an image or its file name.
 Limits hold while the body streams in, whatever its framing (Content-Length or chunked): the request's bytes
 are counted as they arrive and the request stops with 413 past --max-files x (--max-mb + 1 MB); the parser
 stops at file --max-files + 1; and of each file at most --max-mb + 1 byte is kept, below the spool size, so an
-upload is never written to a temporary file (the rest is counted and dropped, and the file gets "too large").
+upload is never written to a temporary file (the rest is counted and dropped, and the file gets "too large":
+`skinlesion.uploads`).
 Without --token, only requests addressed to localhost, the --host bound to and --allow-host names (exact:
 `skinlesion.hosts`) are answered (DNS rebinding); `/` and `/healthz` (which names nothing) are public,
 everything under /api/ needs the token when there is one, and there is no Swagger page, which would load from
@@ -23,13 +24,11 @@ model card the page says that thresholds and metrics are unavailable.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -40,9 +39,8 @@ import numpy as np
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException
 
 from skinlesion import heatmap, inference
 from skinlesion.errors import UserError
@@ -50,11 +48,10 @@ from skinlesion.hosts import HostCheck, allowed_name, canonical
 from skinlesion.model import LoadedModel, load_for_inference
 from skinlesion.predict import DISCLAIMER, default_top_k, preprocessing
 from skinlesion.report import Calibration
+from skinlesion.uploads import PART_SLACK, TooLarge, UploadParser, decode_upload
 
 log = logging.getLogger("skinlesion.serve")
 BATCH, WAIT_S = 8, 0.010  # images per shared forward pass; how long the first waits for company
-PART_SLACK = 1_000_000  # bytes per file allowed beyond --max-mb in a request (headers; a file a little too large)
-MAX_FIELDS, FIELD_BYTES = 16, 64 * 1024  # non-file form fields: the API reads none, so keep them small
 LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")
 WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -160,11 +157,17 @@ class Model:
         return out.probs[0].cpu(), score, maps[0].cpu().numpy()
 
     def model_card(self) -> dict[str, Any]:
-        base = {"checkpoint": self.loaded.source.name, "arch": self.loaded.arch, "image_size": self.loaded.image_size,
-                "disclaimer": DISCLAIMER, "banner": self.calibration.banner,
-                "malignant_classes": list(self.calibration.labels.malignant),
-                "malignant_note": self.calibration.malignant_note,
-                "preprocessing": preprocessing(self.loaded), "heat_map": heatmap.legend()}  # fmt: skip
+        base = {
+            "checkpoint": self.loaded.source.name,
+            "arch": self.loaded.arch,
+            "image_size": self.loaded.image_size,
+            "disclaimer": DISCLAIMER,
+            "banner": self.calibration.banner,
+            "malignant_classes": list(self.calibration.labels.malignant),
+            "malignant_note": self.calibration.malignant_note,
+            "preprocessing": preprocessing(self.loaded),
+            "heat_map": heatmap.legend(),
+        }
         if self.card is None:
             return base | {"available": False, "reason": self.card_problem, "weights_sha256": self.weights}
         return {**self.card, **base, "available": True}  # "checkpoint": the file served, which may be model.pt
@@ -175,72 +178,6 @@ def _check_finite(loaded: LoadedModel) -> None:
     for name, tensor in loaded.model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(f"{loaded.source}: its weights hold NaN or infinite values ({name}); the model is broken")
-
-
-def decode_upload(
-    data: bytes, max_bytes: int, size: int | None = None, *, loaded: LoadedModel
-) -> tuple[tuple[torch.Tensor, tuple[int, int]] | None, str | None, str]:
-    """((model input, (width, height) it was cropped from), None, format) or (None, reason, format) for one
-    uploaded file's bytes, through `inference.file_to_input` with `loaded`'s facts: predict's and evaluate's
-    pixels. `size` is the whole upload's size when only its first max_bytes + 1 bytes were read."""
-    from skinlesion.data.images import BadImage
-
-    if len(data) > max_bytes:
-        total = max(size or 0, len(data))
-        return None, f"too large ({total / 1e6:.1f} MB; the limit is {max_bytes / 1e6:g} MB)", "?"
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            kind = probe.format or "?"
-    except Exception:  # anything PIL cannot even identify; file_to_input says why below
-        kind = "?"
-    try:
-        facts = (loaded.image_size, loaded.shard_size, loaded.jpeg_quality)
-        return inference.file_to_input(data, *facts), None, kind
-    except BadImage as exc:
-        return None, str(exc), kind
-
-
-class _TooLarge(Exception):
-    """The request body passed its byte limit while streaming in."""
-
-
-async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """`stream`, stopped with _TooLarge as soon as more than `limit` bytes have arrived (whatever the framing)."""
-    received = 0
-    async for chunk in stream:
-        received += len(chunk)
-        if received > limit:
-            raise _TooLarge
-        yield chunk
-
-
-class UploadParser(MultiPartParser):
-    """starlette's multipart parser, bounded while the body streams in.
-
-    It stops at file `max_files` + 1 (starlette's own count, made as each part's headers arrive). Of each file
-    it keeps at most `max_bytes` + 1 bytes, which is the spool size, so no upload rolls over into a temporary
-    file on disk; the rest is counted (`received`) and dropped, and `decode_upload` answers "too large".
-    """
-
-    def __init__(self, request: Request, limit: int, max_files: int, max_bytes: int) -> None:
-        body = _bounded(request.stream(), limit)
-        super().__init__(request.headers, body, max_files=max_files, max_fields=MAX_FIELDS, max_part_size=FIELD_BYTES)
-        self.spool_max_size = max_bytes + 1  # SpooledTemporaryFile rolls over only when it holds more than this
-        self.max_bytes = max_bytes
-        self.received: dict[int, int] = {}  # id(UploadFile) -> bytes that arrived for it, kept or not
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        upload = self._current_part.file
-        if upload is None:  # a plain form field: starlette's own size limit (FIELD_BYTES)
-            return super().on_part_data(data, start, end)
-        seen = self.received.get(id(upload), 0)
-        self.received[id(upload)] = seen + end - start
-        keep = min(end, start + max(0, self.max_bytes + 1 - seen))
-        if keep > start:
-            super().on_part_data(data, start, keep)
-
-    def too_many_files(self) -> bool:
-        return self._current_files > self.max_files
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -302,7 +239,7 @@ def create_app(settings: Settings) -> FastAPI:
         parser = UploadParser(request, limit, settings.max_files, max_bytes)
         try:
             form = await parser.parse()
-        except _TooLarge:
+        except TooLarge:
             detail = f"request too large: more than {limit / 1e6:g} MB (at most {settings.max_files} files)"
             raise HTTPException(status_code=413, detail=detail) from None
         except MultiPartException as exc:
@@ -352,15 +289,30 @@ def create_app(settings: Settings) -> FastAPI:
             else:
                 entry.update(model.describe(*await item.done))
         ok = sum("error" not in e for e in entries)
-        log.info("predict: %d files, %d answered, tta=%d cam=%d, %.0f ms", len(entries), ok, tta, cam,
-                 (time.perf_counter() - started) * 1000)  # fmt: skip
+        log.info(
+            "predict: %d files, %d answered, tta=%d cam=%d, %.0f ms",
+            len(entries),
+            ok,
+            tta,
+            cam,
+            (time.perf_counter() - started) * 1000,
+        )
         return JSONResponse(entries, status_code=200 if ok else 422)
 
     return app
 
 
-def serve_command(checkpoint: Path, host: str, port: int, token: str | None, device: str, max_mb: float,
-                  max_files: int, batch: int = BATCH, allow_hosts: tuple[str, ...] = ()) -> int:  # fmt: skip
+def serve_command(
+    checkpoint: Path,
+    host: str,
+    port: int,
+    token: str | None,
+    device: str,
+    max_mb: float,
+    max_files: int,
+    batch: int = BATCH,
+    allow_hosts: tuple[str, ...] = (),
+) -> int:
     """CLI entry: load the model and serve until interrupted."""
     import os
 
@@ -368,13 +320,18 @@ def serve_command(checkpoint: Path, host: str, port: int, token: str | None, dev
     settings = Settings(Path(checkpoint), token, max_mb, max_files, device, batch, host, tuple(allow_hosts))
     settings.check()
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        print(f"warning: serving on {host} without --token: anyone who can reach this machine on the network "
-              "can use it and send it images", flush=True)  # fmt: skip
+        print(
+            f"warning: serving on {host} without --token: anyone who can reach this machine on the network "
+            "can use it and send it images",
+            flush=True,
+        )
         names = ", ".join(settings.host_names())
         print(f"note: without --token, only requests to {names} are answered (--allow-host adds one)", flush=True)
     if token is not None and allow_hosts:
-        print("note: --allow-host has no effect with --token: the token guards the API, and no Host is checked",
-              flush=True)  # fmt: skip
+        print(
+            "note: --allow-host has no effect with --token: the token guards the API, and no Host is checked",
+            flush=True,
+        )
     sock = listen(host, port)  # before the model loads: a port in use is one line, not "serving" then a traceback
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)

@@ -73,8 +73,14 @@ class Sweep:
         return shlex.join(["sbatch", array, "slurm/sweep.sbatch", str(self.file)])
 
     def plan(self) -> dict[str, Any]:
-        return {"name": self.name, "file": str(self.file), "base": str(self.base), "seed": self.seed,
-                "fixed": list(self.fixed), "tasks": [list(t) for t in self.tasks]}  # fmt: skip
+        return {
+            "name": self.name,
+            "file": str(self.file),
+            "base": str(self.base),
+            "seed": self.seed,
+            "fixed": list(self.fixed),
+            "tasks": [list(t) for t in self.tasks],
+        }
 
     def check_recorded(self) -> None:
         """Refuse an output_root whose sweep.json holds another plan under this name. Task N resumes from the

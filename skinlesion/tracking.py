@@ -118,8 +118,11 @@ def wandb_run(accelerator: Accelerator) -> Any | None:
 
 def warn(what: str, exc: BaseException) -> None:
     """A W&B step failed: say so on stderr and carry on (the training's own outputs are already on disk)."""
-    print(f"warning: W&B: {what} failed ({type(exc).__name__}: {exc}); the run's files are unaffected",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"warning: W&B: {what} failed ({type(exc).__name__}: {exc}); the run's files are unaffected",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def artifact_name(text: str, fallback: str) -> str:
@@ -143,10 +146,17 @@ def log_dataset(accelerator: Accelerator, shards: Path) -> None:
 
         path = Path(shards) / "manifest.json"
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        splits = {name: {"samples": info.get("samples"), "class_counts": info.get("class_counts")}
-                  for name, info in manifest.get("splits", {}).items()}  # fmt: skip
-        metadata = {"shards": str(shards), "splits": splits, "image_size": manifest.get("image_size"),
-                    "seed": manifest.get("seed"), "version": manifest.get("version")}  # fmt: skip
+        splits = {
+            name: {"samples": info.get("samples"), "class_counts": info.get("class_counts")}
+            for name, info in manifest.get("splits", {}).items()
+        }
+        metadata = {
+            "shards": str(shards),
+            "splits": splits,
+            "image_size": manifest.get("image_size"),
+            "seed": manifest.get("seed"),
+            "version": manifest.get("version"),
+        }
         name = artifact_name(Path(shards).resolve().name, "dataset")
         description = f"manifest.json of the shards in {shards}"
         artifact = wandb.Artifact(name, type="dataset", description=description, metadata=metadata)

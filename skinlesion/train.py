@@ -55,12 +55,14 @@ from skinlesion.distributed import (
 from skinlesion.ema import EMA, make_ema
 from skinlesion.epoch import epoch_line, train_epoch, validate
 from skinlesion.errors import UserError
-from skinlesion.evaluate import EvalResult, evaluate_checkpoint
+from skinlesion.eval_checkpoint import evaluate_checkpoint
+from skinlesion.evaluate import EvalResult
+from skinlesion.facts import ModelFacts
 from skinlesion.files import FolderLock, atomic_write, no_room_is_user_error, output_folder, read_jsonl
 from skinlesion.losses import make_criterion
 from skinlesion.metrics import LOWER_IS_BETTER, selection
 from skinlesion.mixing import Mixer, make_mixer
-from skinlesion.model import ModelFacts, build_model, init_from, load_for_inference
+from skinlesion.model import build_model, init_from, load_for_inference
 from skinlesion.optim import make_optimizer, scaled_schedule
 
 

@@ -60,8 +60,14 @@ def small_options(synthetic_dir: Path, tmp_path: Path, n: int = 120) -> PrepareO
 
 REPO = Path(__file__).resolve().parents[1]
 # A ResNet-18 at 32 px, batch 8, no loader workers: seconds per epoch on one CPU core.
-TINY_MODEL = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
-              "model.name=resnet18", "train.log_every_steps=1"]  # fmt: skip
+TINY_MODEL = [
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "data.num_workers=0",
+    "model.name=resnet18",
+    "train.log_every_steps=1",
+]
 TINY = [*TINY_MODEL, "data.shuffle_buffer=16", "train.epochs=2", "train.warmup_epochs=0.5", "wandb.mode=disabled"]
 STEPS_PER_EPOCH = 7  # tiny_shards: 56 train samples // batch 8
 
@@ -122,20 +128,32 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def train_cmd(out: Path, shards: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
-            f"data.shards={shards}", f"train.output_dir={out}", *TINY, *overrides]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "skinlesion",
+        "train",
+        "--config",
+        str(REPO / "configs/smoke.yaml"),
+        f"data.shards={shards}",
+        f"train.output_dir={out}",
+        *TINY,
+        *overrides,
+    ]
 
 
 def run_train(out: Path, shards: Path, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(out, shards, *overrides), capture_output=True, text=True, timeout=timeout,
-                          env=env(), cwd=out.parent)  # fmt: skip
+    return subprocess.run(
+        train_cmd(out, shards, *overrides), capture_output=True, text=True, timeout=timeout, env=env(), cwd=out.parent
+    )
 
 
 def start_train(out: Path, shards: Path, *overrides: str) -> subprocess.Popen:
     """A training in the background, in its own session (so a test can signal or kill the whole group)."""
     log = (out.parent / f"{out.name}.log").open("w")  # a file, not a pipe: nobody drains a pipe while we poll
-    return subprocess.Popen(train_cmd(out, shards, *overrides), env=env(), cwd=out.parent, start_new_session=True,
-                            stdout=log, stderr=log)  # fmt: skip
+    return subprocess.Popen(
+        train_cmd(out, shards, *overrides), env=env(), cwd=out.parent, start_new_session=True, stdout=log, stderr=log
+    )
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, out: Path, min_step: int, timeout: float = 120) -> int:
@@ -239,8 +257,14 @@ class Cluster:
         # The job inherits this environment (sbatch --export=ALL): the venv's python and accelerate come first.
         job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
         job_env.pop("WANDB_MODE", None)  # the script's default (offline) is under test
-        cmd = ["sbatch", "--parsable", "--time=10", f"--output={log_dir}/{log_name}", *(["--wait"] if wait else []),
-               *args]  # fmt: skip
+        cmd = [
+            "sbatch",
+            "--parsable",
+            "--time=10",
+            f"--output={log_dir}/{log_name}",
+            *(["--wait"] if wait else []),
+            *args,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=job_env | (env or {}))
         job_id = int(done.stdout.split()[0].split(";")[0]) if done.stdout.strip() else -1
         self.jobs.append(job_id)

@@ -148,9 +148,15 @@ def test_augmentation_makes_no_tensor_from_host_data(monkeypatch: pytest.MonkeyP
 def test_evaluation_preprocessing_agrees_with_the_previous_path_within_a_jpeg_round_trip(lesion_jpeg: bytes) -> None:
     """Before: PIL decode -> Resize(antialias) -> CenterCrop -> float -> Normalize, all in the loader.
     Now: libjpeg-turbo decode -> the same resize and crop in uint8 -> normalise on the device."""
-    previous = v2.Compose([v2.ToImage(), v2.Resize(SIZE, antialias=True), v2.CenterCrop(SIZE),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(transforms.IMAGENET_MEAN,
-                                                                               transforms.IMAGENET_STD)])  # fmt: skip
+    previous = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(SIZE, antialias=True),
+            v2.CenterCrop(SIZE),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD),
+        ]
+    )
 
     def old(data: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:

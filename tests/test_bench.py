@@ -23,10 +23,35 @@ def _run(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[str
 
 @pytest.mark.parametrize("augment", ["device", "cpu"])
 def test_bench_loader_reports_the_breakdown(shards_dir: Path, tmp_path: Path, capsys, augment: str) -> None:
-    text, result = _run(capsys, tmp_path, "loader", "--shards", str(shards_dir), "--image-size", "32",
-                        "--batch-size", "8", "--batches", "3", "--workers", "0", "--augment", augment)  # fmt: skip
-    assert {"augment", "decode", "image_size", "workers", "batch_size", "images", "images_per_second_per_worker",
-            "ms_per_image", "bytes_per_image", "device_augment_ms_per_batch"} <= set(result)  # fmt: skip
+    text, result = _run(
+        capsys,
+        tmp_path,
+        "loader",
+        "--shards",
+        str(shards_dir),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--batches",
+        "3",
+        "--workers",
+        "0",
+        "--augment",
+        augment,
+    )
+    assert {
+        "augment",
+        "decode",
+        "image_size",
+        "workers",
+        "batch_size",
+        "images",
+        "images_per_second_per_worker",
+        "ms_per_image",
+        "bytes_per_image",
+        "device_augment_ms_per_batch",
+    } <= set(result)
     assert set(result["ms_per_image"]) == {"read", "decode", "crop", "collate", "total"}
     assert result["images"] == 24 and result["augment"] == augment and result["decode"] == "cpu"
     # uint8 tiles plus a 2x3 float affine, against normalised float32: the 1/4 that crosses PCIe.
@@ -51,17 +76,37 @@ def test_bench_loader_with_device_decode_measures_the_worker_and_the_device_halv
 
 
 def test_bench_step_reports_images_per_second(tmp_path: Path, capsys) -> None:
-    text, result = _run(capsys, tmp_path, "step", "--model", "resnet18", "--image-size", "32", "--batch-size", "4",
-                        "--steps", "1")  # fmt: skip
-    assert {"device", "model", "image_size", "batch_size", "precision", "channels_last", "compile",
-            "images_per_second"} <= set(result)  # fmt: skip
+    text, result = _run(
+        capsys, tmp_path, "step", "--model", "resnet18", "--image-size", "32", "--batch-size", "4", "--steps", "1"
+    )
+    assert {
+        "device",
+        "model",
+        "image_size",
+        "batch_size",
+        "precision",
+        "channels_last",
+        "compile",
+        "images_per_second",
+    } <= set(result)
     assert result["images_per_second"] > 0 and "images/s" in text
 
 
 def test_bench_train_compares_end_to_end_with_step_only(shards_dir: Path, tmp_path: Path, capsys) -> None:
     smoke = str(REPO / "configs/smoke.yaml")
-    _, result = _run(capsys, tmp_path, "train", "--config", smoke, f"data.shards={shards_dir}", "data.image_size=32",
-                     "data.batch_size=8", "data.num_workers=0", "--steps", "3")  # fmt: skip
+    _, result = _run(
+        capsys,
+        tmp_path,
+        "train",
+        "--config",
+        smoke,
+        f"data.shards={shards_dir}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "--steps",
+        "3",
+    )
     assert {"images_per_second", "step_images_per_second", "input_bound_fraction"} <= set(result)
     assert 0 <= result["input_bound_fraction"] <= 1
 
@@ -76,8 +121,13 @@ def test_fp16_on_the_cpu_is_a_clear_error(capsys) -> None:
 @pytest.mark.slow
 def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "check"
-    done = subprocess.run([str(REPO / "benchmarks/gpu-check.sh"), "--cpu", str(out)], capture_output=True, text=True,
-                          timeout=900, env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = subprocess.run(
+        [str(REPO / "benchmarks/gpu-check.sh"), "--cpu", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "cpu" and len(summary["training"]["train_loss"]) == 2
@@ -100,8 +150,13 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_gpu_loop_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
     env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(REPO / "benchmarks/gpu-loop.sh"), "--cpu", str(tmp_path / "loop")], capture_output=True,
-                          text=True, timeout=900, env=env)  # fmt: skip
+    done = subprocess.run(
+        [str(REPO / "benchmarks/gpu-loop.sh"), "--cpu", str(tmp_path / "loop")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "bench train:" in done.stdout and "train.py plain: images/s per epoch" in done.stdout
     recipe = [json.loads(line) for line in (tmp_path / "loop" / "metrics-recipe.jsonl").read_text().splitlines()]
@@ -111,8 +166,13 @@ def test_gpu_loop_runs_scaled_down_on_the_cpu(tmp_path: Path) -> None:
 def test_gpu_check_without_a_gpu_says_to_use_cpu_mode(tmp_path: Path) -> None:
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is present")
-    done = subprocess.run([str(REPO / "benchmarks/gpu-check.sh"), str(tmp_path / "x")], capture_output=True, text=True,
-                          timeout=120, env=os.environ | {"PYTHON": sys.executable})  # fmt: skip
+    done = subprocess.run(
+        [str(REPO / "benchmarks/gpu-check.sh"), str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHON": sys.executable},
+    )
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "--cpu" in done.stderr
 
 
@@ -129,13 +189,44 @@ def test_bench_harness_times_the_real_trainer_against_a_bare_loop(shards_dir: Pa
     import skinlesion.train as T
 
     before = (T.train_loader, T.read_manifest, T.verify_split, T.validate, T.train_epoch)
-    assert main(["bench", "harness", "--shards", str(shards_dir), "--steps", "2", "--repeats", "1",
-                 "--batch-size", "4", "--image-size", "32"]) in (0, None)  # fmt: skip
+    assert main(
+        [
+            "bench",
+            "harness",
+            "--shards",
+            str(shards_dir),
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+        ]
+    ) in (0, None)
     assert "ratio harness / bare" in capsys.readouterr().out
     assert (T.train_loader, T.read_manifest, T.verify_split, T.validate, T.train_epoch) == before
 
 
 def test_bench_files_compares_shards_with_jpeg_files(shards_dir: Path, capsys) -> None:
-    assert main(["bench", "files", "--shards", str(shards_dir), "--image-size", "32", "--batch-size", "8",
-                 "--workers", "0", "--repeats", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "files",
+                "--shards",
+                str(shards_dir),
+                "--image-size",
+                "32",
+                "--batch-size",
+                "8",
+                "--workers",
+                "0",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "ratio shards / jpeg files" in capsys.readouterr().out

@@ -25,8 +25,10 @@ def test_ham10000_recipe_is_the_real_one() -> None:
 
 
 def test_overrides_are_parsed_as_yaml_scalars() -> None:
-    cfg = load_config(REPO / "configs" / "smoke.yaml", ["train.lr=3e-4", "train.epochs=3", "train.compile=true",
-                                                          "wandb.name=null", "data.shards=/x/y"])  # fmt: skip
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        ["train.lr=3e-4", "train.epochs=3", "train.compile=true", "wandb.name=null", "data.shards=/x/y"],
+    )
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.compile, cfg.wandb.name) == (3e-4, 3, True, None)
     assert cfg.data.shards == Path("/x/y")
 
@@ -89,8 +91,16 @@ def test_train_output_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, 
     blocker = tmp_path / "taken"
     blocker.write_text("a file")
     out = blocker if where == "file" else blocker / "run"
-    code = main(["train", "--config", str(REPO / "configs/smoke.yaml"), f"data.shards={shards_dir}",
-                 f"train.output_dir={out}", "wandb.mode=disabled"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs/smoke.yaml"),
+            f"data.shards={shards_dir}",
+            f"train.output_dir={out}",
+            "wandb.mode=disabled",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"train.output_dir={out}" in err and err.count("\n") == 1, err
 

@@ -451,9 +451,23 @@ def test_isic2019_metadata_without_a_lesion_id_column_is_an_error(
     pd.read_csv(isic2019_dir / META_2019, dtype=str, keep_default_na=False).drop(columns="lesion_id").to_csv(
         meta, index=False
     )
-    args = ["prepare", "--dataset", "isic2019", "--metadata", str(meta), "--labels", str(isic2019_dir / GT_2019),
-            "--images", str(isic2019_dir / IMAGES_2019), "--image-size", "32", "--min-shards", "1",
-            "--workers", "1"]  # fmt: skip
+    args = [
+        "prepare",
+        "--dataset",
+        "isic2019",
+        "--metadata",
+        str(meta),
+        "--labels",
+        str(isic2019_dir / GT_2019),
+        "--images",
+        str(isic2019_dir / IMAGES_2019),
+        "--image-size",
+        "32",
+        "--min-shards",
+        "1",
+        "--workers",
+        "1",
+    ]
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"metadata CSV {meta} has no group column 'lesion_id'" in err

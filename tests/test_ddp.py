@@ -46,21 +46,46 @@ def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def launcher_cmd(launcher: str, script: Path) -> list[str]:
     port = str(free_port())
     if launcher == "cpu-2proc.yaml":  # what `make demo` uses without a GPU
-        return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc.yaml"),
-                "--main_process_port", port, str(script)]  # fmt: skip
+        return [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "launch/cpu-2proc.yaml"),
+            "--main_process_port",
+            port,
+            str(script),
+        ]
     if launcher == "accelerate":
         flags = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # silence defaults
-        return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", *flags,
-                "--main_process_port", port, str(script)]  # fmt: skip
+        return [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            *flags,
+            "--main_process_port",
+            port,
+            str(script),
+        ]
     return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, str(script)]
 
 
 def train_cmd(launcher: str, tmp_path: Path, shards: Path, out: Path, *overrides: str) -> list[str]:
     script = tmp_path / "spy_train.py"
     script.write_text(SPY)
-    return [*launcher_cmd(launcher, script), "train", "--config", str(REPO / "configs/smoke.yaml"),
-            f"data.shards={shards}", f"train.output_dir={out}", *TINY, "data.batch_size=4", "data.num_workers=2",
-            *overrides]  # fmt: skip
+    return [
+        *launcher_cmd(launcher, script),
+        "train",
+        "--config",
+        str(REPO / "configs/smoke.yaml"),
+        f"data.shards={shards}",
+        f"train.output_dir={out}",
+        *TINY,
+        "data.batch_size=4",
+        "data.num_workers=2",
+        *overrides,
+    ]
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun", "cpu-2proc.yaml"])

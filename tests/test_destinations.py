@@ -35,8 +35,11 @@ def test_prepare_keeps_the_folder_itself_owner_mode_setgid_and_inode(synthetic_d
     prepare(replace(opts, overwrite=True, seed=1))
     after = os.stat(opts.out)
     assert (after.st_ino, after.st_uid, after.st_gid, after.st_mode) == (
-        before.st_ino, before.st_uid, before.st_gid, before.st_mode,
-    )  # fmt: skip
+        before.st_ino,
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
     assert oct(after.st_mode & 0o7777) == "0o2775"
     assert os.stat(opts.out / "manifest.json").st_gid == 65534  # the setgid folder's group is inherited
 
@@ -69,8 +72,21 @@ def test_a_file_as_out_and_an_unwritable_out_are_one_line(synthetic_dir: Path, t
 def test_out_dot_fills_the_current_folder(synthetic_dir: Path, tmp_path: Path) -> None:
     opts = small_options(synthetic_dir, tmp_path, n=40)
     opts.out.mkdir()
-    args = ["prepare", "--metadata", str(opts.metadata), "--images", str(opts.images[0]), "--out", ".",
-            "--image-size", "32", "--min-shards", "2", "--workers", "1"]  # fmt: skip
+    args = [
+        "prepare",
+        "--metadata",
+        str(opts.metadata),
+        "--images",
+        str(opts.images[0]),
+        "--out",
+        ".",
+        "--image-size",
+        "32",
+        "--min-shards",
+        "2",
+        "--workers",
+        "1",
+    ]
     code = "import sys, os; from skinlesion.cli import main; c = main(sys.argv[1:]); os.getcwd(); sys.exit(c)"
     for extra in ([], ["--overwrite"]):
         done = subprocess.run([sys.executable, "-c", code, *args, *extra], cwd=opts.out, capture_output=True, text=True)
@@ -182,16 +198,24 @@ def read_only(tmp_path: Path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_read_only_destinations_are_one_line_for_every_command(read_only, synthetic_dir, random_run, shards_dir,
-                                                               capsys) -> None:  # fmt: skip
+def test_read_only_destinations_are_one_line_for_every_command(
+    read_only, synthetic_dir, random_run, shards_dir, capsys
+) -> None:
     out = read_only / "x"
     commands = [
         ["synth", str(out), "--images", "7"],
-        ["prepare", "--metadata", str(synthetic_dir / "HAM10000_metadata.csv"), "--images",
-         str(synthetic_dir / "HAM10000_images_part_1"), "--out", str(out)],
+        [
+            "prepare",
+            "--metadata",
+            str(synthetic_dir / "HAM10000_metadata.csv"),
+            "--images",
+            str(synthetic_dir / "HAM10000_images_part_1"),
+            "--out",
+            str(out),
+        ],
         ["evaluate", "--checkpoint", str(random_run / "best.pt"), "--shards", str(shards_dir), "--out", str(out)],
         ["train", "--config", str(SMOKE), f"data.shards={shards_dir}", f"train.output_dir={out}"],
-    ]  # fmt: skip
+    ]
     for command in commands:
         assert main(command) == 2, command
         err = capsys.readouterr().err
@@ -200,8 +224,22 @@ def test_read_only_destinations_are_one_line_for_every_command(read_only, synthe
 
 def test_prepare_refuses_an_image_size_that_would_upscale_to_gigabytes(synthetic_dir, tmp_path, capsys) -> None:
     opts = small_options(synthetic_dir, tmp_path, n=10)
-    assert main(["prepare", "--metadata", str(opts.metadata), "--images", str(opts.images[0]), "--out",
-                 str(opts.out), "--image-size", "100000"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--metadata",
+                str(opts.metadata),
+                "--images",
+                str(opts.images[0]),
+                "--out",
+                str(opts.out),
+                "--image-size",
+                "100000",
+            ]
+        )
+        == 2
+    )
     assert "--image-size 100000 must be 16 to 4096" in capsys.readouterr().err
     assert not opts.out.exists()
 

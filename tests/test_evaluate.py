@@ -77,10 +77,30 @@ def test_two_processes_give_the_same_results_as_one(single, checkpoint, shards_d
     port = free_port()
     out = tmp_path / "two"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "skinlesion", "evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards_dir), "--out", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "skinlesion",
+        "evaluate",
+        "--checkpoint",
+        str(checkpoint),
+        "--shards",
+        str(shards_dir),
+        "--out",
+        str(out),
+    ]
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,8 +119,13 @@ def test_two_processes_give_the_same_results_as_one(single, checkpoint, shards_d
 
 
 def test_a_sample_seen_twice_or_missing_is_an_error():
-    part = {"keys": ["a", "b"], "image_ids": ["a", "b"], "lesion_ids": [None, None],
-            "labels": np.array([0, 1]), "probs": np.full((2, 7), 1 / 7)}  # fmt: skip
+    part = {
+        "keys": ["a", "b"],
+        "image_ids": ["a", "b"],
+        "lesion_ids": [None, None],
+        "labels": np.array([0, 1]),
+        "probs": np.full((2, 7), 1 / 7),
+    }
     assert _merge([part], 2, "m.json", "test").keys == ["a", "b"]
     with pytest.raises(UserError, match="duplicate"):
         _merge([part, part], 4, "m.json", "test")  # e.g. padding by a distributed sampler
@@ -159,7 +184,7 @@ def test_evaluate_val_keeps_an_earlier_cards_test_figures_only_for_the_same_weig
     import torch
 
     from skinlesion.checkpoint import export_best
-    from skinlesion.model import ModelFacts
+    from skinlesion.facts import ModelFacts
 
     run = tmp_path / "run"
     run.mkdir()

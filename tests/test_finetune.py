@@ -16,8 +16,9 @@ from torchvision.models import resnet18, resnet34, resnet50
 from skinlesion.checkpoint import export_best, export_model
 from skinlesion.config import load_config
 from skinlesion.errors import UserError
+from skinlesion.facts import ModelFacts
 from skinlesion.labels import CLASSES
-from skinlesion.model import ModelFacts, build_model
+from skinlesion.model import build_model
 from skinlesion.optim import make_optimizer
 
 
@@ -55,8 +56,9 @@ def test_a_frozen_backbone_keeps_its_pretrained_weights_and_statistics_then_lear
     original = imagenet_like.state_dict()
 
     shards, out = tiny_shards(tmp_path / "shards"), tmp_path / "run"
-    done = run_train(out, shards, f"model.pretrained={pretrained}", "train.freeze_backbone_epochs=1",
-                     "train.backbone_lr_mult=0.1")  # fmt: skip
+    done = run_train(
+        out, shards, f"model.pretrained={pretrained}", "train.freeze_backbone_epochs=1", "train.backbone_lr_mult=0.1"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
     frozen = _weights(out / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}")  # after epoch 0, the frozen one
@@ -67,8 +69,7 @@ def test_a_frozen_backbone_keeps_its_pretrained_weights_and_statistics_then_lear
     learned = [k for k in backbone if k.endswith((".weight", "running_mean"))]
     assert all(not torch.equal(final[k], original[k]) for k in learned), "the backbone did not learn after unfreezing"
 
-    optimizer = torch.load(out / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH:08d}" / "optimizer.bin",
-                           weights_only=True)  # fmt: skip
+    optimizer = torch.load(out / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH:08d}" / "optimizer.bin", weights_only=True)
     lrs = {group["backbone"]: group["lr"] for group in optimizer["param_groups"]}
     assert lrs[True] == pytest.approx(0.1 * lrs[False])
 

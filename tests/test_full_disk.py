@@ -34,8 +34,8 @@ from skinlesion.cli import main
 from skinlesion.data import shards
 from skinlesion.data.prepare import prepare
 from skinlesion.errors import UserError
+from skinlesion.facts import ModelFacts
 from skinlesion.labels import CLASSES
-from skinlesion.model import ModelFacts
 
 # What torch.save raises when the disk fills under its zip writer (seen on a full tmpfs).
 TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"

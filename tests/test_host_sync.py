@@ -22,8 +22,15 @@ from skinlesion.data.transforms import normalize
 
 READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default}
 # The shipped recipe's moving parts: EMA, MixUp/CutMix, a frozen first epoch, gradient clipping, AdamW.
-RECIPE = ["train.ema_decay=0.9", "train.mix_prob=0.5", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0",
-          "train.freeze_backbone_epochs=1", "train.grad_clip=1.0", "data.num_workers=1"]  # fmt: skip
+RECIPE = [
+    "train.ema_decay=0.9",
+    "train.mix_prob=0.5",
+    "train.mixup_alpha=0.2",
+    "train.cutmix_alpha=1.0",
+    "train.freeze_backbone_epochs=1",
+    "train.grad_clip=1.0",
+    "data.num_workers=1",
+]
 
 
 class _Count(TorchDispatchMode):
@@ -39,8 +46,9 @@ class _Count(TorchDispatchMode):
 def _reads_per_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> list[tuple[int, int]]:
     """(optimizer steps, host reads) of each epoch of an in-process training."""
     shards = tiny_shards(tmp_path / "shards")
-    cfg = load_config(REPO_SMOKE, [f"data.shards={shards}", f"train.output_dir={tmp_path / 'run'}", *TINY, *RECIPE,
-                                   *overrides])  # fmt: skip
+    cfg = load_config(
+        REPO_SMOKE, [f"data.shards={shards}", f"train.output_dir={tmp_path / 'run'}", *TINY, *RECIPE, *overrides]
+    )
     counted: list[tuple[int, int]] = []
     real_epoch, real_tolist = train_module.train_epoch, torch.Tensor.tolist
 
@@ -99,8 +107,17 @@ def test_one_loader_serves_every_epoch_and_matches_per_epoch_loaders(tmp_path: P
     fresh loader per epoch yields, also when it starts mid-epoch (a resume) with batches that do not divide
     among the workers: batch i of an epoch always comes from the same logical worker."""
     shards = tiny_shards(tmp_path / "shards")
-    common = dict(image_size=32, batch_size=4, num_workers=2, rank=0, world_size=1, seed=3, batches=5,
-                  shuffle_buffer=8, augment="device")  # fmt: skip
+    common = dict(
+        image_size=32,
+        batch_size=4,
+        num_workers=2,
+        rank=0,
+        world_size=1,
+        seed=3,
+        batches=5,
+        shuffle_buffer=8,
+        augment="device",
+    )
 
     def keys(loader) -> list[list[str]]:
         return [batch["key"] for batch in loader]
@@ -118,8 +135,9 @@ def test_compile_does_not_recompile_at_unfreeze_or_validation(tmp_path: Path) ->
     validation, MixUp/CutMix batches nor the second epoch compile again."""
     shards = tiny_shards(tmp_path / "shards")
     out = tmp_path / "run"
-    done = run_train(out, shards, *RECIPE, "train.epochs=3", "train.compile=true", "train.compile_backend=aot_eager",
-                     timeout=400)  # fmt: skip
+    done = run_train(
+        out, shards, *RECIPE, "train.epochs=3", "train.compile=true", "train.compile_backend=aot_eager", timeout=400
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = metrics(out)
     assert "compile_seconds" not in lines[0]  # the frozen epoch runs eager

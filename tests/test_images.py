@@ -37,9 +37,17 @@ def _gradient(size: tuple[int, int] = (120, 80)) -> Image.Image:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "JPEG"), ("L", "PNG"), ("I;16", "PNG"), ("RGBA", "PNG"),
-     ("P", "PNG"), ("RGB", "PNG")],
-)  # fmt: skip
+    [
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("RGB", "JPEG"),
+        ("L", "PNG"),
+        ("I;16", "PNG"),
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("RGB", "PNG"),
+    ],
+)
 def test_any_mode_becomes_rgb_jpeg_with_shorter_side(mode: str, fmt: str) -> None:
     im = _gradient().convert(mode) if mode != "I;16" else Image.fromarray((_ramp() * 60000).astype(np.uint16))
     out = _decode(images.process_bytes(_save(im, fmt), 40))

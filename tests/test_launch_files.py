@@ -52,8 +52,13 @@ def captured(tmp_path: Path) -> tuple[dict[str, str], Path]:
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
 def test_all_gpus_launches_one_process_per_gpu(gpus: int, captured: tuple[dict[str, str], Path]) -> None:
     env, out = captured
-    done = subprocess.run([str(REPO / "launch/all-gpus.sh"), *TRAIN], env=env | {"GPUS": str(gpus)},
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    done = subprocess.run(
+        [str(REPO / "launch/all-gpus.sh"), *TRAIN],
+        env=env | {"GPUS": str(gpus)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     argv = out.read_text().splitlines()
     assert argv[0] == "launch" and argv[-len(TRAIN) :] == TRAIN
@@ -67,8 +72,9 @@ def test_all_gpus_without_a_gpu_is_one_clear_line(captured: tuple[dict[str, str]
     """The count really comes from torch here (this machine has no CUDA): nothing is launched."""
     env, out = captured
     env = {k: v for k, v in env.items() if k != "GPUS"}
-    done = subprocess.run([str(REPO / "launch/all-gpus.sh"), *TRAIN], env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [str(REPO / "launch/all-gpus.sh"), *TRAIN], env=env, capture_output=True, text=True, timeout=60
+    )
     if done.returncode == 0:
         pytest.skip("this machine has a CUDA GPU")
     assert done.returncode == 2 and not out.exists()
@@ -97,11 +103,23 @@ def test_multi_node_yaml_with_the_geometry_slurm_job_fills_in(
 ) -> None:
     """slurm/job.sh's per-node command, run for node 1 of the job (0 GPUs: NPROC_PER_NODE=2 CPU processes)."""
     env, out = captured
-    job = {"SLURM_GPUS_ON_NODE": str(gpus), "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NODEID": str(nodes - 1),
-           "NPROC_PER_NODE": "2", "MAIN_ADDR": "10.1.2.3", "MAIN_PORT": "21234", "REPO": str(REPO)}  # fmt: skip
+    job = {
+        "SLURM_GPUS_ON_NODE": str(gpus),
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_NODEID": str(nodes - 1),
+        "NPROC_PER_NODE": "2",
+        "MAIN_ADDR": "10.1.2.3",
+        "MAIN_PORT": "21234",
+        "REPO": str(REPO),
+    }
     script = f'source {REPO}/slurm/job.sh && node_main "$@"'
-    done = subprocess.run(["bash", "-c", script, "node_main", "configs/smoke.yaml", "train.epochs=1"],
-                          env=env | job, capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "-c", script, "node_main", "configs/smoke.yaml", "train.epochs=1"],
+        env=env | job,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     argv = out.read_text().splitlines()
     assert argv[-2:] == ["configs/smoke.yaml", "train.epochs=1"]

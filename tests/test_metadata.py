@@ -82,9 +82,13 @@ def test_keep_incomplete_keeps_null_age_and_unknown_but_not_faults(dataset: tupl
     meta = metadata.load(csv, folders, keep_incomplete=True)
     assert {"age", "sex", "site"} <= set(meta.kept["image_id"])
     assert {r.reason for r in meta.rejected} == {
-        metadata.DUPLICATE, metadata.INVALID_DX, metadata.MISSING_IMAGE, metadata.CONFLICTING_COPIES,
-        metadata.MISSING_LESION_ID, metadata.INVALID_AGE,
-    }  # fmt: skip
+        metadata.DUPLICATE,
+        metadata.INVALID_DX,
+        metadata.MISSING_IMAGE,
+        metadata.CONFLICTING_COPIES,
+        metadata.MISSING_LESION_ID,
+        metadata.INVALID_AGE,
+    }
     row = meta.kept.set_index("image_id").loc["age"].to_dict()
     assert metadata.sample_metadata(row)["age"] is None
 

@@ -30,9 +30,17 @@ def _probs_for(pred: list[int], confidence: float = 0.9) -> np.ndarray:
 #   akiec 3 right + 1 as bcc; bcc 2 right; bkl 1 right + 1 as nv; mel 4 right + 1 as nv;
 #   nv 9 right + 1 as mel; vasc 1 right.  24 samples, 20 right.
 FIXED = [
-    (AKIEC, AKIEC, 3), (AKIEC, BCC, 1), (BCC, BCC, 2), (BKL, BKL, 1), (BKL, NV, 1),
-    (MEL, MEL, 4), (MEL, NV, 1), (NV, NV, 9), (NV, MEL, 1), (VASC, VASC, 1),
-]  # fmt: skip
+    (AKIEC, AKIEC, 3),
+    (AKIEC, BCC, 1),
+    (BCC, BCC, 2),
+    (BKL, BKL, 1),
+    (BKL, NV, 1),
+    (MEL, MEL, 4),
+    (MEL, NV, 1),
+    (NV, NV, 9),
+    (NV, MEL, 1),
+    (VASC, VASC, 1),
+]
 
 
 @pytest.fixture

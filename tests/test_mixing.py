@@ -103,8 +103,9 @@ def test_bad_mixing_settings_are_one_line_errors(overrides: list[str], message: 
 def test_training_with_mixup_and_cutmix_runs_and_the_loss_falls(tmp_path) -> None:
     shards = tiny_shards(tmp_path / "shards")
     out = tmp_path / "run"
-    done = run_train(out, shards, "train.epochs=3", "train.mix_prob=0.5", "train.mixup_alpha=0.2",
-                     "train.cutmix_alpha=1.0")  # fmt: skip
+    done = run_train(
+        out, shards, "train.epochs=3", "train.mix_prob=0.5", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = metrics(out)
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]

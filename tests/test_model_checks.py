@@ -42,12 +42,29 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("checks")
     generate(root / "data", n_images=1200, seed=3, workers=2)
-    prepare(PrepareOptions(metadata=root / "data/HAM10000_metadata.csv", out=root / "shards", image_size=72,
-                           images=(root / "data/HAM10000_images_part_1", root / "data/HAM10000_images_part_2"),
-                           samples_per_class=120, min_shards=4, seed=0))  # fmt: skip
-    cmd = [sys.executable, "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
-           f"data.shards={root / 'shards'}", f"train.output_dir={root / 'run'}", "data.num_workers=0",
-           "wandb.mode=disabled"]  # fmt: skip
+    prepare(
+        PrepareOptions(
+            metadata=root / "data/HAM10000_metadata.csv",
+            out=root / "shards",
+            image_size=72,
+            images=(root / "data/HAM10000_images_part_1", root / "data/HAM10000_images_part_2"),
+            samples_per_class=120,
+            min_shards=4,
+            seed=0,
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "skinlesion",
+        "train",
+        "--config",
+        str(REPO / "configs/smoke.yaml"),
+        f"data.shards={root / 'shards'}",
+        f"train.output_dir={root / 'run'}",
+        "data.num_workers=0",
+        "wandb.mode=disabled",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (root / "run/model_card.json").is_file() and (root / "run" / OOD).is_file()

@@ -128,8 +128,10 @@ def test_weights_of_a_one_channel_model_name_the_tensor_not_torchs_empty_first_l
 def test_files_that_are_not_checkpoints_get_one_line(tmp_path, image, capsys, content, message) -> None:
     path = tmp_path / "model.pt"
     path.write_bytes(content)
-    for command in (["predict", "--checkpoint", str(path), str(image)],
-                    ["evaluate", "--checkpoint", str(path), "--shards", str(tmp_path)]):  # fmt: skip
+    for command in (
+        ["predict", "--checkpoint", str(path), str(image)],
+        ["evaluate", "--checkpoint", str(path), "--shards", str(tmp_path)],
+    ):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err

@@ -33,11 +33,33 @@ def machines(tmp_path: Path, shards_dir: Path) -> Iterator[Callable[..., list[su
         port = str(free_port())
         env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
         for rank in (0, 1):
-            cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/multi-node.yaml"),
-                   "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
-                   "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
-                   "-m", "skinlesion", "train", "--config", str(REPO / "configs/smoke.yaml"),
-                   f"data.shards={shards_dir}", f"train.output_dir={out}", *TINY, *overrides]  # fmt: skip
+            cmd = [
+                str(BIN / "accelerate"),
+                "launch",
+                "--config_file",
+                str(REPO / "launch/multi-node.yaml"),
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "--mixed_precision",
+                "no",
+                "-m",
+                "skinlesion",
+                "train",
+                "--config",
+                str(REPO / "configs/smoke.yaml"),
+                f"data.shards={shards_dir}",
+                f"train.output_dir={out}",
+                *TINY,
+                *overrides,
+            ]
             log = (tmp_path / f"machine{rank}.log").open("w")
             started.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
             time.sleep(0.5)  # machine 0 first: it hosts the rendezvous store

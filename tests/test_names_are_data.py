@@ -78,7 +78,8 @@ def test_a_checkpoint_whose_class_code_holds_control_characters_is_refused(rando
 
 
 def test_model_pt_facts_are_checked_the_same_way(random_run, tmp_path) -> None:
-    from skinlesion.model import FACTS_KEY, load_for_inference
+    from skinlesion.facts import FACTS_KEY
+    from skinlesion.model import load_for_inference
 
     state = torch.load(random_run / "model.pt", map_location="cpu", weights_only=True)
     state._metadata[FACTS_KEY]["classes"][0] = "akiec\r"
@@ -118,9 +119,12 @@ def test_custom_csv_labels_with_control_characters_are_refused_at_prepare(tmp_pa
     csv = tmp_path / "labels.csv"
     csv.write_text('image,diagnosis\na,benign\nb,"odd\x1b[2Klabel"\n', encoding="utf-8")
     opts = PrepareOptions(
-        metadata=csv, images=(tmp_path,), out=tmp_path / "out", dataset="custom",
+        metadata=csv,
+        images=(tmp_path,),
+        out=tmp_path / "out",
+        dataset="custom",
         columns=(("image_id", "image"), ("label", "diagnosis")),
-    )  # fmt: skip
+    )
     with pytest.raises(UserError, match=rf"{csv}: column 'diagnosis' holds the label .* control character"):
         describe(opts)
 

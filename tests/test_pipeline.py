@@ -145,8 +145,18 @@ def _corrupt_first_jpeg(shard: Path) -> str:
 def test_a_corrupt_training_sample_is_skipped_counted_and_replaced(tmp_path: Path, augment: str, caplog) -> None:
     out = write_shards(tmp_path, {"train": [16], "val": [4]})
     key = _corrupt_first_jpeg(out / "train-000000.tar")
-    loader = train_loader(out, image_size=16, batch_size=5, num_workers=0, rank=0, world_size=1, seed=0, epoch=0,
-                          batches=3, augment=augment)  # fmt: skip
+    loader = train_loader(
+        out,
+        image_size=16,
+        batch_size=5,
+        num_workers=0,
+        rank=0,
+        world_size=1,
+        seed=0,
+        epoch=0,
+        batches=3,
+        augment=augment,
+    )
     with caplog.at_level("WARNING"):
         batches = list(loader)
     assert [len(b["label"]) for b in batches] == [5, 5, 5]  # the epoch keeps its length: ranks stay in step
@@ -171,8 +181,9 @@ def test_shards_that_are_mostly_corrupt_stop_training_instead_of_spinning(tmp_pa
             data = b"\xff\xd8 broken" if member.name.endswith(".jpg") else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    loader = train_loader(out, image_size=16, batch_size=4, num_workers=0, rank=0, world_size=1, seed=0, epoch=0,
-                          batches=3)  # fmt: skip
+    loader = train_loader(
+        out, image_size=16, batch_size=4, num_workers=0, rank=0, world_size=1, seed=0, epoch=0, batches=3
+    )
     with pytest.raises(UserError, match=r"100 of 100 samples do not decode .*rerun `skinlesion prepare`"):
         list(loader)
 

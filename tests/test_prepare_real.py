@@ -41,9 +41,12 @@ def generated(shared_sample: Path, real_rows: pd.DataFrame, tmp_path_factory: py
 def result(shared_sample: Path, generated: Path, tmp_path_factory: pytest.TempPathFactory) -> PrepareResult:
     out = tmp_path_factory.mktemp("real") / "shards"
     opts = PrepareOptions(
-        metadata=shared_sample / "HAM10000_metadata.csv", images=(shared_sample / "images", generated), out=out,
-        image_size=16, seed=0,
-    )  # fmt: skip
+        metadata=shared_sample / "HAM10000_metadata.csv",
+        images=(shared_sample / "images", generated),
+        out=out,
+        image_size=16,
+        seed=0,
+    )
     return prepare(opts)
 
 

@@ -26,7 +26,8 @@ from skinlesion.data.manifest import read_manifest
 from skinlesion.data.transforms import decode, eval_crop
 from skinlesion.errors import UserError
 from skinlesion.evaluate import collect_predictions
-from skinlesion.model import ModelFacts, load_for_inference
+from skinlesion.facts import ModelFacts
+from skinlesion.model import load_for_inference
 from skinlesion.predict import predict_images
 from skinlesion.serve import Settings, create_app
 

@@ -25,8 +25,8 @@ from helpers import (
 from torchvision.models import resnet18
 
 from skinlesion.checkpoint import TrainerState
+from skinlesion.facts import ModelFacts
 from skinlesion.labels import CLASSES
-from skinlesion.model import ModelFacts
 from skinlesion.train import _update_best
 
 
@@ -169,8 +169,9 @@ def _epochs(accelerator: Accelerator, out: Path, scores: list[float | None], sta
     ("scores", "best_epoch"),
     [([0.4286, 0.4286], 0), ([0.5, 0.6, 0.6], 1), ([0.7, 0.6], 0), ([None, None, None], 2)],
 )
-def test_best_pt_follows_strict_improvement_and_a_tie_keeps_the_earlier_epoch(accelerator, tmp_path, scores,
-                                                                               best_epoch) -> None:  # fmt: skip
+def test_best_pt_follows_strict_improvement_and_a_tie_keeps_the_earlier_epoch(
+    accelerator, tmp_path, scores, best_epoch
+) -> None:
     assert _epochs(accelerator, tmp_path, scores, TrainerState()) == best_epoch
 
 

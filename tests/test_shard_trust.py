@@ -126,10 +126,25 @@ def test_a_class_index_out_of_range_is_named_with_shard_and_key(random_run, copy
 
 def test_empty_splits_prepare_and_evaluate_says_so(synthetic_dir, tmp_path, random_run, capsys) -> None:
     out = tmp_path / "novals"
-    code = main(["prepare", "--metadata", str(synthetic_dir / "HAM10000_metadata.csv"),
-                 "--images", str(synthetic_dir / "HAM10000_images_part_1"),
-                 "--images", str(synthetic_dir / "HAM10000_images_part_2"),
-                 "--out", str(out), "--image-size", "32", "--val-fraction", "0", "--min-shards", "2"])  # fmt: skip
+    code = main(
+        [
+            "prepare",
+            "--metadata",
+            str(synthetic_dir / "HAM10000_metadata.csv"),
+            "--images",
+            str(synthetic_dir / "HAM10000_images_part_1"),
+            "--images",
+            str(synthetic_dir / "HAM10000_images_part_2"),
+            "--out",
+            str(out),
+            "--image-size",
+            "32",
+            "--val-fraction",
+            "0",
+            "--min-shards",
+            "2",
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["val"] == manifest["splits"]["val"] | {"samples": 0, "files": [], "shard_samples": []}
@@ -160,10 +175,13 @@ def test_classes_reordered_by_hand_disagree_with_the_shards_and_are_refused(copy
 
 @pytest.mark.parametrize(
     ("classes", "accepted"),
-    [(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], True),
-     (["akiec", "bcc", "bkl", "df", "nv", "mel", "vasc"], False), (["other", "mel"], False)],
+    [
+        (["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], True),
+        (["akiec", "bcc", "bkl", "df", "nv", "mel", "vasc"], False),
+        (["other", "mel"], False),
+    ],
     ids=["ham10000", "reordered", "isic2020"],
-)  # fmt: skip
+)
 def test_a_manifest_without_a_dataset_is_hams_only_with_hams_classes(classes, accepted) -> None:
     from skinlesion.data.datasets import HAM10000, of_manifest
     from skinlesion.errors import UserError
@@ -185,8 +203,16 @@ def test_train_refuses_a_manifest_without_a_dataset_before_making_its_folder(cop
 
     _edit_manifest(copy, isic2020_without_dataset)
     out = tmp_path / "run"
-    code = main(["train", "--config", str(REPO / "configs/smoke.yaml"), f"data.shards={copy}",
-                 f"train.output_dir={out}", "wandb.mode=disabled"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs/smoke.yaml"),
+            f"data.shards={copy}",
+            f"train.output_dir={out}",
+            "wandb.mode=disabled",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "manifest.json has no 'dataset' description" in err and err.count("\n") == 1, err
     assert not out.exists()

@@ -33,9 +33,26 @@ def job_shards(cluster: Cluster, synthetic_dir: Path, tmp_path_factory: pytest.T
     logs = tmp_path_factory.mktemp("prepare-job")
     out = logs / "shards"
     meta, images = synthetic_dir / "HAM10000_metadata.csv", synthetic_dir / "HAM10000_images_part_{}"
-    args = ["--metadata", str(meta), "--images", str(images).format(1), "--images", str(images).format(2),
-            "--out", str(out), "--image-size", "32", "--samples-per-class", "12", "--val-fraction", "0.1",
-            "--test-fraction", "0.1", "--min-shards", "2"]  # fmt: skip
+    args = [
+        "--metadata",
+        str(meta),
+        "--images",
+        str(images).format(1),
+        "--images",
+        str(images).format(2),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--samples-per-class",
+        "12",
+        "--val-fraction",
+        "0.1",
+        "--test-fraction",
+        "0.1",
+        "--min-shards",
+        "2",
+    ]
     job, done = cluster.submit("--cpus-per-task=2", "slurm/prepare.sbatch", *args, log_dir=logs, wait=True)
     log = job_log(logs, job)
     assert done.returncode == 0, log[-4000:]
@@ -47,8 +64,14 @@ def epochs(out: Path) -> list[int]:
 
 
 def train_args(shards: Path, out: Path, *overrides: str) -> list[str]:
-    return ["slurm/train.sbatch", "configs/smoke.yaml", f"data.shards={shards}", f"train.output_dir={out}", *TINY,
-            *overrides]  # fmt: skip
+    return [
+        "slurm/train.sbatch",
+        "configs/smoke.yaml",
+        f"data.shards={shards}",
+        f"train.output_dir={out}",
+        *TINY,
+        *overrides,
+    ]
 
 
 def test_prepare_job_writes_shards(job_shards: tuple[Path, str]) -> None:
@@ -131,12 +154,24 @@ def test_a_checkout_and_output_path_with_spaces(cluster: Cluster, job_shards: tu
     for part in ("slurm", "launch", "configs"):
         shutil.copytree(REPO / part, checkout / part)
     out = tmp_path / "runs dir" / "run 1"
-    args = [str(checkout / "slurm/train.sbatch"), str(checkout / "configs/smoke.yaml"), f"data.shards={job_shards[0]}",
-            f"train.output_dir={out}", *TINY, "train.epochs=1"]  # fmt: skip
+    args = [
+        str(checkout / "slurm/train.sbatch"),
+        str(checkout / "configs/smoke.yaml"),
+        f"data.shards={job_shards[0]}",
+        f"train.output_dir={out}",
+        *TINY,
+        "train.epochs=1",
+    ]
     job_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     job_env.pop("WANDB_MODE", None)
-    done = subprocess.run(["sbatch", "--parsable", "--wait", "--time=10", f"--output={tmp_path}/%x-%j.out", *args],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=job_env)  # fmt: skip
+    done = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--time=10", f"--output={tmp_path}/%x-%j.out", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=job_env,
+    )
     job = int(done.stdout.split()[0].split(";")[0])
     cluster.jobs.append(job)
     log = job_log(tmp_path, job)

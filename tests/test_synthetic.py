@@ -25,7 +25,7 @@ def test_class_counts_follow_ham10000_with_a_floor() -> None:
         "mel": 1113,
         "nv": 6705,
         "vasc": 142,
-    }  # fmt: skip  (HAM10000's own counts)
+    }  # HAM10000's own counts
     for n in (21, 100, 400, 2000):
         counts = synthetic.class_counts(n)
         assert sum(counts.values()) == n

@@ -52,8 +52,13 @@ def test_roc_chart_reads_each_class_from_its_own_column_when_a_class_is_missing(
     probs = np.full((8, 7), 0.01)
     probs[np.arange(8), labels] = 0.9
     probs[:, 1] = np.linspace(0.5, 0.0, 8)  # the absent class's column: a curve from it would not be perfect
-    preds = Predictions(keys=[f"k{i}" for i in range(8)], image_ids=[f"i{i}" for i in range(8)],
-                        lesion_ids=[None] * 8, labels=labels, probs=probs)  # fmt: skip
+    preds = Predictions(
+        keys=[f"k{i}" for i in range(8)],
+        image_ids=[f"i{i}" for i in range(8)],
+        lesion_ids=[None] * 8,
+        labels=labels,
+        probs=probs,
+    )
     charts = tracking_eval.charts(preds, "val_best")
     assert set(charts) == {"val_best/confusion_matrix_chart", "val_best/roc_chart"}
     curves: dict[str, list[tuple[float, float]]] = {}

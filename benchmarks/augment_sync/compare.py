@@ -27,8 +27,19 @@ steps, workers, size, batch_size = (200, 14, 224, 128) if cuda else (3, 1, 64, 8
 impl = {"old": augment_before.augment, "new": augment_new.augment}
 result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
 
-loader = train_loader(shards, image_size=size, batch_size=batch_size, num_workers=workers, rank=0, world_size=1,
-                      seed=0, epoch=0, batches=4, shuffle_buffer=500, augment="device")  # fmt: skip
+loader = train_loader(
+    shards,
+    image_size=size,
+    batch_size=batch_size,
+    num_workers=workers,
+    rank=0,
+    world_size=1,
+    seed=0,
+    epoch=0,
+    batches=4,
+    shuffle_buffer=500,
+    augment="device",
+)
 batches = list(loader)
 result["sync_debug"] = {}
 for name, fn in impl.items():
@@ -62,16 +73,25 @@ for name, fn in impl.items():
         times.append(time.perf_counter() - start)
     result[key][name] = statistics.median(times[5:]) * 1000
 
-overrides = [f"data.shards={shards}", f"data.image_size={size}", f"data.batch_size={batch_size}",
-             f"data.num_workers={workers}", "wandb.mode=disabled", "data.augment=device",
-             "model.name=resnet50" if cuda else "model.name=resnet18",
-             "train.mixed_precision=bf16" if cuda else "train.mixed_precision=no"]  # fmt: skip
+overrides = [
+    f"data.shards={shards}",
+    f"data.image_size={size}",
+    f"data.batch_size={batch_size}",
+    f"data.num_workers={workers}",
+    "wandb.mode=disabled",
+    "data.augment=device",
+    "model.name=resnet50" if cuda else "model.name=resnet18",
+    "train.mixed_precision=bf16" if cuda else "train.mixed_precision=no",
+]
 result["bench_train"] = {"old": [], "new": []}
 for name in ("old", "new", "old", "new"):  # alternating, so drift in the machine hits both
     train.augment = impl[name]
     r = bench.bench_train(Path("configs/smoke.yaml"), overrides, steps=steps)
     result["bench_train"][name].append(r)
-    print(f"{name}: {r['images_per_second']:.0f} images/s end to end, {r['step_images_per_second']:.0f} step only, "
-          f"input-bound fraction {r['input_bound_fraction']:.3f}", flush=True)  # fmt: skip
+    print(
+        f"{name}: {r['images_per_second']:.0f} images/s end to end, {r['step_images_per_second']:.0f} step only, "
+        f"input-bound fraction {r['input_bound_fraction']:.3f}",
+        flush=True,
+    )
 (out / "compare.json").write_text(json.dumps(result, indent=2))
 print(json.dumps({k: v for k, v in result.items() if k != "bench_train"}, indent=2))

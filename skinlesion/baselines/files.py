@@ -63,16 +63,32 @@ def main(argv: list[str] | None = None) -> None:
         folder = ImageFolder(tmp, transform=train_transform(args.image_size))
         results: dict[str, list[float]] = {"shards": [], "jpeg files": []}
         for repeat in range(args.repeats):
-            shard_loader = train_loader(args.shards, image_size=args.image_size, batch_size=args.batch_size,
-                                        num_workers=args.workers, rank=0, world_size=1, seed=0, epoch=repeat,
-                                        batches=batches)  # fmt: skip
-            files_loader = DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                      drop_last=True, persistent_workers=False)  # fmt: skip
+            shard_loader = train_loader(
+                args.shards,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                rank=0,
+                world_size=1,
+                seed=0,
+                epoch=repeat,
+                batches=batches,
+            )
+            files_loader = DataLoader(
+                folder,
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=args.workers,
+                drop_last=True,
+                persistent_workers=False,
+            )
             for name, loader in (("shards", shard_loader), ("jpeg files", files_loader)):
                 images, seconds = time_pass(loader)
                 results[name].append(images / seconds)
-    print(f"{samples} train samples ({n_files} JPEG files), {args.image_size} px, batch {args.batch_size}, "
-          f"{args.workers} workers, best of {args.repeats} passes")  # fmt: skip
+    print(
+        f"{samples} train samples ({n_files} JPEG files), {args.image_size} px, batch {args.batch_size}, "
+        f"{args.workers} workers, best of {args.repeats} passes"
+    )
     best = {name: max(rates) for name, rates in results.items()}
     for name, rate in best.items():
         print(f"{name:>11}: {rate:8.1f} images/s")

@@ -61,19 +61,29 @@ def harness_loop(batches: list[dict], shards: Path, arch: str, image_size: int, 
 
     untimed = compute_metrics(np.arange(7), np.eye(7), n_bootstrap=0)  # validation is not what is timed
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"data.shards={shards}", f"train.output_dir={out}", f"model.name={arch}", "train.epochs=1",
-                     f"data.image_size={image_size}", f"data.batch_size={len(batches[0]['label'])}",
-                     f"train.lr={lr}", "wandb.mode=disabled", "train.log_every_steps=10"]  # fmt: skip
+        overrides = [
+            f"data.shards={shards}",
+            f"train.output_dir={out}",
+            f"model.name={arch}",
+            "train.epochs=1",
+            f"data.image_size={image_size}",
+            f"data.batch_size={len(batches[0]['label'])}",
+            f"train.lr={lr}",
+            "wandb.mode=disabled",
+            "train.log_every_steps=10",
+        ]
         cfg = load_config(Path(__file__).resolve().parents[2] / "configs/smoke.yaml", overrides)
         samples = len(batches) * cfg.data.batch_size  # make the epoch exactly len(batches) steps
         described = harness.read_manifest(shards)  # its classes and description; only the sample count is stubbed
         # The trainer as is, fed the in-memory batches: only its loader, manifest and validation are stubbed.
         with mock.patch.multiple(
-            harness, train_loader=lambda *args, **kwargs: iter(batches), train_epoch=timed_epoch,
+            harness,
+            train_loader=lambda *args, **kwargs: iter(batches),
+            train_epoch=timed_epoch,
             read_manifest=lambda path: {**described, "splits": {"train": {"samples": samples}}},
             verify_split=lambda *args, **kwargs: None,
             validate=lambda *args, **kwargs: EvalResult(metrics=untimed, predictions=None, files={}),
-        ):  # fmt: skip
+        ):
             harness.train(cfg)
     return timings[0]
 
@@ -88,15 +98,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
 
-    loader = train_loader(args.shards, image_size=args.image_size, batch_size=args.batch_size, num_workers=0,
-                          rank=0, world_size=1, seed=0, epoch=0, batches=args.steps)  # fmt: skip
+    loader = train_loader(
+        args.shards,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=0,
+        rank=0,
+        world_size=1,
+        seed=0,
+        epoch=0,
+        batches=args.steps,
+    )
     batches = list(itertools.islice(loader, args.steps))
     bare, ours = [], []
     for _ in range(args.repeats):
         bare.append(bare_loop(batches, args.arch, 1e-3))
         ours.append(harness_loop(batches, args.shards, args.arch, args.image_size, 1e-3))
-    print(f"{args.arch}, {args.image_size} px, batch {args.batch_size}, {args.steps} steps, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
+    print(
+        f"{args.arch}, {args.image_size} px, batch {args.batch_size}, {args.steps} steps, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}"
+    )
     print(f"bare PyTorch loop: {min(bare) * 1000:8.1f} ms/step")
     print(f"skinlesion train : {min(ours) * 1000:8.1f} ms/step")
     print(f"ratio harness / bare: {min(ours) / min(bare):.2f}x")

@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"synth: {args.images} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     files = sorted(p for folder in FOLDERS for p in (args.data / folder).glob("*.jpg"))
     cores = os.cpu_count()
-    print(f"{len(files)} images 600x450 -> shorter side {args.image_size}; {cores} cores; "
-          f"load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"{len(files)} images 600x450 -> shorter side {args.image_size}; {cores} cores; "
+        f"load average before: {os.getloadavg()[0]:.1f}"
+    )
 
     base, base_cpu = baseline(files, args.image_size)
     print("| run | wall s | images/s | speed-up (wall) | CPU s (all processes) |\n|---|---|---|---|---|")

@@ -49,10 +49,20 @@ def lesion_jpeg() -> bytes:
 def post(url: str, data: bytes, query: str = "") -> float:
     """One multipart request with one file; seconds, or raises on any error status."""
     boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
-    request = urllib.request.Request(f"{url}/api/predict{query}", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}/api/predict{query}",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=120) as response:
         json.loads(response.read())
@@ -63,9 +73,23 @@ class Server:
     def __init__(self, checkpoint: Path, threads: int, batch: int) -> None:
         self.port = free_port()
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "skinlesion", "serve", "--checkpoint", str(checkpoint),
-                                      "--port", str(self.port), "--batch", str(batch)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "skinlesion",
+                "serve",
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                str(self.port),
+                "--batch",
+                str(batch),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
         while True:
@@ -117,8 +141,13 @@ def load(url: str, data: bytes, clients: int, per_client: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return {"errors": len(errors), "p50_ms": pct(times, 50), "p95_ms": pct(times, 95),
-            "images_per_second": len(times) / wall, "requests": clients * per_client}  # fmt: skip
+    return {
+        "errors": len(errors),
+        "p50_ms": pct(times, 50),
+        "p95_ms": pct(times, 95),
+        "images_per_second": len(times) / wall,
+        "requests": clients * per_client,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         results["load_one_at_a_time"] = load(server.url, data, args.clients, args.per_client)
     finally:
         server.close()
-    results["batching_speedup"] = (results["load_batched"]["images_per_second"]
-                                   / results["load_one_at_a_time"]["images_per_second"])  # fmt: skip
+    results["batching_speedup"] = (
+        results["load_batched"]["images_per_second"] / results["load_one_at_a_time"]["images_per_second"]
+    )
     print(json.dumps(results, indent=2))
 
 

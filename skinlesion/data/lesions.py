@@ -102,40 +102,80 @@ def make_lesion(rng: np.random.Generator, dx: str) -> _Lesion:
 
     if dx == "nv":  # regular, round, uniformly brown of any darkness; sometimes faint globules
         shade = u(0.55, 1.35)
-        les = _Lesion(radius=u(45, 75), aspect=u(0.8, 1.0), harmonics=_harmonics(rng, range(2, 4), (0.0, 0.06)),
-                      softness=u(0.04, 0.10), core=_rgb(0.42, 0.26, 0.16) / shade, rim=_rgb(0.58, 0.40, 0.28) / shade,
-                      gamma=2, opacity=u(0.85, 1.0))  # fmt: skip
+        les = _Lesion(
+            radius=u(45, 75),
+            aspect=u(0.8, 1.0),
+            harmonics=_harmonics(rng, range(2, 4), (0.0, 0.06)),
+            softness=u(0.04, 0.10),
+            core=_rgb(0.42, 0.26, 0.16) / shade,
+            rim=_rgb(0.58, 0.40, 0.28) / shade,
+            gamma=2,
+            opacity=u(0.85, 1.0),
+        )
         if u() < 0.5:
             les.layers.append((les.core * 0.7, 0.5, _dots(rng, (4, 10), 0.7, (0.04, 0.07))))
     elif dx == "mel":  # large, irregular, dark, multicoloured: blue-grey veil, black blotches, streaks
-        les = _Lesion(radius=u(60, 95), aspect=u(0.65, 1.0), harmonics=_harmonics(rng, range(2, 8), (0.08, 0.2)),
-                      softness=u(0.02, 0.12), core=_rgb(0.16, 0.09, 0.07) * u(0.7, 1.4),
-                      rim=_rgb(0.45, 0.28, 0.18) * u(0.8, 1.2), gamma=1, opacity=1.0,
-                      blotch=_rgb(0.38, 0.42, 0.55) * u(0.8, 1.15), blotch_strength=u(0.5, 0.85),
-                      noise=noise(6))  # fmt: skip
+        les = _Lesion(
+            radius=u(60, 95),
+            aspect=u(0.65, 1.0),
+            harmonics=_harmonics(rng, range(2, 8), (0.08, 0.2)),
+            softness=u(0.02, 0.12),
+            core=_rgb(0.16, 0.09, 0.07) * u(0.7, 1.4),
+            rim=_rgb(0.45, 0.28, 0.18) * u(0.8, 1.2),
+            gamma=1,
+            opacity=1.0,
+            blotch=_rgb(0.38, 0.42, 0.55) * u(0.8, 1.15),
+            blotch_strength=u(0.5, 0.85),
+            noise=noise(6),
+        )
         les.layers.append((_rgb(0.06, 0.04, 0.05), 0.9, _dots(rng, (3, 8), 0.8, (0.06, 0.14))))
         if u() < 0.7:
             les.layers.append((_rgb(0.12, 0.07, 0.06), 0.8, _streaks(rng, int(rng.integers(6, 16)))))
     elif dx == "bkl":  # stuck-on: sharp border, tan to brown, mottled; milia-like cysts, comedo openings
         shade = u(0.75, 1.3)
-        les = _Lesion(radius=u(45, 80), aspect=u(0.65, 1.0), harmonics=_harmonics(rng, range(2, 5), (0.03, 0.1)),
-                      softness=u(0.005, 0.03), core=_rgb(0.62, 0.47, 0.30) / shade, rim=_rgb(0.70, 0.55, 0.36) / shade,
-                      gamma=1, opacity=u(0.85, 1.0), blotch=_rgb(0.45, 0.32, 0.20) / shade,
-                      blotch_strength=u(0.4, 0.7), noise=noise(8))  # fmt: skip
+        les = _Lesion(
+            radius=u(45, 80),
+            aspect=u(0.65, 1.0),
+            harmonics=_harmonics(rng, range(2, 5), (0.03, 0.1)),
+            softness=u(0.005, 0.03),
+            core=_rgb(0.62, 0.47, 0.30) / shade,
+            rim=_rgb(0.70, 0.55, 0.36) / shade,
+            gamma=1,
+            opacity=u(0.85, 1.0),
+            blotch=_rgb(0.45, 0.32, 0.20) / shade,
+            blotch_strength=u(0.4, 0.7),
+            noise=noise(8),
+        )
         les.layers.append((_rgb(0.96, 0.93, 0.80), 0.9, _dots(rng, (6, 14), 0.8, (0.03, 0.06))))
         les.layers.append((_rgb(0.20, 0.13, 0.08), 0.8, _dots(rng, (3, 9), 0.8, (0.03, 0.06))))
     elif dx == "bcc":  # pearly pink, translucent, blurry; arborizing vessels, blue-grey ovoid nests
-        les = _Lesion(radius=u(40, 70), aspect=u(0.65, 1.0), harmonics=_harmonics(rng, range(2, 5), (0.03, 0.12)),
-                      softness=u(0.10, 0.20), core=_rgb(0.92, 0.62, 0.66), rim=_rgb(0.88, 0.58, 0.58), gamma=1,
-                      opacity=u(0.75, 0.95))  # fmt: skip
+        les = _Lesion(
+            radius=u(40, 70),
+            aspect=u(0.65, 1.0),
+            harmonics=_harmonics(rng, range(2, 5), (0.03, 0.12)),
+            softness=u(0.10, 0.20),
+            core=_rgb(0.92, 0.62, 0.66),
+            rim=_rgb(0.88, 0.58, 0.58),
+            gamma=1,
+            opacity=u(0.75, 0.95),
+        )
         les.layers.append((_rgb(0.72, 0.08, 0.14), 0.95, _vessels(rng)))
         if u() < 0.7:
             les.layers.append((_rgb(0.32, 0.36, 0.48), 0.8, _dots(rng, (2, 6), 0.7, (0.08, 0.14))))
     elif dx == "akiec":  # red-pink, flat, ill-defined, irregular; white-yellow scale
-        les = _Lesion(radius=u(40, 75), aspect=u(0.65, 1.0), harmonics=_harmonics(rng, range(2, 6), (0.06, 0.15)),
-                      softness=u(0.12, 0.22), core=_rgb(0.78, 0.30, 0.28) * u(0.9, 1.1), rim=_rgb(0.82, 0.45, 0.40),
-                      gamma=1, opacity=u(0.7, 0.95), blotch=_rgb(0.95, 0.91, 0.78), blotch_strength=u(0.6, 0.9),
-                      noise=noise(12))  # fmt: skip
+        les = _Lesion(
+            radius=u(40, 75),
+            aspect=u(0.65, 1.0),
+            harmonics=_harmonics(rng, range(2, 6), (0.06, 0.15)),
+            softness=u(0.12, 0.22),
+            core=_rgb(0.78, 0.30, 0.28) * u(0.9, 1.1),
+            rim=_rgb(0.82, 0.45, 0.40),
+            gamma=1,
+            opacity=u(0.7, 0.95),
+            blotch=_rgb(0.95, 0.91, 0.78),
+            blotch_strength=u(0.6, 0.9),
+            noise=noise(12),
+        )
     elif dx == "scc":  # keratinising: white-yellow central keratin, red rim, dotted and hairpin vessels
         les = _Lesion(
             radius=u(40, 70),
@@ -149,14 +189,29 @@ def make_lesion(rng: np.random.Generator, dx: str) -> _Lesion:
         )
         les.layers.append((_rgb(0.70, 0.10, 0.14), 0.9, _dots(rng, (8, 16), 0.9, (0.02, 0.04))))
     elif dx == "df":  # small and firm: central white scar, faint brown ring, very soft border
-        les = _Lesion(radius=u(25, 45), aspect=u(0.8, 1.0), harmonics=_harmonics(rng, range(2, 4), (0.0, 0.06)),
-                      softness=u(0.12, 0.22), core=_rgb(0.95, 0.90, 0.86), rim=_rgb(0.55, 0.36, 0.25) * u(0.8, 1.2),
-                      gamma=2, opacity=0.95)  # fmt: skip
+        les = _Lesion(
+            radius=u(25, 45),
+            aspect=u(0.8, 1.0),
+            harmonics=_harmonics(rng, range(2, 4), (0.0, 0.06)),
+            softness=u(0.12, 0.22),
+            core=_rgb(0.95, 0.90, 0.86),
+            rim=_rgb(0.55, 0.36, 0.25) * u(0.8, 1.2),
+            gamma=2,
+            opacity=0.95,
+        )
     elif dx == "vasc":  # red to purple, sharp, round; clustered darker lacunae
         purple = u(0, 1)
         base = _rgb(0.70, 0.12, 0.20) * (1 - purple) + _rgb(0.45, 0.14, 0.38) * purple
-        les = _Lesion(radius=u(30, 55), aspect=u(0.8, 1.0), harmonics=_harmonics(rng, range(2, 4), (0.0, 0.08)),
-                      softness=u(0.01, 0.04), core=base * 0.8, rim=base, gamma=1, opacity=1.0)  # fmt: skip
+        les = _Lesion(
+            radius=u(30, 55),
+            aspect=u(0.8, 1.0),
+            harmonics=_harmonics(rng, range(2, 4), (0.0, 0.08)),
+            softness=u(0.01, 0.04),
+            core=base * 0.8,
+            rim=base,
+            gamma=1,
+            opacity=1.0,
+        )
         les.layers.append((base * 0.55, 0.9, _dots(rng, (8, 16), 0.8, (0.08, 0.16))))
     else:
         raise ValueError(f"unknown class {dx!r}")

@@ -78,8 +78,11 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         if not _count(samples):
             raise bad(f"{key}.samples", f"is {samples!r}, not a count")
         if not isinstance(files, list) or not all(isinstance(f, str) and _SHARD_NAME.match(f) for f in files):
-            odd = next((f for f in files if not (isinstance(f, str) and _SHARD_NAME.match(f))), files) \
-                if isinstance(files, list) else files  # fmt: skip
+            odd = (
+                next((f for f in files if not (isinstance(f, str) and _SHARD_NAME.match(f))), files)
+                if isinstance(files, list)
+                else files
+            )
             raise bad(f"{key}.files", f"holds {odd!r}: entries must be bare .tar file names inside {path.parent}")
         if not isinstance(sizes, list) or len(sizes) != len(files) or not all(map(_count, sizes)):
             raise bad(f"{key}.shard_samples", "must list one sample count per file")

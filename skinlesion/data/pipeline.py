@@ -130,8 +130,10 @@ class _SkipBad:
                     self.reported = True
                     log.warning("skipping %s; later ones are only counted (train/skipped_samples)", exc)
                 if self.skipped >= 100 and self.skipped * 2 > self.seen:  # else a slot of bad shards spins forever
-                    raise UserError(f"{self.skipped} of {self.seen} samples do not decode (latest: {exc}); "
-                                    "the shards are damaged: rerun `skinlesion prepare`") from None  # fmt: skip
+                    raise UserError(
+                        f"{self.skipped} of {self.seen} samples do not decode (latest: {exc}); "
+                        "the shards are damaged: rerun `skinlesion prepare`"
+                    ) from None
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:

@@ -88,8 +88,10 @@ def describe(opts: PrepareOptions) -> datasets.Dataset:
         found = sorted({v for v in table[label].str.lower() if v})
         bad = next((v for v in found if control_character(v) is not None), None)
         if bad is not None:  # the labels become class codes, printed on terminals: see control_chars
-            raise UserError(f"metadata CSV {opts.metadata}: column {label!r} holds the label {bad!r}, with a control "
-                            "character; fix that row (labels are class codes, shown as plain text)")  # fmt: skip
+            raise UserError(
+                f"metadata CSV {opts.metadata}: column {label!r} holds the label {bad!r}, with a control "
+                "character; fix that row (labels are class codes, shown as plain text)"
+            )
     return datasets.custom(opts.spec, columns, found, tuple(m.lower() for m in opts.malignant))
 
 
@@ -104,8 +106,10 @@ def _check(opts: PrepareOptions) -> None:
     if not (opts.image_size == 0 or 16 <= opts.image_size <= MAX_STORED_SIZE):
         problems.append(f"--image-size {opts.image_size} must be 16 to {MAX_STORED_SIZE} (or 0: the original bytes)")
     if not (0 <= opts.val_fraction < 1 and 0 <= opts.test_fraction < 1 and opts.val_fraction + opts.test_fraction < 1):
-        problems.append(f"--val-fraction {opts.val_fraction} and --test-fraction {opts.test_fraction} must be >= 0 "
-                        "and add up to less than 1")  # fmt: skip
+        problems.append(
+            f"--val-fraction {opts.val_fraction} and --test-fraction {opts.test_fraction} must be >= 0 "
+            "and add up to less than 1"
+        )
     if opts.samples_per_class is not None and opts.samples_per_class < 1:
         problems.append(f"--samples-per-class {opts.samples_per_class} must be >= 1")
     if opts.samples_per_shard is not None and opts.samples_per_shard < 1:

@@ -46,8 +46,22 @@ _DX_TYPE = {
     "df": (("histo", 0.45), ("consensus", 0.55)),
     "vasc": (("histo", 0.5), ("consensus", 0.5)),
 }
-_LOCALIZATION = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot",
-                 "neck", "scalp", "hand", "ear", "genital", "acral")  # fmt: skip
+_LOCALIZATION = (
+    "back",
+    "lower extremity",
+    "trunk",
+    "upper extremity",
+    "abdomen",
+    "face",
+    "chest",
+    "foot",
+    "neck",
+    "scalp",
+    "hand",
+    "ear",
+    "genital",
+    "acral",
+)
 _LOC_WEIGHTS = np.array([2192, 2077, 1404, 1118, 1022, 745, 407, 319, 168, 128, 90, 56, 48, 7], dtype=float)
 _DATASETS = ("vidir_molemax", "vidir_modern", "rosendahl", "vienna_dias")
 
@@ -208,6 +222,8 @@ def _generate(out: Path, n_images: int, seed: int, workers: int | None) -> Path:
     writer.writerows(rows)
     atomic_write(csv_path, buffer.getvalue())
     counts = class_counts(n_images)
-    print(f"wrote {len(rows)} images of {len({r['lesion_id'] for r in rows})} lesions to {out} "
-          f"({', '.join(f'{dx} {counts[dx]}' for dx in CLASSES)})")  # fmt: skip
+    print(
+        f"wrote {len(rows)} images of {len({r['lesion_id'] for r in rows})} lesions to {out} "
+        f"({', '.join(f'{dx} {counts[dx]}' for dx in CLASSES)})"
+    )
     return csv_path
