@@ -162,15 +162,27 @@ def _pass(
         labels.append(batch["label"])
         lesions += [m.get("lesion_id") for m in batch["meta"]]
         metas += batch["meta"]
-    return {"probs": torch.cat(probs), "features": torch.cat(feats), "contrast": torch.cat(contrast),
-            "labels": torch.cat(labels), "lesions": lesions, "metas": metas}  # fmt: skip
+    return {
+        "probs": torch.cat(probs),
+        "features": torch.cat(feats),
+        "contrast": torch.cat(contrast),
+        "labels": torch.cat(labels),
+        "lesions": lesions,
+        "metas": metas,
+    }
 
 
 def calibrate(
-    model: nn.Module, checkpoint: Path, shards: Path, image_size: int, arch: str, batch_size: int = 64,
-    test_metrics: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None,
+    model: nn.Module,
+    checkpoint: Path,
+    shards: Path,
+    image_size: int,
+    arch: str,
+    batch_size: int = 64,
+    test_metrics: dict[str, Any] | None = None,
+    manifest: dict[str, Any] | None = None,
     malignant: tuple[str, ...] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Write ood.pt and model_card.json beside `checkpoint`; return the card. Needs train and val samples.
     The trainer passes the `manifest` it read at start. Both files record the digest of `model`'s weights,
     the ones measured here, whatever `checkpoint` holds by then. `malignant`: the checkpoint's malignant classes
@@ -271,14 +283,19 @@ def split_counts(manifest: dict[str, Any], dataset: Dataset) -> dict[str, dict[s
     unit = group_unit(dataset.group_column)
     out = {}
     for split, info in manifest["splits"].items():
-        out[split] = {"images": info.get("images"), "groups": info.get("lesions"), "unit": unit,
-                      "samples": info.get("samples")}  # fmt: skip
+        out[split] = {
+            "images": info.get("images"),
+            "groups": info.get("lesions"),
+            "unit": unit,
+            "samples": info.get("samples"),
+        }
     return out
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     from skinlesion.metrics import sensitivity_key  # scikit-learn: 1 s of start-up that serve and predict skip
 
+    binary = metrics.get("binary") or {}
     return {
         "n_samples": metrics["n_samples"],
         "balanced_accuracy": metrics["balanced_accuracy"],
@@ -286,6 +303,8 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
         **({"balanced_accuracy_ci95_note": note} if (note := metrics.get("balanced_accuracy_ci95_note")) else {}),
         "melanoma_sensitivity_at_specificity_0.9": metrics["melanoma"][sensitivity_key(0.9)],
         "ece": metrics["ece"],
+        # a binary task's own metric (ISIC 2020), which keeps best.pt and ranks a sweep's runs (`leaderboard`)
+        **({"auc": binary["auc"], "auc_ci95": binary["auc_ci95"]} if binary.get("positive") is not None else {}),
     }
 
 

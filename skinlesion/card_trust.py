@@ -99,14 +99,17 @@ def _check_summary(summary: Any, key: str) -> None:
     note = summary.get("balanced_accuracy_ci95_note")
     if note is not None and not isinstance(note, str):
         raise ValueError(f"{key}.balanced_accuracy_ci95_note is {note!r}, not a sentence")
-    ci = summary.get("balanced_accuracy_ci95")
-    if ci is not None:
+    _number(summary.get("auc"), f"{key}.auc", *_UNIT)
+    for name in ("balanced_accuracy_ci95", "auc_ci95"):
+        ci = summary.get(name)
+        if ci is None:
+            continue
         if not isinstance(ci, list) or len(ci) != 2:
-            raise ValueError(f"{key}.balanced_accuracy_ci95 is {ci!r}, not [low, high]")
+            raise ValueError(f"{key}.{name} is {ci!r}, not [low, high]")
         for value in ci:
-            _number(value, f"{key}.balanced_accuracy_ci95", *_UNIT)
+            _number(value, f"{key}.{name}", *_UNIT)
         if None not in ci and ci[0] > ci[1]:
-            raise ValueError(f"{key}.balanced_accuracy_ci95 {ci} has its low end above its high end")
+            raise ValueError(f"{key}.{name} {ci} has its low end above its high end")
 
 
 def _check_risk(risk: Any, malignant: list[str]) -> None:

@@ -1,11 +1,15 @@
 """`skinlesion sweep summarize`: one row per run of a sweep folder, best validation score first.
 
-The score of a finished run is the validation balanced accuracy of its best.pt and the 95% interval from
-its ``model_card.json`` (`skinlesion.card.calibrate` re-evaluates best.pt on the whole val split at the end of
-training and bootstraps over lesions, 1000 resamples), so a winner whose interval overlaps the runner-up's
-is visibly not a clear winner. A run that has not finished has no card: its best epoch so far comes from
-metrics.jsonl, without an interval, and it is listed below the finished runs, marked. Tasks that the plan
-(``sweep.json``, written by ``sweep args``) lists but that never made a folder are listed as not started.
+A run's score is the metric its best.pt was kept by (`metrics.selection`, named in metrics.jsonl's
+``best_pt_metric``): validation balanced accuracy, or the malignant class's ROC AUC for a binary dataset (ISIC
+2020, the challenge's metric), or the lowest validation loss where that AUC is undefined. A finished run's
+score and 95% interval come from its ``model_card.json`` (`skinlesion.card.calibrate` re-evaluates best.pt on
+the whole val split at the end of training and bootstraps over lesions or patients, 1000 resamples), so a
+winner whose interval overlaps the runner-up's is visibly not a clear winner. A run that has not finished has
+no card: its best epoch so far comes from metrics.jsonl, without an interval, and it is listed below the
+finished runs, marked. Runs are ranked on one metric, the one most of them were kept by; a run kept by
+another (other shards, say) is listed without a rank, noted. Tasks that the plan (``sweep.json``, written by
+``sweep args``) lists but that never made a folder are listed as not started.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from matplotlib.figure import Figure
 
 from skinlesion.errors import UserError
 from skinlesion.files import atomic_write, read_jsonl
+from skinlesion.metrics import LOWER_IS_BETTER
 from skinlesion.sweep import PLAN_FILE
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", ".lock", "preempted", "failed", "checkpoints")
 CI_SOURCE = "model_card.json: best.pt on the val split, 95% bootstrap interval over lesions (1000 resamples)"
+DEFAULT_METRIC = "val_balanced_accuracy"  # runs written before best_pt_metric was recorded
+LABELS = {"val_balanced_accuracy": "val balanced accuracy", "val_auc": "val AUC", "val_loss": "val loss"}
+CARD_KEYS = {"val_balanced_accuracy": "balanced_accuracy", "val_auc": "auc"}  # model_card.json's validation
 OUTPUTS = ("leaderboard.csv", "leaderboard.md", "leaderboard.png")
 
 
@@ -35,7 +43,9 @@ class Row:
     task: str
     overrides: str
     status: str  # finished | unfinished | failed | not started
-    score: float | None = None  # best val balanced accuracy
+    metric: str = DEFAULT_METRIC  # what best.pt was kept by, and the score is
+    score: float | None = None  # the best epoch's value of `metric`
+    ranked: bool = False
     ci: tuple[float, float] | None = None
     best_epoch: int | None = None
     epochs: str = "-"  # epochs done / planned
@@ -55,8 +65,23 @@ def summarize(root: Path) -> list[Row]:
         raise UserError(f"{root} holds no runs (no sub-folder with config.yaml or metrics.jsonl, no {PLAN_FILE})")
     labels = planned or _differing_keys({n: folders[n] for n in names})
     rows = [_row(name, root / name, labels.get(name, "")) for name in names]
+    metric = leading_metric(rows)
+    for row in rows:
+        row.ranked = row.status == "finished" and row.score is not None and row.metric == metric
+        if row.score is not None and row.metric != metric:
+            row.note = "; ".join(n for n in (f"scored by {row.metric}, not {metric}: not ranked", row.note) if n)
+    sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
     order = {"finished": 0, "unfinished": 1, "failed": 1, "not started": 2}
-    return sorted(rows, key=lambda r: (order[r.status], r.score is None, -(r.score or 0.0)))
+    return sorted(rows, key=lambda r: (order[r.status], not r.ranked, r.score is None, sign * (r.score or 0.0)))
+
+
+def leading_metric(rows: list[Row]) -> str:
+    """The metric most scored rows were kept by (the first of equals in task order): the one they are ranked on."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.score is not None:
+            counts[row.metric] = counts.get(row.metric, 0) + 1
+    return max(counts, key=lambda m: counts[m]) if counts else DEFAULT_METRIC
 
 
 def _read_plan(root: Path) -> dict[str, str]:
@@ -97,11 +122,15 @@ def _row(name: str, run: Path, overrides: str) -> Row:
     history, damage = _metrics(run / "metrics.jsonl")
     planned = _flat_config(run / "config.yaml").get("train.epochs", "?")
     row.epochs = f"{len(history)}/{planned}"
-    scored = [m for m in history if isinstance(m.get("val_balanced_accuracy"), int | float)]
-    if scored:
-        best = max(scored, key=lambda m: m["val_balanced_accuracy"])  # the first of equal epochs, as best.pt keeps
-        row.score, row.best_epoch = float(best["val_balanced_accuracy"]), best.get("epoch")
     card = _json(run / "model_card.json")
+    chosen = (card or {}).get("best_pt_selection") or {}
+    named = [m["best_pt_metric"] for m in history if isinstance(m.get("best_pt_metric"), str)]
+    row.metric = named[-1] if named else chosen.get("metric") if isinstance(chosen.get("metric"), str) else row.metric
+    scored = [m for m in history if isinstance(m.get(row.metric), int | float) and not isinstance(m[row.metric], bool)]
+    if scored:  # the first of equal epochs, as best.pt keeps
+        pick = min if row.metric in LOWER_IS_BETTER else max
+        best = pick(scored, key=lambda m: m[row.metric])
+        row.score, row.best_epoch = float(best[row.metric]), best.get("epoch")
     if (run / "failed").is_file():
         row.status, row.note = "failed", (run / "failed").read_text(errors="replace").strip()
     elif (run / "preempted").is_file():
@@ -112,12 +141,14 @@ def _row(name: str, run: Path, overrides: str) -> Row:
     else:
         row.status, row.note = "unfinished", "running, waiting, or stopped (no model.pt yet)"
     validation = (card or {}).get("validation") or {}
-    if row.status == "finished" and isinstance(validation.get("balanced_accuracy"), int | float):
-        row.score = float(validation["balanced_accuracy"])
-        low, high = validation.get("balanced_accuracy_ci95") or (None, None)
+    key = CARD_KEYS.get(row.metric)
+    value = validation.get(key) if key else chosen.get("value") if chosen.get("metric") == row.metric else None
+    if row.status == "finished" and isinstance(value, int | float) and not isinstance(value, bool):
+        row.score = float(value)
+        low, high = validation.get(f"{key}_ci95") or (None, None)
         row.ci = (float(low), float(high)) if low is not None and high is not None else None
     elif row.status == "finished":
-        row.note = "no model_card.json (no val split?): best epoch from metrics.jsonl, no interval"
+        row.note = f"no {row.metric} in model_card.json (no val split?): best epoch from metrics.jsonl, no interval"
     row.note = "; ".join(n for n in (row.note, damage) if n)
     return row
 
@@ -147,50 +178,99 @@ def _fmt(row: Row) -> str:
 
 
 def _ranks(rows: list[Row]) -> list[str]:
-    return [str(i + 1) if r.status == "finished" and r.score is not None else "-" for i, r in enumerate(rows)]
+    return [str(i + 1) if r.ranked else "-" for i, r in enumerate(rows)]
+
+
+def _label(metric: str) -> str:
+    return LABELS.get(metric, metric)
 
 
 def to_csv(rows: list[Row]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["rank", "task", "status", "val_balanced_accuracy", "ci95_low", "ci95_high", "best_epoch",
-                     "epochs", "overrides", "note"])  # fmt: skip
+    writer.writerow(
+        [
+            "rank",
+            "task",
+            "status",
+            "metric",
+            "score",
+            "ci95_low",
+            "ci95_high",
+            "best_epoch",
+            "epochs",
+            "overrides",
+            "note",
+        ]
+    )
     for rank, r in zip(_ranks(rows), rows, strict=True):
         low, high = r.ci or ("", "")
-        writer.writerow([rank, r.task, r.status, "" if r.score is None else r.score, low, high,
-                         "" if r.best_epoch is None else r.best_epoch, r.epochs, r.overrides, r.note])  # fmt: skip
+        writer.writerow(
+            [
+                rank,
+                r.task,
+                r.status,
+                r.metric,
+                "" if r.score is None else r.score,
+                low,
+                high,
+                "" if r.best_epoch is None else r.best_epoch,
+                r.epochs,
+                r.overrides,
+                r.note,
+            ]
+        )
     return buffer.getvalue()
 
 
 def to_markdown(rows: list[Row], title: str) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in ("finished", "unfinished", "failed", "not started")}
-    lines = [f"# Sweep {title}", "", f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
-             "", f"Score: best val balanced accuracy. Interval: {CI_SOURCE}. Runs that are not finished show their "
-             "best epoch so far from metrics.jsonl, without an interval, and have no rank.", "",
-             "| rank | task | val balanced accuracy (95% CI) | status | best epoch | epochs | overrides | note |",
-             "|---:|---|---|---|---:|---|---|---|"]  # fmt: skip
+    metric = leading_metric(rows)
+    better = "lowest" if metric in LOWER_IS_BETTER else "highest"
+    lines = [
+        f"# Sweep {title}",
+        "",
+        f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
+        "",
+        f"Score: the best epoch's {_label(metric)} ({metric}, {better} first), the metric best.pt was kept by. "
+        f"Interval: {CI_SOURCE}. Runs that are not finished show their best epoch so far from metrics.jsonl, "
+        "without an interval, and have no rank.",
+        "",
+        f"| rank | task | {_label(metric)} (95% CI) | status | best epoch | epochs | overrides | note |",
+        "|---:|---|---|---|---:|---|---|---|",
+    ]
     for rank, r in zip(_ranks(rows), rows, strict=True):
         status = r.status if r.status == "finished" else f"**{r.status}**"
         epoch = "-" if r.best_epoch is None else str(r.best_epoch)
-        cells = [rank, r.task, _fmt(r), status, epoch, r.epochs, f"`{r.overrides}`" if r.overrides else "", r.note]
+        score = _fmt(r) + ("" if r.metric == metric or r.score is None else f" ({r.metric})")
+        cells = [rank, r.task, score, status, epoch, r.epochs, f"`{r.overrides}`" if r.overrides else "", r.note]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[Row], out: Path, title: str) -> Path:
-    """Best first, top to bottom: a dot with its 95% interval for finished runs, a hollow grey one otherwise."""
-    shown = [r for r in rows if r.score is not None]
+    """Best first, top to bottom: a dot with its 95% interval for ranked runs, a hollow grey one for unfinished
+    runs; a run scored by another metric is left out (the table lists it)."""
+    shown = [r for r in rows if r.score is not None and r.metric == leading_metric(rows)]
     fig = Figure(figsize=(9, 1.2 + 0.4 * max(len(shown), 1)), layout="constrained")
     ax = fig.add_subplot()
     for y, r in enumerate(shown):
-        done = r.status == "finished"
+        done = r.ranked
         error = [[r.score - r.ci[0]], [r.ci[1] - r.score]] if r.ci else None
-        ax.errorbar([r.score], [y], xerr=error, fmt="o", capsize=4, color="tab:blue" if done else "grey",
-                    markerfacecolor="tab:blue" if done else "white")  # fmt: skip
+        ax.errorbar(
+            [r.score],
+            [y],
+            xerr=error,
+            fmt="o",
+            capsize=4,
+            color="tab:blue" if done else "grey",
+            markerfacecolor="tab:blue" if done else "white",
+        )
     labels = [f"{r.task}: {r.overrides}" + ("" if r.status == "finished" else f" ({r.status})") for r in shown]
     ax.set_yticks(range(len(shown)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("best val balanced accuracy (95% bootstrap CI over lesions; hollow: not finished, no CI)")
+    metric = leading_metric(rows)
+    ax.set_xlabel(f"best {_label(metric)} (95% bootstrap CI over lesions; hollow: not finished or not ranked)")
     ax.set_title(f"sweep {title}" + ("" if shown else ": no run has a validation score yet"))
     ax.grid(axis="x", alpha=0.3)
     FigureCanvasAgg(fig)

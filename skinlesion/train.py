@@ -278,7 +278,7 @@ def fit(run: Run, state: TrainerState) -> bool:
             record |= result.record("val")
             chosen = selection(result.metrics)  # balanced accuracy; AUC for a binary task; else the loss
             name, score = chosen["metric"], chosen["value"]
-            record["best_pt_metric"] = name
+            record |= {name: score, "best_pt_metric": name}  # val_auc is in no other column
             if not told and accelerator.is_main_process:
                 accelerator.print(f"best.pt is kept by the {chosen['keeps']} {name} on the validation split")
                 if chosen["note"]:

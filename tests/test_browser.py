@@ -535,6 +535,9 @@ def test_a_binary_model_gets_its_two_classes_and_an_honest_band(binary_served, b
     thresholds = calibration.thresholds
     _click(browser, browser.find_element(By.CSS_SELECTOR, "#card-panel summary"))
     card = browser.find_element(By.ID, "card").text
+    validation = json.loads((folder / "model_card.json").read_text())["validation"]
+    low, high = validation["auc_ci95"]  # the binary task's own metric, as the leaderboard ranks it
+    assert f"ROC AUC of the malignant class {validation['auc']:.3f} (95% CI {low:.3f}–{high:.3f})" in card
     if entry["risk"]:  # the band and its note quote the card's own cut-offs
         assert result.find_element(By.CSS_SELECTOR, ".risk").text == entry["risk_label"]
         for key in ("sensitivity_0.80", "sensitivity_0.95"):

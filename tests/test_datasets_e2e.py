@@ -20,6 +20,7 @@ from skinlesion.data.synthetic_isic import (
     META_2019,
     generate_isic,
 )
+from skinlesion.leaderboard import summarize
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +100,10 @@ def test_isic2020_is_scored_as_a_binary_task_and_other_classes_are_refused(
     assert {r["best_pt_metric"] for r in records} == {"val_auc"}
     card = json.loads((tmp_path / "run" / "model_card.json").read_text())
     assert card["best_pt_selection"]["metric"] == "val_auc"
+    assert all(isinstance(r["val_auc"], float) for r in records)  # the metric named is in every line
+    assert card["validation"]["auc"] == card["best_pt_selection"]["value"] and len(card["validation"]["auc_ci95"]) == 2
+    row = summarize(tmp_path)[0]  # a sweep folder of this one run: its leaderboard scores it by the AUC
+    assert (row.metric, row.score, row.ranked) == ("val_auc", card["validation"]["auc"], True)
     assert "dx_type" not in metrics["subgroups"]  # ISIC 2020's diagnosis is the label, not how it was confirmed
     source, train = card["training_data"]["source"], card["training_data"]["splits"]["train"]
     assert source["dataset"] == "skinlesion synth (synthetic ISIC 2020-style pictures)"

@@ -62,8 +62,10 @@ def test_grid_is_the_product_in_file_order_with_the_sweeps_own_keys(tmp_path: Pa
 
 
 def test_random_choices_are_reproducible_from_the_seed(tmp_path: Path) -> None:
-    choices = {"train.weight_decay": [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09],
-               "train.seed": list(range(10))}  # fmt: skip
+    choices = {
+        "train.weight_decay": [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09],
+        "train.seed": list(range(10)),
+    }
     body = {"seed": 7, "grid": {"train.lr": [1e-3, 2e-3]}, "random": {"samples": 6, "choices": choices}}
     first, again = load_sweep(write_sweep(tmp_path, body)), load_sweep(write_sweep(tmp_path, body, "again"))
     other = load_sweep(write_sweep(tmp_path, body | {"seed": 8}, "other"))
@@ -76,8 +78,9 @@ def test_random_choices_are_reproducible_from_the_seed(tmp_path: Path) -> None:
 
 
 def test_string_values_that_yaml_would_read_otherwise_stay_strings(tmp_path: Path) -> None:
-    sweep = load_sweep(write_sweep(tmp_path, {"grid": {"model.pretrained": ["1.5", "none"],
-                                                       "train.mixed_precision": ["no"]}}))  # fmt: skip
+    sweep = load_sweep(
+        write_sweep(tmp_path, {"grid": {"model.pretrained": ["1.5", "none"], "train.mixed_precision": ["no"]}})
+    )
     args = sweep.train_args(0)
     cfg = load_config(Path(args[0]), args[1:])
     assert cfg.model.pretrained == "1.5" and cfg.train.mixed_precision == "no"
@@ -260,8 +263,12 @@ def test_args_prints_one_argument_a_line_and_records_the_plan(tmp_path: Path, ca
     path = write_sweep(tmp_path, {"output_root": str(root), "grid": {"train.lr": [1e-3, 2e-3]}})
     assert main(["sweep", "args", str(path), "--task", "1"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        BASE, "train.lr=0.002", f"train.output_dir={root}/1", "wandb.group=mysweep", "wandb.name=mysweep-1"
-    ]  # fmt: skip
+        BASE,
+        "train.lr=0.002",
+        f"train.output_dir={root}/1",
+        "wandb.group=mysweep",
+        "wandb.name=mysweep-1",
+    ]
     plan = json.loads((root / "sweep.json").read_text())
     assert plan["tasks"] == [["train.lr=0.001"], ["train.lr=0.002"]]
     assert main(["sweep", "args", str(path), "--task", "2"]) == 2
@@ -317,12 +324,16 @@ def test_summarize_ranks_finished_runs_and_marks_the_others(tmp_path: Path, caps
     printed = capsys.readouterr().out
     rows = list(csv.DictReader((root / "leaderboard.csv").open()))
     assert [(r["rank"], r["task"], r["status"]) for r in rows] == [
-        ("1", "1", "finished"), ("2", "0", "finished"), ("-", "2", "unfinished"), ("-", "3", "failed"),
+        ("1", "1", "finished"),
+        ("2", "0", "finished"),
+        ("-", "2", "unfinished"),
+        ("-", "3", "failed"),
         ("-", "4", "not started"),
-    ]  # fmt: skip
+    ]
     assert (rows[0]["ci95_low"], rows[0]["ci95_high"], rows[0]["overrides"]) == ("0.72", "0.88", "train.lr=0.002")
     assert rows[0]["best_epoch"] == "1" and rows[0]["epochs"] == "2/2"
-    assert rows[2]["val_balanced_accuracy"] == "0.9" and rows[2]["ci95_low"] == "" and rows[2]["epochs"] == "1/2"
+    assert rows[2]["score"] == "0.9" and rows[2]["ci95_low"] == "" and rows[2]["epochs"] == "1/2"
+    assert {r["metric"] for r in rows} == {"val_balanced_accuracy"}  # runs that do not name theirs: the default
     assert "exit status 1 of job 7_3" in rows[3]["note"]
     markdown = (root / "leaderboard.md").read_text()
     assert markdown == printed.split("\nwrote ")[0]
@@ -356,6 +367,54 @@ def test_summarize_without_a_plan_labels_runs_by_the_keys_that_differ(tmp_path: 
     assert [(r.task, r.overrides) for r in rows] == [("b", "train.lr=0.2"), ("a", "train.lr=0.1")]
 
 
+def kept_by_run(run: Path, metric: str, values: list[float], card: tuple[float, float, float] | None = None) -> None:
+    """A run whose best.pt was kept by `metric` (metrics.jsonl's best_pt_metric), with a balanced accuracy that
+    falls while `metric` improves, so a leaderboard that ranked by balanced accuracy would pick other epochs."""
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": len(values)}}))
+    records = [
+        {"epoch": i, "val_balanced_accuracy": 0.9 - 0.1 * i, metric: v, "best_pt_metric": metric}
+        for i, v in enumerate(values)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if card:
+        (run / "model.pt").write_bytes(b"weights")
+        (run / "eval").mkdir()
+        (run / "eval" / "metrics.json").write_text("{}")
+        validation = {"balanced_accuracy": 0.99, "balanced_accuracy_ci95": [0.98, 1.0]}
+        if metric == "val_auc":
+            validation |= {"auc": card[0], "auc_ci95": [card[1], card[2]]}
+        chosen = {"metric": metric, "value": card[0], "keeps": "lowest" if metric == "val_loss" else "highest"}
+        (run / "model_card.json").write_text(json.dumps({"validation": validation, "best_pt_selection": chosen}))
+
+
+def test_binary_runs_are_ranked_by_the_auc_their_best_pt_was_kept_by(tmp_path: Path, capsys) -> None:
+    kept_by_run(tmp_path / "0", "val_auc", [0.6, 0.7], card=(0.7, 0.6, 0.8))
+    kept_by_run(tmp_path / "1", "val_auc", [0.8, 0.9], card=(0.9, 0.85, 0.95))
+    kept_by_run(tmp_path / "2", "val_auc", [0.95])  # unfinished: listed, not ranked
+    kept_by_run(tmp_path / "3", "val_loss", [0.5, 0.3], card=(0.3, 0.3, 0.3))  # AUC undefined on its shards
+    assert summarize_command(tmp_path) == 0
+    rows = list(csv.DictReader((tmp_path / "leaderboard.csv").open()))
+    got = [(r["rank"], r["task"], r["metric"], r["score"], r["ci95_low"], r["best_epoch"]) for r in rows]
+    assert got == [
+        ("1", "1", "val_auc", "0.9", "0.85", "1"),
+        ("2", "0", "val_auc", "0.7", "0.6", "1"),
+        ("-", "3", "val_loss", "0.3", "", "1"),  # the lowest loss is its best epoch; no rank beside AUCs
+        ("-", "2", "val_auc", "0.95", "", "0"),
+    ]
+    assert rows[2]["note"] == "scored by val_loss, not val_auc: not ranked"
+    markdown = capsys.readouterr().out
+    assert "| rank | task | val AUC (95% CI) |" in markdown and "(val_auc, highest first)" in markdown
+    assert "| - | 3 | 0.300 (no CI) (val_loss) | finished |" in markdown
+
+
+def test_runs_kept_by_the_lowest_validation_loss_are_ranked_lowest_first(tmp_path: Path) -> None:
+    kept_by_run(tmp_path / "0", "val_loss", [0.5, 0.4], card=(0.4, 0.4, 0.4))
+    kept_by_run(tmp_path / "1", "val_loss", [0.3, 0.2], card=(0.2, 0.2, 0.2))
+    rows = summarize(tmp_path)
+    assert [(r.task, r.score, r.ranked, r.ci) for r in rows] == [("1", 0.2, True, None), ("0", 0.4, True, None)]
+
+
 def test_summarize_errors(tmp_path: Path, capsys) -> None:
     assert main(["sweep", "summarize", str(tmp_path / "none")]) == 2
     assert "is not a folder" in capsys.readouterr().err
@@ -374,8 +433,19 @@ def tiny_shards(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("sweep-shards") / "shards"
     images = tuple(synthetic_dir / f"HAM10000_images_part_{i}" for i in (1, 2))
     meta = synthetic_dir / "HAM10000_metadata.csv"
-    prepare(PrepareOptions(metadata=meta, images=images, out=out, image_size=32, samples_per_class=12,
-                           val_fraction=0.1, test_fraction=0.1, min_shards=2, workers=1))  # fmt: skip
+    prepare(
+        PrepareOptions(
+            metadata=meta,
+            images=images,
+            out=out,
+            image_size=32,
+            samples_per_class=12,
+            val_fraction=0.1,
+            test_fraction=0.1,
+            min_shards=2,
+            workers=1,
+        )
+    )
     return out
 
 
@@ -390,11 +460,16 @@ def test_job_array_task_preempted_requeues_alone_and_the_sweep_finishes(
     fixed |= {"data.shards": str(tiny_shards), "wandb.mode": "disabled"}
     # Task 3 (lr 2e-3, 4 epochs) is the one preempted: the last task of an array holds the array's own job id,
     # whose plain `scontrol requeue` would requeue every task.
-    body = {"output_root": str(root), "max_parallel": 2, "fixed": fixed,
-            "grid": {"train.lr": [1e-3, 2e-3], "train.epochs": [1, 4]}}  # fmt: skip
+    body = {
+        "output_root": str(root),
+        "max_parallel": 2,
+        "fixed": fixed,
+        "grid": {"train.lr": [1e-3, 2e-3], "train.epochs": [1, 4]},
+    }
     sweep_file = write_sweep(tmp_path, body, name="tiny")
-    array, done = cluster.submit("--array=0-3%2", "slurm/sweep.sbatch", str(sweep_file), log_dir=tmp_path,
-                                 log_name="%x-%A_%a.out")  # fmt: skip
+    array, done = cluster.submit(
+        "--array=0-3%2", "slurm/sweep.sbatch", str(sweep_file), log_dir=tmp_path, log_name="%x-%A_%a.out"
+    )
     assert done.returncode == 0, done.stderr
     tasks = [f"{array}_{i}" for i in range(4)]
     # SLURM forgets a finished job after MinJobAge (16 s on the local cluster), so every wait below records each
@@ -424,8 +499,13 @@ def test_job_array_task_preempted_requeues_alone_and_the_sweep_finishes(
     epochs = [json.loads(line)["epoch"] for line in (root / "3" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
 
-    done = subprocess.run([sys.executable, "-m", "skinlesion", "sweep", "summarize", str(root)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "skinlesion", "sweep", "summarize", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     assert "4 runs: 4 finished, 0 unfinished, 0 failed, 0 not started." in done.stdout
     rows = list(csv.DictReader((root / "leaderboard.csv").open()))
