@@ -40,6 +40,7 @@ serve: setup
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/ruff check skinlesion tests
+	$(BIN)/ruff format --check skinlesion tests
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
