@@ -124,8 +124,9 @@ def _row(name: str, run: Path, overrides: str) -> Row:
     row.epochs = f"{len(history)}/{planned}"
     card = _json(run / "model_card.json")
     chosen = (card or {}).get("best_pt_selection") or {}
-    named = [m["best_pt_metric"] for m in history if isinstance(m.get("best_pt_metric"), str)]
-    row.metric = named[-1] if named else chosen.get("metric") if isinstance(chosen.get("metric"), str) else row.metric
+    # Only the names `metrics.selection` gives: a hand-edited file's other text is not printed as a metric.
+    named = [m["best_pt_metric"] for m in history if m.get("best_pt_metric") in LABELS]
+    row.metric = named[-1] if named else chosen["metric"] if chosen.get("metric") in LABELS else row.metric
     scored = [m for m in history if isinstance(m.get(row.metric), int | float) and not isinstance(m[row.metric], bool)]
     if scored:  # the first of equal epochs, as best.pt keeps
         pick = min if row.metric in LOWER_IS_BETTER else max

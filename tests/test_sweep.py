@@ -413,6 +413,8 @@ def test_runs_kept_by_the_lowest_validation_loss_are_ranked_lowest_first(tmp_pat
     kept_by_run(tmp_path / "1", "val_loss", [0.3, 0.2], card=(0.2, 0.2, 0.2))
     rows = summarize(tmp_path)
     assert [(r.task, r.score, r.ranked, r.ci) for r in rows] == [("1", 0.2, True, None), ("0", 0.4, True, None)]
+    kept_by_run(tmp_path / "2", "\x1b[2Jpwned", [0.1, 0.2])  # a name training never writes: the default metric
+    assert next(r for r in summarize(tmp_path) if r.task == "2").metric == "val_balanced_accuracy"
 
 
 def test_summarize_errors(tmp_path: Path, capsys) -> None:
