@@ -36,8 +36,9 @@ serve: setup
 	$(BIN)/skinlesion serve --checkpoint $(DEMO)/best.pt
 
 # Test files run on TEST_WORKERS pytest-xdist workers, a file per worker at a time (module fixtures built once):
-# much of the suite waits on subprocesses, so 2 workers on 2 cores take 11.5 min where one took 16.5.
-TEST_WORKERS ?= 2
+# much of the suite waits on subprocesses and SLURM jobs, so on 2 cores 3 workers took 10 min 16 s, 2 took 11 min
+# 0 s (back to back, 636 tests) and one process 16.5 min.
+TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/ruff check skinlesion tests
 	$(BIN)/ruff format --check skinlesion tests
