@@ -303,8 +303,18 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
         **({"balanced_accuracy_ci95_note": note} if (note := metrics.get("balanced_accuracy_ci95_note")) else {}),
         "melanoma_sensitivity_at_specificity_0.9": metrics["melanoma"][sensitivity_key(0.9)],
         "ece": metrics["ece"],
-        # a binary task's own metric (ISIC 2020), which keeps best.pt and ranks a sweep's runs (`leaderboard`)
-        **({"auc": binary["auc"], "auc_ci95": binary["auc_ci95"]} if binary.get("positive") is not None else {}),
+        # A binary task's own figures: the AUC keeps best.pt and ranks a sweep's runs (`leaderboard`); its positive
+        # class may be other than `mel` (a custom dataset's "malignant"), whose melanoma figure above is then null.
+        **(
+            {
+                "auc": binary["auc"],
+                "auc_ci95": binary["auc_ci95"],
+                "positive": binary["positive"],
+                "positive_sensitivity_at_specificity_0.9": binary[sensitivity_key(0.9)],
+            }
+            if binary.get("positive") is not None
+            else {}
+        ),
     }
 
 

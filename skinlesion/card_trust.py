@@ -88,7 +88,7 @@ def _mapping(value: Any, key: str) -> dict:
     return value
 
 
-def _check_summary(summary: Any, key: str) -> None:
+def _check_summary(summary: Any, key: str, classes: list[str]) -> None:
     """The validation or test figures: counts and rates in [0, 1]; None where a metric is undefined."""
     if summary is None:
         return
@@ -99,7 +99,10 @@ def _check_summary(summary: Any, key: str) -> None:
     note = summary.get("balanced_accuracy_ci95_note")
     if note is not None and not isinstance(note, str):
         raise ValueError(f"{key}.balanced_accuracy_ci95_note is {note!r}, not a sentence")
-    _number(summary.get("auc"), f"{key}.auc", *_UNIT)
+    for name in ("auc", "positive_sensitivity_at_specificity_0.9"):  # a binary task's (card._summary)
+        _number(summary.get(name), f"{key}.{name}", *_UNIT)
+    if (positive := summary.get("positive")) is not None and positive not in classes:
+        raise ValueError(f"{key}.positive is {positive!r}, not one of the classes {classes}")
     for name in ("balanced_accuracy_ci95", "auc_ci95"):
         ci = summary.get(name)
         if ci is None:
@@ -202,8 +205,8 @@ def check_card(card: Any) -> dict[str, Any]:
                 raise ValueError(f"classes[{i}].{key} is {text!r}, with a control character ({char!r})")
     _check_risk(card.get("risk"), card_malignant(card))
     _check_ood(card.get("ood"))
-    _check_summary(card.get("validation"), "validation")
-    _check_summary(card.get("test"), "test")
+    _check_summary(card.get("validation"), "validation", classes)
+    _check_summary(card.get("test"), "test", classes)
     _check_training_data(card.get("training_data"))
     return card
 

@@ -544,3 +544,27 @@ def test_a_binary_model_gets_its_two_classes_and_an_honest_band(binary_served, b
             assert percent(thresholds[key]) in entry["risk_note"] and percent(thresholds[key]) in card
     else:  # unusable cut-offs: no pill, only predict's note (already checked above) saying why there is no band
         assert not result.find_elements(By.CSS_SELECTOR, ".risk") and "No risk band" in entry["risk_note"]
+
+
+def test_a_custom_binary_models_card_gives_its_own_positive_class_figure(binary_served, browser, tmp_path) -> None:
+    """A custom dataset's malignant class need not be `mel` ("malignant", say): the card's melanoma figure is then
+    null, and the page showed "melanoma sensitivity …: n/a" where the model's own class had a figure. Here the
+    served card is edited to name the other class positive, as such a model's card would."""
+    from selenium.webdriver.common.by import By
+
+    _, folder, _ = binary_served
+    for name in ("best.pt", "model_card.json", "ood.pt"):
+        shutil.copy(folder / name, tmp_path / name)
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    card["validation"] |= {"positive": "other", "positive_sensitivity_at_specificity_0.9": 0.123}
+    card["validation"]["melanoma_sensitivity_at_specificity_0.9"] = None
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    url, proc = _serve(tmp_path)
+    try:
+        _open(browser, url)
+        _click(browser, browser.find_element(By.CSS_SELECTOR, "#card-panel summary"))
+        text = browser.find_element(By.ID, "card").text
+        assert "other sensitivity at specificity 0.9: 0.123" in text and "melanoma sensitivity" not in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

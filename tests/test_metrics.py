@@ -218,6 +218,20 @@ def test_binary_metrics_score_the_malignant_class_whatever_the_order_of_the_clas
     assert flipped["binary"]["auc"] == pytest.approx(b["auc"]) and flipped["binary"]["positives"] == 12
 
 
+def test_the_card_of_a_custom_binary_model_carries_its_own_positive_class_figures() -> None:
+    """A malignant class other than `mel` leaves the melanoma figure null; the card carries the binary block's."""
+    from skinlesion.card import _summary
+
+    y, probs = _melanoma_nevus()
+    m = compute_metrics(y, probs, n_bootstrap=0, classes=("malignant", "benign"), malignant=("malignant",))
+    summary = _summary(m)
+    assert summary["melanoma_sensitivity_at_specificity_0.9"] is None  # no class is called mel
+    assert summary["positive"] == "malignant" and summary["auc"] == m["binary"]["auc"]
+    assert summary["positive_sensitivity_at_specificity_0.9"] == m["binary"]["sensitivity_at_specificity_0.9"]
+    assert summary["positive_sensitivity_at_specificity_0.9"] is not None
+    assert "positive" not in _summary(compute_metrics(y, probs, n_bootstrap=0, classes=("a", "b"), malignant=()))
+
+
 @pytest.mark.parametrize("malignant", [(), ("melanoma", "nevus")])
 def test_a_binary_dataset_without_exactly_one_malignant_class_gets_no_binary_metrics_and_says_why(malignant) -> None:
     from skinlesion.metrics import selection
