@@ -143,13 +143,20 @@ def _row(name: str, run: Path, overrides: str) -> Row:
         row.status, row.note = "unfinished", "running, waiting, or stopped (no model.pt yet)"
     validation = (card or {}).get("validation") or {}
     key = CARD_KEYS.get(row.metric)
-    value = validation.get(key) if key else chosen.get("value") if chosen.get("metric") == row.metric else None
+    value = validation.get(key) if key else None
+    if value is None and chosen.get("metric") == row.metric:  # a card written before it held the AUC: no interval
+        value = chosen.get("value")
     if row.status == "finished" and isinstance(value, int | float) and not isinstance(value, bool):
         row.score = float(value)
         low, high = validation.get(f"{key}_ci95") or (None, None)
         row.ci = (float(low), float(high)) if low is not None and high is not None else None
-    elif row.status == "finished":
+    elif row.status == "finished" and row.score is not None:
         row.note = f"no {row.metric} in model_card.json (no val split?): best epoch from metrics.jsonl, no interval"
+    elif row.status == "finished":
+        row.note = (
+            f"no {row.metric} in metrics.jsonl or model_card.json (written by an older skinlesion): "
+            "`skinlesion evaluate --split val` on its best.pt rewrites the card"
+        )
     row.note = "; ".join(n for n in (row.note, damage) if n)
     return row
 

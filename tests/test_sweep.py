@@ -408,6 +408,23 @@ def test_binary_runs_are_ranked_by_the_auc_their_best_pt_was_kept_by(tmp_path: P
     assert "| - | 3 | 0.300 (no CI) (val_loss) | finished |" in markdown
 
 
+def test_runs_written_before_val_auc_was_recorded_are_scored_from_the_cards_selection(tmp_path: Path) -> None:
+    """metrics.jsonl named val_auc without holding it, and the card had no `auc`: its best_pt_selection has it."""
+    kept_by_run(tmp_path / "0", "val_auc", [0.6, 0.7], card=(0.7, 0.6, 0.8))
+    kept_by_run(tmp_path / "1", "val_auc", [0.8, 0.9], card=(0.9, 0.85, 0.95))
+    for run in (tmp_path / "0", tmp_path / "1"):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r | {"val_auc": None}) + "\n" for r in lines))
+    card = json.loads((tmp_path / "1" / "model_card.json").read_text())
+    del card["validation"]["auc"], card["validation"]["auc_ci95"]
+    (tmp_path / "1" / "model_card.json").write_text(json.dumps(card))
+    del card["best_pt_selection"]
+    (tmp_path / "0" / "model_card.json").write_text(json.dumps(card))
+    rows = summarize(tmp_path)
+    assert [(r.task, r.score, r.ci, r.ranked) for r in rows] == [("1", 0.9, None, True), ("0", None, None, False)]
+    assert "`skinlesion evaluate --split val` on its best.pt rewrites the card" in rows[1].note
+
+
 def test_runs_kept_by_the_lowest_validation_loss_are_ranked_lowest_first(tmp_path: Path) -> None:
     kept_by_run(tmp_path / "0", "val_loss", [0.5, 0.4], card=(0.4, 0.4, 0.4))
     kept_by_run(tmp_path / "1", "val_loss", [0.3, 0.2], card=(0.2, 0.2, 0.2))
