@@ -279,3 +279,25 @@ def job_info(job_id: int | str) -> dict[str, str]:
 
 def job_log(tmp_path: Path, job_id: int | str) -> str:
     return "".join(p.read_text(errors="replace") for p in tmp_path.glob(f"*-{job_id}.out"))
+
+
+def serve_client(checkpoint: Path, base_url: str = "http://127.0.0.1:8000", **settings: object):
+    """FastAPI's test client for `skinlesion serve` of `checkpoint`, addressed as a browser on this machine
+    addresses the server (Host: 127.0.0.1:8000)."""
+    from fastapi.testclient import TestClient
+
+    from skinlesion.serve import Settings, create_app
+
+    return TestClient(create_app(Settings(checkpoint, **settings)), base_url=base_url)
+
+
+def post_files(client, files: list[tuple[str, bytes]], query: str = "", headers: dict | None = None):
+    """POST `files` (name, bytes) to /api/predict as the page does."""
+    return client.post(f"/api/predict{query}", files=[("files", (n, d)) for n, d in files], headers=headers or {})
+
+
+def plain_jpeg(colour=(150, 90, 70), size=(60, 45), mode="RGB", **save) -> bytes:
+    """A flat-coloured JPEG: a valid upload with no lesion in it."""
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="JPEG", **save)
+    return buf.getvalue()

@@ -7,7 +7,6 @@ cut-offs or one NaN in ood.pt's means gave a traceback or a 500 on every request
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
+from helpers import plain_jpeg, serve_client
 
 from skinlesion.checkpoint import export_best
 from skinlesion.errors import UserError
@@ -31,16 +30,6 @@ def served(calibrated: Path, tmp_path: Path) -> Path:
     for name in ("best.pt", "model_card.json", "ood.pt"):
         shutil.copy(calibrated.parent / name, tmp_path / name)
     return tmp_path / "best.pt"
-
-
-def _client(checkpoint: Path) -> TestClient:
-    return TestClient(create_app(Settings(checkpoint)), base_url="http://127.0.0.1")
-
-
-def _jpeg(colour: tuple[int, int, int] = (150, 90, 70)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (60, 45), colour).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def _predict(client: TestClient, data: bytes) -> dict:
@@ -69,43 +58,43 @@ def _nudge(state: dict[str, torch.Tensor]) -> None:
 
 
 def test_the_card_of_other_weights_is_ignored_and_the_page_is_told_why(served: Path) -> None:
-    with _client(served) as client:
+    with serve_client(served) as client:
         card = client.get("/api/model").json()
         assert card["available"] and card["weights_sha256"] == card["weights_sha256"].lower()
-        assert _card_applies(_predict(client, _jpeg()))
+        assert _card_applies(_predict(client, plain_jpeg()))
     _replace_weights(served, _nudge)
-    with _client(served) as client:
+    with serve_client(served) as client:
         card = client.get("/api/model").json()
         assert not card["available"] and "computed on other weights than best.pt" in card["reason"]
         assert "skinlesion evaluate" in card["reason"] and "--split val" in card["reason"]
-        entry = _predict(client, _jpeg())
+        entry = _predict(client, plain_jpeg())
         assert entry["risk"] is None and entry["ood"] is None and entry["predictions"]
 
 
 def test_the_same_weights_exported_as_model_pt_share_the_card(served: Path, random_run: Path) -> None:
     """The digest is over the tensors, not the file: model.pt and best.pt of one run are the same weights."""
     shutil.copy(random_run / "model.pt", served.parent / "model.pt")
-    with _client(served.parent / "model.pt") as client:
+    with serve_client(served.parent / "model.pt") as client:
         card = client.get("/api/model").json()
         assert card["available"] and card["checkpoint"] == "model.pt"  # the file served, not the one beside the card
-        assert _card_applies(_predict(client, _jpeg()))
+        assert _card_applies(_predict(client, plain_jpeg()))
 
 
 def test_an_ood_file_of_other_weights_is_ignored_too(served: Path) -> None:
     raw = torch.load(served.parent / "ood.pt", weights_only=True)
     raw["weights_sha256"] = "0" * 64
     torch.save(raw, served.parent / "ood.pt")
-    with _client(served) as client:
+    with serve_client(served) as client:
         card = client.get("/api/model").json()
         assert not card["available"] and "ood.pt was computed on other weights" in card["reason"]
-        assert _predict(client, _jpeg())["ood"] is None
+        assert _predict(client, plain_jpeg())["ood"] is None
 
 
 def test_a_card_without_a_weights_digest_cannot_be_matched_and_is_ignored(served: Path) -> None:
     card = json.loads((served.parent / "model_card.json").read_text())
     del card["weights_sha256"]  # as skinlesion wrote cards before they recorded their weights
     (served.parent / "model_card.json").write_text(json.dumps(card))
-    with _client(served) as client:
+    with serve_client(served) as client:
         reply = client.get("/api/model").json()
         assert not reply["available"] and "records no weights digest" in reply["reason"]
 
