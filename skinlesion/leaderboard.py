@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,11 +124,11 @@ def _row(name: str, run: Path, overrides: str) -> Row:
     planned = _flat_config(run / "config.yaml").get("train.epochs", "?")
     row.epochs = f"{len(history)}/{planned}"
     card = _json(run / "model_card.json")
-    chosen = (card or {}).get("best_pt_selection") or {}
+    chosen = _object((card or {}).get("best_pt_selection"))
     # Only the names `metrics.selection` gives: a hand-edited file's other text is not printed as a metric.
     named = [m["best_pt_metric"] for m in history if m.get("best_pt_metric") in LABELS]
     row.metric = named[-1] if named else chosen["metric"] if chosen.get("metric") in LABELS else row.metric
-    scored = [m for m in history if isinstance(m.get(row.metric), int | float) and not isinstance(m[row.metric], bool)]
+    scored = [m for m in history if _number(m.get(row.metric))]
     if scored:  # the first of equal epochs, as best.pt keeps
         pick = min if row.metric in LOWER_IS_BETTER else max
         best = pick(scored, key=lambda m: m[row.metric])
@@ -141,15 +142,16 @@ def _row(name: str, run: Path, overrides: str) -> Row:
         row.status = "finished"
     else:
         row.status, row.note = "unfinished", "running, waiting, or stopped (no model.pt yet)"
-    validation = (card or {}).get("validation") or {}
+    validation = _object((card or {}).get("validation"))
     key = CARD_KEYS.get(row.metric)
     value = validation.get(key) if key else None
     if value is None and chosen.get("metric") == row.metric:  # a card written before it held the AUC: no interval
         value = chosen.get("value")
-    if row.status == "finished" and isinstance(value, int | float) and not isinstance(value, bool):
+    if row.status == "finished" and _number(value):
         row.score = float(value)
-        low, high = validation.get(f"{key}_ci95") or (None, None)
-        row.ci = (float(low), float(high)) if low is not None and high is not None else None
+        ci = validation.get(f"{key}_ci95") if key else None
+        if isinstance(ci, list) and len(ci) == 2 and all(map(_number, ci)):
+            row.ci = (float(ci[0]), float(ci[1]))
     elif row.status == "finished" and row.score is not None:
         row.note = f"no {row.metric} in model_card.json (no val split?): best epoch from metrics.jsonl, no interval"
     elif row.status == "finished":
@@ -177,6 +179,17 @@ def _json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float, not a bool: a score or an interval's end read from a run's files."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A part of a card that should be a JSON object; anything else (a hand-edited or damaged card) as empty: the
+    row then gets no score from the card and says so, and the table goes on."""
+    return value if isinstance(value, dict) else {}
 
 
 def _fmt(row: Row) -> str:

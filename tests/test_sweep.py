@@ -425,6 +425,23 @@ def test_runs_written_before_val_auc_was_recorded_are_scored_from_the_cards_sele
     assert "`skinlesion evaluate --split val` on its best.pt rewrites the card" in rows[1].note
 
 
+@pytest.mark.parametrize(
+    ("card", "score"),
+    [
+        ({"validation": [1], "best_pt_selection": "val_auc"}, 0.6),  # from metrics.jsonl
+        ({"validation": {"balanced_accuracy": "0.9", "balanced_accuracy_ci95": "ab"}}, 0.6),
+        ({"validation": {"balanced_accuracy": float("nan")}}, 0.6),
+        ({"validation": {"balanced_accuracy": 0.9, "balanced_accuracy_ci95": [0.8, 0.9, 1.0]}}, 0.9),  # no interval
+    ],
+)
+def test_a_damaged_card_costs_its_run_the_cards_figures_not_the_table(tmp_path: Path, card, score) -> None:
+    fake_run(tmp_path / "0", [0.4, 0.6], card=(0.6, 0.5, 0.7))
+    (tmp_path / "0" / "model_card.json").write_text(json.dumps(card))
+    (row,) = summarize(tmp_path)
+    assert (row.status, row.score, row.ci, row.best_epoch) == ("finished", score, None, 1)
+    assert ("best epoch from metrics.jsonl, no interval" in row.note) == (score == 0.6)
+
+
 def test_runs_kept_by_the_lowest_validation_loss_are_ranked_lowest_first(tmp_path: Path) -> None:
     kept_by_run(tmp_path / "0", "val_loss", [0.5, 0.4], card=(0.4, 0.4, 0.4))
     kept_by_run(tmp_path / "1", "val_loss", [0.3, 0.2], card=(0.2, 0.2, 0.2))
