@@ -58,6 +58,14 @@ def small_options(synthetic_dir: Path, tmp_path: Path, n: int = 120) -> PrepareO
     )
 
 
+def prepare_args(
+    opts: PrepareOptions, *extra: str, out: Path | str | None = None, size: int | None = None
+) -> list[str]:
+    """`skinlesion prepare`'s arguments for `opts` (its first image folder), `--out` and `--image-size` overridable."""
+    args = ["prepare", "--metadata", str(opts.metadata), "--images", str(opts.images[0])]
+    return [*args, "--out", str(out or opts.out), "--image-size", str(size or opts.image_size), *extra]
+
+
 REPO = Path(__file__).resolve().parents[1]
 # A ResNet-18 at 32 px, batch 8, no loader workers: seconds per epoch on one CPU core.
 TINY_MODEL = [
@@ -127,19 +135,10 @@ def env(**extra: str) -> dict[str, str]:
     return os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"} | extra
 
 
-def train_cmd(out: Path, shards: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "skinlesion",
-        "train",
-        "--config",
-        str(REPO / "configs/smoke.yaml"),
-        f"data.shards={shards}",
-        f"train.output_dir={out}",
-        *TINY,
-        *overrides,
-    ]
+def train_cmd(out: Path, shards: Path, *overrides: str, tiny: bool = True) -> list[str]:
+    """`skinlesion train` of the smoke recipe into `out`; `tiny` shrinks it to seconds (TINY), else as shipped."""
+    recipe = ["--config", str(REPO / "configs/smoke.yaml"), f"data.shards={shards}", f"train.output_dir={out}"]
+    return [sys.executable, "-m", "skinlesion", "train", *recipe, *(TINY if tiny else ()), *overrides]
 
 
 def run_train(out: Path, shards: Path, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:

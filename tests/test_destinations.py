@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import dataset_files, small_options
+from helpers import dataset_files, prepare_args, small_options
 
 from skinlesion.cli import main
 from skinlesion.data import shards
@@ -72,21 +72,7 @@ def test_a_file_as_out_and_an_unwritable_out_are_one_line(synthetic_dir: Path, t
 def test_out_dot_fills_the_current_folder(synthetic_dir: Path, tmp_path: Path) -> None:
     opts = small_options(synthetic_dir, tmp_path, n=40)
     opts.out.mkdir()
-    args = [
-        "prepare",
-        "--metadata",
-        str(opts.metadata),
-        "--images",
-        str(opts.images[0]),
-        "--out",
-        ".",
-        "--image-size",
-        "32",
-        "--min-shards",
-        "2",
-        "--workers",
-        "1",
-    ]
+    args = prepare_args(opts, "--min-shards", "2", "--workers", "1", out=".")
     code = "import sys, os; from skinlesion.cli import main; c = main(sys.argv[1:]); os.getcwd(); sys.exit(c)"
     for extra in ([], ["--overwrite"]):
         done = subprocess.run([sys.executable, "-c", code, *args, *extra], cwd=opts.out, capture_output=True, text=True)
@@ -224,22 +210,7 @@ def test_read_only_destinations_are_one_line_for_every_command(
 
 def test_prepare_refuses_an_image_size_that_would_upscale_to_gigabytes(synthetic_dir, tmp_path, capsys) -> None:
     opts = small_options(synthetic_dir, tmp_path, n=10)
-    assert (
-        main(
-            [
-                "prepare",
-                "--metadata",
-                str(opts.metadata),
-                "--images",
-                str(opts.images[0]),
-                "--out",
-                str(opts.out),
-                "--image-size",
-                "100000",
-            ]
-        )
-        == 2
-    )
+    assert main(prepare_args(opts, size=100000)) == 2
     assert "--image-size 100000 must be 16 to 4096" in capsys.readouterr().err
     assert not opts.out.exists()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import REPO, STEPS_PER_EPOCH, TINY, dataset_files, env, small_options, tiny_shards
+from helpers import REPO, STEPS_PER_EPOCH, TINY, dataset_files, env, prepare_args, small_options, tiny_shards
 from safetensors.torch import load_file
 from torch import nn
 
@@ -45,24 +45,6 @@ def _enospc(*args: object, **kwargs: object) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _prepare_args(opts) -> list[str]:
-    return [
-        "prepare",
-        "--metadata",
-        str(opts.metadata),
-        "--images",
-        str(opts.images[0]),
-        "--out",
-        str(opts.out),
-        "--image-size",
-        str(opts.image_size),
-        "--min-shards",
-        "3",
-        "--workers",
-        "1",
-    ]
-
-
 def _last_line_only(err: str) -> str:
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -77,7 +59,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_previous_dataset(
     prepare(opts)
     before = dataset_files(opts.out)
     monkeypatch.setattr(shards, "write_shard", _enospc)  # the disk fills while the new shards are written
-    assert main([*_prepare_args(opts), "--overwrite"]) == 2
+    assert main([*prepare_args(opts, "--min-shards", "3", "--workers", "1"), "--overwrite"]) == 2
     line = _last_line_only(capsys.readouterr().err)
     assert f"--out={opts.out}: no space left on device" in line and "free there now" in line
     assert dataset_files(opts.out) == before  # old dataset intact
@@ -103,7 +85,7 @@ def tiny_tmpfs(tmp_path: Path):
 def test_prepare_filling_a_real_disk_is_one_line(synthetic_dir, tmp_path, tiny_tmpfs, capsys) -> None:
     # 400 images kept at 256 px are several MB: the spool fills the 1 MB disk.
     opts = replace(small_options(synthetic_dir, tmp_path, n=400), out=tiny_tmpfs / "shards", image_size=256)
-    assert main(_prepare_args(opts)) == 2
+    assert main(prepare_args(opts, "--min-shards", "3", "--workers", "1")) == 2
     line = _last_line_only(capsys.readouterr().err)
     assert f"--out={opts.out}: no space left on device" in line
     assert list(tiny_tmpfs.iterdir()) == []  # the folder prepare created is gone again, and so is the spool

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import train_cmd
 
 from skinlesion import inference
 from skinlesion.card import OOD
@@ -53,18 +52,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             seed=0,
         )
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "skinlesion",
-        "train",
-        "--config",
-        str(REPO / "configs/smoke.yaml"),
-        f"data.shards={root / 'shards'}",
-        f"train.output_dir={root / 'run'}",
-        "data.num_workers=0",
-        "wandb.mode=disabled",
-    ]
+    cmd = train_cmd(root / "run", root / "shards", "data.num_workers=0", "wandb.mode=disabled", tiny=False)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (root / "run/model_card.json").is_file() and (root / "run" / OOD).is_file()
